@@ -1,0 +1,36 @@
+# One entry point for people and CI. `make help` lists the targets.
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	scripts/venv.sh $(VENV)
+	touch $@
+
+venv: $(STAMP) ## create .venv with stor and its test and lint tools
+
+run: venv ## serve stor on the embedded default (./stor-data), port 8321
+	$(BIN)/stor serve
+
+test: venv ## install what the suite needs and run it
+	$(BIN)/pytest
+
+lint: venv ## ruff and mypy (strict)
+	$(BIN)/ruff check stor tests
+	$(BIN)/ruff format --check stor tests
+	$(BIN)/mypy
+
+format: venv ## apply ruff's formatting and import order
+	$(BIN)/ruff check --fix stor tests
+	$(BIN)/ruff format stor tests
+
+clean: ## remove the venv and caches (keeps ./stor-data)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+.PHONY: help venv run test lint format clean

@@ -1,0 +1,3 @@
+from stor.cli import main
+
+main()

@@ -1,0 +1,232 @@
+"""HTTP transport: Starlette routes over a `BlobService`, and the one table of errors → status.
+
+Nothing here touches a disk; it parses requests, streams bodies and shapes responses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+
+import anyio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from stor import __version__
+from stor.auth import Authenticator
+from stor.backends.disk import BlobStat
+from stor.digest import Sha, parse_sha, repr_digest
+from stor.errors import (
+    BadRequest,
+    BlobNotFound,
+    ClientDisconnected,
+    ClientTimeout,
+    DigestMismatch,
+    InsufficientStorage,
+    InvalidDigest,
+    PayloadTooLarge,
+    StorageUnavailable,
+    StorError,
+    Unauthorized,
+)
+from stor.httpsemantics import RangeNotSatisfiable, http_date, not_modified, parse_range, range_applies
+from stor.service import BlobService, OpenBlob
+
+log = logging.getLogger(__name__)
+
+ERROR_STATUS: dict[type[StorError], int] = {
+    BadRequest: 400,
+    Unauthorized: 401,
+    BlobNotFound: 404,
+    ClientTimeout: 408,
+    DigestMismatch: 412,
+    PayloadTooLarge: 413,
+    StorageUnavailable: 503,
+    InsufficientStorage: 507,
+    ClientDisconnected: 499,  # never reaches the client; keeps the access log honest
+}
+
+_IMMUTABLE = "public, max-age=31536000, immutable"
+
+
+def create_app(
+    service: BlobService,
+    authenticator: Authenticator,
+    *,
+    max_upload_size: int,
+    body_idle_timeout: float,
+    lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
+) -> Starlette:
+    async def root(request: Request) -> Response:
+        return PlainTextResponse(f"This is stor {__version__}")
+
+    async def status(request: Request) -> Response:
+        report = await service.status()
+        code = 200 if report.ok else 503
+        if request.query_params.get("format") == "json" or "application/json" in request.headers.get("accept", ""):
+            return JSONResponse(dataclasses.asdict(report), status_code=code)
+        text = "OK\n" if report.ok else "".join(f"{reason}\n" for reason in report.reasons)
+        return PlainTextResponse(text, status_code=code, headers={"Cache-Control": "no-store"})
+
+    async def read_blob(request: Request) -> Response:
+        try:
+            sha = parse_sha(request.path_params["name"])
+        except InvalidDigest:
+            raise BlobNotFound(request.path_params["name"]) from None
+        if request.method == "HEAD":
+            return _blob_response(request, await service.stat(sha), None)
+        return _blob_response(request, None, await service.open(sha))
+
+    async def write_blob(request: Request) -> Response:
+        authenticator.check(request.headers.get("authorization"))
+        sha = parse_sha(request.path_params["name"])
+        length = _content_length(request)
+        if length is not None and length > max_upload_size:
+            raise PayloadTooLarge(max_upload_size, mid_stream=False)
+        body = _body(request, max_upload_size, body_idle_timeout)
+        result = await service.put(sha, body, length)
+        headers = _close_if_body_unread(request)
+        return JSONResponse(result.paths, status_code=201 if result.created else 200, headers=headers)
+
+    async def bad_path(request: Request) -> Response:
+        if request.method in ("POST", "PUT"):
+            authenticator.check(request.headers.get("authorization"))
+            raise InvalidDigest(request.url.path.lstrip("/"))
+        raise BlobNotFound(request.url.path)
+
+    async def stor_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StorError)
+        code = next(code for kind, code in ERROR_STATUS.items() if isinstance(exc, kind))
+        headers = _close_if_body_unread(request)
+        if isinstance(exc, Unauthorized):
+            headers["WWW-Authenticate"] = 'Basic realm="stor"'
+        if code >= 500:
+            log.warning("%s %s: %d %s", request.method, request.url.path, code, exc)
+        return PlainTextResponse(f"{exc}\n", status_code=code, headers=headers)
+
+    routes = [
+        Route("/", root, methods=["GET"]),
+        Route("/status", status, methods=["GET"]),
+        Route("/{name}", read_blob, methods=["GET"]),  # HEAD too
+        Route("/{name}", write_blob, methods=["POST", "PUT"]),
+        Route("/{rest:path}", bad_path, methods=["GET", "POST", "PUT"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={StorError: stor_error}, lifespan=lifespan)
+
+
+def _content_length(request: Request) -> int | None:
+    value = request.headers.get("content-length")
+    if value is None:
+        return None
+    if not value.isascii() or not value.isdigit():
+        raise BadRequest(f"invalid Content-Length: {value!r}")
+    return int(value)
+
+
+async def _body(request: Request, limit: int, idle_timeout: float) -> AsyncIterator[bytes]:
+    """The request body, chunk by chunk, enforcing the size limit and the idle timeout."""
+    total = 0
+    request.state.body_done = False
+    while True:
+        try:
+            with anyio.fail_after(idle_timeout):
+                message = await request.receive()
+        except TimeoutError:
+            raise ClientTimeout(f"no body bytes received for {idle_timeout:g}s; upload abandoned") from None
+        if message["type"] == "http.disconnect":
+            request.state.body_done = True  # nothing to drain: the client is gone
+            raise ClientDisconnected("client went away before the body was complete")
+        chunk: bytes = message.get("body", b"")
+        total += len(chunk)
+        if total > limit:
+            raise PayloadTooLarge(limit, mid_stream=True)
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            request.state.body_done = True
+            return
+
+
+def _close_if_body_unread(request: Request) -> dict[str, str]:
+    """Answering before the body is read (exists, 4xx) leaves unread bytes on the connection,
+    and an `Expect: 100-continue` client never sends them: either way, end the connection."""
+    if request.method not in ("POST", "PUT") or getattr(request.state, "body_done", False):
+        return {}
+    if request.headers.get("content-length") == "0":
+        return {}
+    return {"Connection": "close"}
+
+
+def _blob_headers(sha: Sha, stat: BlobStat) -> dict[str, str]:
+    return {
+        "ETag": f'"{sha}"',
+        "Last-Modified": http_date(stat.mtime_ns),
+        "Repr-Digest": repr_digest(sha),
+        "Accept-Ranges": "bytes",
+        "Cache-Control": _IMMUTABLE,
+        "Content-Type": "application/octet-stream",
+    }
+
+
+def _blob_response(request: Request, stat: BlobStat | None, blob: OpenBlob | None) -> Response:
+    """HEAD (a stat) or GET (an open copy), with conditional requests and a single Range."""
+    if blob is not None:
+        stat = blob.stat
+    assert stat is not None
+    sha = parse_sha(request.path_params["name"])
+    headers = _blob_headers(sha, stat)
+    etag = headers["ETag"]
+    if not_modified(
+        request.headers.get("if-none-match"), request.headers.get("if-modified-since"), etag, stat.mtime_ns
+    ):
+        _close(blob)
+        return Response(status_code=304, headers={k: headers[k] for k in ("ETag", "Last-Modified", "Cache-Control")})
+    start, end, code = 0, stat.size, 200
+    if range_applies(request.headers.get("if-range"), etag, stat.mtime_ns):
+        try:
+            wanted = parse_range(request.headers.get("range"), stat.size)
+        except RangeNotSatisfiable:
+            _close(blob)
+            return PlainTextResponse(
+                f"range not satisfiable for a blob of {stat.size} bytes\n",
+                status_code=416,
+                headers={"Content-Range": f"bytes */{stat.size}"},
+            )
+        if wanted is not None:
+            start, end, code = wanted.start, wanted.end, 206
+            headers["Content-Range"] = wanted.content_range(stat.size)
+    headers["Content-Length"] = str(end - start)
+    if blob is None:  # HEAD: the stat was all we needed
+        return Response(status_code=code, headers=headers)
+    return BlobResponse(blob, start, end, code, headers)
+
+
+def _close(blob: OpenBlob | None) -> None:
+    if blob is not None:
+        blob.close()
+
+
+class BlobResponse(Response):
+    """Streams [start, end) of an open copy; the bytes never sit whole in memory."""
+
+    def __init__(self, blob: OpenBlob, start: int, end: int, status_code: int, headers: dict[str, str]) -> None:
+        self.blob, self.start, self.end = blob, start, end
+        self.status_code = status_code
+        self.background = None
+        self.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        chunks = self.blob.chunks(self.start, self.end)
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await chunks.aclose()
+            self.blob.close()

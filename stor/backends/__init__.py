@@ -1,0 +1,1 @@
+"""Storage backends: one directory (`disk`), mirrored pairs of them (`pairs`)."""

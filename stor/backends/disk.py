@@ -1,0 +1,348 @@
+"""One storage directory: Stor's layout, the durable write protocol, reads and a health probe.
+
+Contract:
+- A miss is `None`, not an error. Any other failure to use the directory (I/O error, disk
+  unmounted, permission) is `StorageUnavailable`; a full disk while writing is
+  `InsufficientStorage`. No other exception escapes, except `MemoryError` and friends.
+- A blob becomes visible only complete and durable: bytes go to a temp file in
+  `<root>/.stor-tmp/<owner>/` (same filesystem), are fsynced, then linked to their final name
+  and the directory fsynced. An existing final name is never replaced.
+- `<root>/.stor-tmp` doubles as a mount sentinel: stor creates it only on a verified root, so
+  a bare mountpoint (disk unmounted) lacks it and every use of that disk fails instead of
+  writing onto the wrong filesystem or answering a false "absent".
+- Every method is safe to call from several threads at once, and blocks: call them from a
+  worker thread, never from the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import itertools
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+
+from stor.digest import Sha, blob_relpath
+from stor.errors import InsufficientStorage, StorageUnavailable
+
+TMP_DIR = ".stor-tmp"
+_LOCK_NAME = "owner.lock"
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@dataclass(frozen=True)
+class BlobStat:
+    path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class DiskHealth:
+    path: str
+    ok: bool
+    mounted: bool
+    writable: bool
+    free_bytes: int
+    total_bytes: int
+    error: str | None
+
+
+def _fail(disk: Disk, action: str, exc: OSError) -> StorageUnavailable | InsufficientStorage:
+    message = f"{disk.root}: {action}: {exc.strerror or exc}"
+    if exc.errno in _NO_SPACE:
+        return InsufficientStorage(message)
+    return StorageUnavailable(message)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Disk:
+    def __init__(self, root: str, *, require_mount: bool) -> None:
+        self.root = root
+        self.require_mount = require_mount
+        self.tmp_root = os.path.join(root, TMP_DIR)
+        self._owner = uuid.uuid4().hex
+        self._owner_dir = os.path.join(self.tmp_root, self._owner)
+        self._owner_lock: int | None = None
+        self._counter = itertools.count()
+
+    def __repr__(self) -> str:
+        return f"Disk({self.root!r})"
+
+    def blob_path(self, sha: Sha) -> str:
+        return os.path.join(self.root, blob_relpath(sha))
+
+    # -- start-up --------------------------------------------------------------------------
+
+    def prepare(self) -> int:
+        """Claim this process's temp directory and sweep temps left by dead processes.
+
+        Returns how many stale temp files were removed. Never creates `root` itself.
+        """
+        if not os.path.isdir(self.root):
+            raise StorageUnavailable(f"{self.root}: storage directory is missing")
+        if self.require_mount and not self._is_mounted():
+            raise StorageUnavailable(f"{self.root}: not a mounted filesystem")
+        try:
+            os.makedirs(self.tmp_root, exist_ok=True)
+            removed = self.sweep_temps()
+            os.mkdir(self._owner_dir)
+            fd = os.open(os.path.join(self._owner_dir, _LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise _fail(self, "preparing the temp directory", exc) from exc
+        self._owner_lock = fd
+        return removed
+
+    def sweep_temps(self) -> int:
+        """Remove the temp directories of processes that no longer hold their lock.
+
+        Several stor processes may share a disk: a live owner keeps an exclusive `flock` on
+        its lock file, so its uploads in flight are never touched.
+        """
+        removed = 0
+        for entry in os.scandir(self.tmp_root):
+            if entry.name == self._owner:
+                continue
+            if not entry.is_dir(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed += 1
+                continue
+            if self._owner_alive(entry.path):
+                continue
+            removed += sum(1 for name in os.listdir(entry.path) if name != _LOCK_NAME)
+            shutil.rmtree(entry.path, ignore_errors=True)
+        return removed
+
+    @staticmethod
+    def _owner_alive(owner_dir: str) -> bool:
+        try:
+            fd = os.open(os.path.join(owner_dir, _LOCK_NAME), os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def _is_mounted(self) -> bool:
+        parent = os.path.dirname(self.root.rstrip("/")) or "/"
+        return os.path.ismount(self.root) or os.stat(self.root).st_dev != os.stat(parent).st_dev
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def stat(self, sha: Sha) -> BlobStat | None:
+        """Size and mtime of the copy of `sha` here, or None when this disk has none."""
+        path = self.blob_path(sha)
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            self._confirm_present()
+            return None
+        except OSError as exc:
+            raise _fail(self, "stat", exc) from exc
+        return BlobStat(path, st.st_size, st.st_mtime_ns)
+
+    def _confirm_present(self) -> None:
+        """A miss counts only if the disk is really there (see the module docstring)."""
+        try:
+            os.stat(self.tmp_root)
+        except OSError as exc:
+            raise StorageUnavailable(f"{self.root}: storage not available ({exc.strerror})") from exc
+
+    def open(self, sha: Sha) -> tuple[int, BlobStat] | None:
+        """Open the copy of `sha` for reading: (fd, stat of that open file), or None."""
+        path = self.blob_path(sha)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            self._confirm_present()
+            return None
+        except OSError as exc:
+            raise _fail(self, "open", exc) from exc
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            os.close(fd)
+            raise _fail(self, "fstat", exc) from exc
+        return fd, BlobStat(path, st.st_size, st.st_mtime_ns)
+
+    def read_at(self, fd: int, offset: int, size: int) -> bytes:
+        """Exactly `size` bytes at `offset`; a short file is an error, never short data."""
+        parts: list[bytes] = []
+        while size > 0:
+            try:
+                chunk = os.pread(fd, size, offset)
+            except OSError as exc:
+                raise _fail(self, "read", exc) from exc
+            if not chunk:
+                raise StorageUnavailable(f"{self.root}: copy is shorter than its recorded size")
+            parts.append(chunk)
+            offset += len(chunk)
+            size -= len(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def new_temp(self) -> TempFile:
+        name = f"{next(self._counter)}.tmp"
+        path = os.path.join(self._owner_dir, name)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise _fail(self, "creating a temp file", exc) from exc
+        return TempFile(self, path, fd)
+
+    def free_bytes(self) -> int:
+        try:
+            st = os.statvfs(self.root)
+        except OSError as exc:
+            raise _fail(self, "statvfs", exc) from exc
+        return st.f_bavail * st.f_frsize
+
+    # -- health ----------------------------------------------------------------------------
+
+    def probe_health(self) -> DiskHealth:
+        """Present, mounted (when required) and writable — checked by writing a probe file."""
+        mounted = writable = False
+        free = total = 0
+        error: str | None = None
+        try:
+            if not os.path.isdir(self.root):
+                raise StorageUnavailable("storage directory is missing")
+            mounted = self._is_mounted()
+            if self.require_mount and not mounted:
+                raise StorageUnavailable("not a mounted filesystem (disk unmounted?)")
+            st = os.statvfs(self.root)
+            free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+            self._recover_temp_dir()
+            self._write_probe()
+            writable = True
+        except StorageUnavailable as exc:
+            error = str(exc)
+        except OSError as exc:
+            error = f"{exc.strerror or exc}"
+        return DiskHealth(self.root, error is None, mounted, writable, free, total, error)
+
+    def _recover_temp_dir(self) -> None:
+        """After a disk comes back (remounted, replaced), claim a temp directory on it again."""
+        if os.path.isdir(self._owner_dir):
+            return
+        os.makedirs(self.tmp_root, exist_ok=True)
+        if self._owner_lock is not None:
+            os.close(self._owner_lock)
+            self._owner_lock = None
+        self.prepare()
+
+    def _write_probe(self) -> None:
+        path = os.path.join(self._owner_dir, f"probe-{next(self._counter)}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"stor")
+        finally:
+            os.close(fd)
+            os.unlink(path)
+
+
+class TempFile:
+    """A temp file on one disk that becomes a blob copy with `commit`, or vanishes with `discard`."""
+
+    def __init__(self, disk: Disk, path: str, fd: int) -> None:
+        self.disk = disk
+        self.path = path
+        self._fd: int | None = fd
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(self._require_fd(), view)
+            except OSError as exc:
+                raise _fail(self.disk, "write", exc) from exc
+            view = view[written:]  # a short write happens just before ENOSPC
+
+    def sync(self, mtime_ns: int) -> None:
+        """Give the file its final mtime and make its bytes durable."""
+        fd = self._require_fd()
+        try:
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
+            os.fsync(fd)  # a failed fsync is final: the caller fails the request, never retries
+        except OSError as exc:
+            raise _fail(self.disk, "fsync", exc) from exc
+
+    def commit(self, sha: Sha) -> tuple[str, bool]:
+        """Link the synced file to its blob name: (final path, True if this call created it).
+
+        An existing copy is kept (content addressing: it holds the same bytes), so concurrent
+        uploads of one sha never replace each other's file.
+        """
+        self._close()
+        final = self.disk.blob_path(sha)
+        try:
+            new_dirs = _make_parents(self.disk.root, os.path.dirname(final))
+            try:
+                os.link(self.path, final)
+                created = True
+            except FileExistsError:
+                created = False
+            os.unlink(self.path)
+            self.path = ""
+            for directory in (os.path.dirname(final), *new_dirs):
+                _fsync_dir(directory)
+        except OSError as exc:
+            raise _fail(self.disk, "commit", exc) from exc
+        return final, created
+
+    def discard(self) -> None:
+        """Remove the temp file; safe to call at any point, more than once."""
+        self._close()
+        if self.path:
+            with contextlib.suppress(OSError):  # if it stays, the next start-up sweeps it
+                os.unlink(self.path)
+            self.path = ""
+
+    def _require_fd(self) -> int:
+        if self._fd is None:
+            raise RuntimeError("temp file already closed")
+        return self._fd
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+
+def _make_parents(root: str, directory: str) -> list[str]:
+    """mkdir the missing levels of `directory` below `root`; return the parents whose entries
+    changed, which must be fsynced for the new directories to survive a crash."""
+    missing: list[str] = []
+    current = directory
+    while current != root and not os.path.isdir(current):
+        missing.append(current)
+        current = os.path.dirname(current)
+    changed: list[str] = []
+    for path in reversed(missing):
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            continue
+        changed.append(os.path.dirname(path))
+    return changed
+
+
+def now_ns() -> int:
+    return time.time_ns()

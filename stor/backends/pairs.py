@@ -1,0 +1,172 @@
+"""Mirrored storage pairs: placement by free space, Stor's probe order, and the mirrored write.
+
+Contract:
+- `StoragePool.probe_order` lists every disk once: the pairs in random order, one random
+  member of each pair first, then the partners (Stor's order).
+- `StoragePool.choose_pair` raises `InsufficientStorage` when no writable, healthy pair has
+  room for the blob once the bytes reserved by uploads in flight are counted.
+- `MirroredWrite` streams one body into a temp file on every member, hashing once; `finish`
+  makes every copy durable or raises, leaving no temp behind.
+- All methods block; they are safe to call from several threads.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from stor.backends.disk import Disk, TempFile
+from stor.digest import Sha, new_hasher
+from stor.errors import DigestMismatch, InsufficientStorage, StorageUnavailable
+
+
+@dataclass(frozen=True)
+class Pair:
+    index: int
+    members: tuple[Disk, ...]
+    writable: bool  # from writable_pairs_regex; health is judged separately, at run time
+
+    @property
+    def name(self) -> str:
+        return " + ".join(d.root for d in self.members)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    pair: Pair
+    free: int
+
+
+def pick_pair(candidates: list[Candidate], size: int, threshold: int, rng: random.Random) -> Pair:
+    """The placement rule, free of I/O so it can be tested alone.
+
+    Among pairs with room for `size`: if some have more than `threshold` free, pick one of
+    those at random, weighted by free space; otherwise the one with the most free space.
+    """
+    roomy = [c for c in candidates if c.free >= size]
+    if not roomy:
+        raise InsufficientStorage(f"no writable storage pair has room for {size} bytes")
+    above = [c for c in roomy if c.free > threshold]
+    if above:
+        return rng.choices([c.pair for c in above], weights=[c.free for c in above])[0]
+    return max(roomy, key=lambda c: c.free).pair
+
+
+class StoragePool:
+    def __init__(self, pairs: list[Pair], *, placement_threshold: int, rng: random.Random | None = None) -> None:
+        self.pairs = pairs
+        self.disks = [disk for pair in pairs for disk in pair.members]
+        self.pair_of = {disk.root: pair for pair in pairs for disk in pair.members}
+        self.placement_threshold = placement_threshold
+        self._rng = rng or random.Random()
+        self._reserved = {pair.index: 0 for pair in pairs}
+        self._lock = threading.Lock()
+
+    def probe_order(self) -> list[Disk]:
+        pairs = list(self.pairs)
+        self._rng.shuffle(pairs)
+        firsts: list[Disk] = []
+        partners: list[Disk] = []
+        for pair in pairs:
+            members = list(pair.members)
+            first = members.pop(self._rng.randrange(len(members)))
+            firsts.append(first)
+            partners.extend(members)
+        return firsts + partners
+
+    def choose_pair(self, size: int, healthy: Callable[[Pair], bool]) -> Pair:
+        candidates = []
+        for pair in self.pairs:
+            if not pair.writable or not healthy(pair):
+                continue
+            try:
+                free = min(disk.free_bytes() for disk in pair.members)
+            except StorageUnavailable:
+                continue
+            with self._lock:
+                free -= self._reserved[pair.index]
+            candidates.append(Candidate(pair, free))
+        return pick_pair(candidates, size, self.placement_threshold, self._rng)
+
+    @contextmanager
+    def reservation(self, pair: Pair, size: int) -> Iterator[None]:
+        """Count `size` bytes as used on `pair` while an upload to it is in flight."""
+        with self._lock:
+            self._reserved[pair.index] += size
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._reserved[pair.index] -= size
+
+    def reserved(self, pair: Pair) -> int:
+        with self._lock:
+            return self._reserved[pair.index]
+
+
+class MirroredWrite:
+    """One upload into temp files on several disks, hashed once as the bytes arrive."""
+
+    def __init__(self, disks: list[Disk]) -> None:
+        self.disks = disks
+        self._temps: list[TempFile] = []
+        self._hasher = new_hasher()
+
+    def write(self, data: bytes | bytearray) -> None:
+        """Spool a part of the body (not the last) to every member."""
+        try:
+            self._open_temps()
+            self._hasher.update(data)
+            for temp in self._temps:
+                temp.write(data)
+        except BaseException:
+            self.abort()
+            raise
+
+    def finish(self, sha: Sha, mtime_ns: int, tail: bytes = b"") -> list[str]:
+        """Hash the last bytes, check the digest, then make every copy durable and visible.
+
+        Returns the final paths. Raises `DigestMismatch` or a storage error; either way no
+        temp is left behind (a copy already made visible stays: it is a valid blob). When
+        nothing was spooled before, a mismatching body never touches the disks at all.
+        """
+        try:
+            self._hasher.update(tail)
+            actual = self._hasher.hexdigest()
+            if actual != sha:
+                raise DigestMismatch(sha, actual)
+            self._open_temps()
+            for temp in self._temps:
+                temp.write(tail)
+                temp.sync(mtime_ns)
+            commits = [temp.commit(sha) for temp in self._temps]
+            paths = [path for path, _ in commits]
+            if not all(created for _, created in commits):
+                _align_mtimes(paths)  # another process won a race for some copy
+            return paths
+        finally:
+            self.abort()
+
+    def _open_temps(self) -> None:
+        if not self._temps:
+            for disk in self.disks:  # one by one, so abort() finds every temp made so far
+                self._temps.append(disk.new_temp())
+
+    def abort(self) -> None:
+        for temp in self._temps:
+            temp.discard()
+
+
+def _align_mtimes(paths: list[str]) -> None:
+    """Give every copy the oldest mtime among them, so `Last-Modified` is the same whichever
+    copy answers."""
+    try:
+        oldest = min(os.stat(path).st_mtime_ns for path in paths)
+        for path in paths:
+            os.utime(path, ns=(oldest, oldest))
+    except OSError:
+        pass  # cosmetic: the bytes are durable already; scrub evens mtimes out later

@@ -1,0 +1,165 @@
+"""The `stor` command. The only module that configures logging, starts the server or exits."""
+
+from __future__ import annotations
+
+import logging.config
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import uvicorn
+
+from stor import __version__
+from stor.config import ENV_BASIC_AUTH, ENV_CONFIG_FILE, Config, check_storage_dirs, load_config
+from stor.errors import ConfigError
+from stor.wiring import ENV_DATA_DIR, embedded_config
+
+DEFAULT_PORT = 8321
+
+
+def _logging_config(level: str) -> dict[str, Any]:
+    """Access lines to stdout, everything else to stderr; the same in every worker."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+            "access": {"format": "%(asctime)s %(message)s"},
+        },
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"},
+            "stdout": {"class": "logging.StreamHandler", "formatter": "access", "stream": "ext://sys.stdout"},
+        },
+        "loggers": {
+            "stor": {"handlers": ["stderr"], "level": level, "propagate": False},
+            "uvicorn": {"handlers": ["stderr"], "level": level, "propagate": False},
+            "uvicorn.error": {"level": level},
+            "uvicorn.access": {"handlers": ["stdout"], "level": level, "propagate": False},
+        },
+    }
+
+
+@click.group()
+@click.version_option(__version__, prog_name="stor")
+def main() -> None:
+    """stor: a content-addressed SHA-256 blob store on mirrored disk pairs."""
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    envvar=ENV_CONFIG_FILE,
+    type=click.Path(dir_okay=False),
+    help="JSON config file [env CONFIG_FILE]. Without one, serve the embedded default from ./stor-data.",
+)
+@click.option("--host", envvar="STOR_HOST", default="127.0.0.1", show_default=True, help="[env STOR_HOST]")
+@click.option(
+    "--port",
+    envvar="STOR_PORT",
+    default=DEFAULT_PORT,
+    type=click.IntRange(0, 65535),
+    show_default=True,
+    help="[env STOR_PORT]",
+)
+@click.option(
+    "--workers",
+    envvar="STOR_WORKERS",
+    default=1,
+    type=click.IntRange(1, 256),
+    show_default=True,
+    help="Worker processes [env STOR_WORKERS].",
+)
+@click.option(
+    "--data-dir",
+    envvar=ENV_DATA_DIR,
+    default="stor-data",
+    show_default=True,
+    help="Where the embedded default keeps its pair [env STOR_DATA_DIR].",
+)
+@click.option(
+    "--log-level",
+    envvar="STOR_LOG_LEVEL",
+    default="info",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    show_default=True,
+)
+def serve(config_path: str | None, host: str, port: int, workers: int, data_dir: str, log_level: str) -> None:
+    """Serve the HTTP API."""
+    logging.config.dictConfig(_logging_config(log_level.upper()))
+    if config_path:
+        _validated(config_path)
+        os.environ[ENV_CONFIG_FILE] = os.path.abspath(config_path)
+    else:
+        _prepare_embedded(Path(data_dir).absolute())
+    uvicorn.run(
+        "stor.wiring:app_from_environment",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        loop="uvloop",
+        http="httptools",
+        log_config=_logging_config(log_level.upper()),
+        server_header=False,
+    )
+
+
+@main.command("check-config")
+@click.option(
+    "--config",
+    "config_path",
+    envvar=ENV_CONFIG_FILE,
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="[env CONFIG_FILE]",
+)
+def check_config(config_path: str) -> None:
+    """Validate a config file and its storage directories; exit 2 on error."""
+    config = _validated(config_path)
+    pairs = len(config.storage_pairs)
+    writable = sum(config.pair_writable_by_regex(p) for p in config.storage_pairs)
+    click.echo(f"{config_path}: OK ({pairs} pairs, {writable} writable, {len(config.basic_auth)} writers)")
+
+
+def _validated(path: str) -> Config:
+    try:
+        config = load_config(path)
+        check_storage_dirs(config)
+    except ConfigError as exc:
+        click.echo(f"stor: config error: {exc}", err=True)
+        sys.exit(2)
+    return config
+
+
+def _prepare_embedded(data_dir: Path) -> None:
+    """Create the embedded default's directories and writer credentials, and say so once."""
+    for disk in ("disk1", "disk2"):
+        (data_dir / disk).mkdir(parents=True, exist_ok=True)
+    os.environ[ENV_DATA_DIR] = str(data_dir)
+    if os.environ.get(ENV_BASIC_AUTH):
+        credentials = f"from {ENV_BASIC_AUTH}"
+    else:
+        credentials = _embedded_credentials(data_dir / "credentials")
+        os.environ[ENV_BASIC_AUTH] = credentials
+    embedded_config(str(data_dir), os.environ)  # validate now, before the workers start
+    click.echo(
+        f"stor: no config given; serving the embedded default from {data_dir} (one pair: disk1 + disk2)", err=True
+    )
+    click.echo(f"stor: writer credentials: {credentials}", err=True)
+
+
+def _embedded_credentials(path: Path) -> str:
+    """Kept in the data directory (mode 0600), so a restart keeps the same credentials."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        pass
+    value = f"writer:{secrets.token_urlsafe(18)}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(value + "\n")
+    return value

@@ -1,0 +1,63 @@
+"""Domain errors. They carry no HTTP: `stor.app` maps them to status codes in one table."""
+
+from __future__ import annotations
+
+
+class StorError(Exception):
+    """Base of every error stor raises on purpose."""
+
+
+class ConfigError(StorError):
+    """The configuration is invalid; the message names the key and the value."""
+
+
+class BadRequest(StorError):
+    """The request is malformed (a header, a parameter)."""
+
+
+class InvalidDigest(BadRequest):
+    def __init__(self, text: str) -> None:
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        super().__init__(f"not a sha256 (64 hex characters): {shown!r}")
+        self.text = text
+
+
+class BlobNotFound(StorError):
+    def __init__(self, sha: str) -> None:
+        super().__init__(f"blob {sha} not found")
+        self.sha = sha
+
+
+class DigestMismatch(StorError):
+    def __init__(self, expected: str, actual: str) -> None:
+        super().__init__(f"content sha256 {actual} does not match the requested {expected}")
+        self.expected = expected
+        self.actual = actual
+
+
+class InsufficientStorage(StorError):
+    """No writable pair has room for the blob, or a disk filled up while writing it."""
+
+
+class StorageUnavailable(StorError):
+    """A disk that was needed could not be read or written (I/O error, unmounted, hung)."""
+
+
+class Unauthorized(StorError):
+    def __init__(self) -> None:
+        super().__init__("valid Basic credentials are required to write")
+
+
+class PayloadTooLarge(StorError):
+    def __init__(self, limit: int, *, mid_stream: bool) -> None:
+        super().__init__(f"body exceeds the upload limit of {limit} bytes")
+        self.limit = limit
+        self.mid_stream = mid_stream
+
+
+class ClientTimeout(StorError):
+    """The client stopped sending its body for longer than the idle timeout."""
+
+
+class ClientDisconnected(StorError):
+    """The client went away before its body was complete."""

@@ -1,0 +1,75 @@
+"""Disk health, probed in threads with a deadline, so `/status` answers even when a disk hangs.
+
+Each disk has at most one probe in flight: a hung disk ties up one thread, never more, and
+its probe counts as failed once the deadline passes. When the hung probe finally returns, its
+result is recorded like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
+
+from stor.backends.disk import Disk, DiskHealth
+from stor.backends.pairs import Pair
+
+
+class HealthMonitor:
+    def __init__(self, disks: list[Disk], *, timeout: float) -> None:
+        self.disks = disks
+        self.timeout = timeout
+        self._executor = ThreadPoolExecutor(max_workers=max(1, len(disks)), thread_name_prefix="stor-health")
+        self._inflight: dict[str, Future[DiskHealth]] = {}
+        self._started: dict[str, float] = {}
+        self._last: dict[str, DiskHealth] = {}
+
+    async def check(self) -> list[DiskHealth]:
+        """Probe every disk now; a probe that misses the deadline reports the disk as hung."""
+        futures = [self._probe(disk) for disk in self.disks]
+        waiting = [asyncio.wrap_future(f) for f in futures]
+        await asyncio.wait(waiting, timeout=self.timeout)
+        return [self._result(disk, fut) for disk, fut in zip(self.disks, futures, strict=True)]
+
+    def healthy(self, disk: Disk) -> bool:
+        last = self._last.get(disk.root)
+        return last is None or last.ok
+
+    def pair_healthy(self, pair: Pair) -> bool:
+        return all(self.healthy(disk) for disk in pair.members)
+
+    def last(self, disk: Disk) -> DiskHealth | None:
+        return self._last.get(disk.root)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _probe(self, disk: Disk) -> Future[DiskHealth]:
+        running = self._inflight.get(disk.root)
+        if running is not None and not running.done():
+            return running
+        future = self._executor.submit(disk.probe_health)
+        self._inflight[disk.root] = future
+        self._started[disk.root] = time.monotonic()
+        future.add_done_callback(functools.partial(self._record, disk.root))
+        return future
+
+    def _record(self, root: str, future: Future[DiskHealth]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._last[root] = future.result()
+
+    def _result(self, disk: Disk, future: Future[DiskHealth]) -> DiskHealth:
+        if future.done() and not future.cancelled() and future.exception() is None:
+            return future.result()
+        waited = time.monotonic() - self._started.get(disk.root, time.monotonic())
+        error = f"health check has not finished after {waited:.1f}s (disk hung?)"
+        if future.done():
+            error = f"health check failed: {future.exception()!r}"
+        previous = self._last.get(disk.root)
+        hung = DiskHealth(disk.root, False, False, False, 0, 0, error)
+        if previous is not None:
+            hung = replace(previous, ok=False, writable=False, error=error)
+        self._last[disk.root] = hung
+        return hung
