@@ -1,0 +1,162 @@
+"""Shared fixtures: storage directories, config files, an in-process client, a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from stor.config import config_from_mapping
+from stor.wiring import build_app
+from tests.helpers import PASSWORD, USER, layout_path, temp_files
+
+
+@dataclass
+class Storage:
+    """Two mirrored pairs of plain directories under a test's temp dir."""
+
+    base: Path
+    pairs: list[list[Path]] = field(default_factory=list)
+
+    @property
+    def roots(self) -> list[Path]:
+        return [root for pair in self.pairs for root in pair]
+
+    def config(self, **overrides: Any) -> dict[str, Any]:
+        raw: dict[str, Any] = {
+            "storage_pairs": [[str(p) for p in pair] for pair in self.pairs],
+            "basic_auth": f"{USER}:{PASSWORD}",
+            "check_mountpoints": False,
+            "placement_threshold": 0,
+            "health_check_interval": 0.5,
+        }
+        raw.update(overrides)
+        return raw
+
+    def write_config(self, **overrides: Any) -> Path:
+        path = self.base / "config.json"
+        path.write_text(json.dumps(self.config(**overrides)))
+        return path
+
+    def copies(self, sha: str) -> list[Path]:
+        return [layout_path(root, sha) for root in self.roots if layout_path(root, sha).exists()]
+
+    def temps(self) -> list[Path]:
+        return [t for root in self.roots for t in temp_files(root)]
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Storage:
+    pairs = []
+    for pair in ("a", "b"):
+        members = [tmp_path / f"{pair}{n}" for n in (1, 2)]
+        for member in members:
+            member.mkdir()
+        pairs.append(members)
+    return Storage(tmp_path, pairs)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def client(storage: Storage) -> AsyncIterator[httpx.AsyncClient]:
+    """The app in-process over httpx's ASGITransport, with its lifespan run by hand."""
+    async with app_client(storage.config()) as http:
+        yield http
+
+
+class app_client:
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self.app = build_app(config_from_mapping(raw, {}))
+
+    async def __aenter__(self) -> httpx.AsyncClient:
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        await self._lifespan.__aenter__()
+        self._http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://stor")
+        return self._http
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._http.aclose()
+        await self._lifespan.__aexit__(None, None, None)
+
+
+class StorProcess:
+    """`stor serve` in a subprocess on a free port, logging into the test's temp dir."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+        self.log_path = cwd / f"stor-{time.monotonic_ns()}.log"
+        self._log = self.log_path.open("wb")
+        inherited = {k: v for k, v in os.environ.items() if k not in ("CONFIG_FILE", "STOR_BASIC_AUTH")}
+        full_env = {**inherited, **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stor", "serve", "--host", "127.0.0.1", "--port", "0", *args],
+            cwd=cwd,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.url = self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(rb"Uvicorn running on (http://[\d.]+:\d+)", self.log_path.read_bytes())
+            if match:
+                url = match.group(1).decode()
+                httpx.get(url + "/", timeout=2).raise_for_status()
+                return url
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"stor exited with {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.05)
+        raise RuntimeError(f"stor did not start within {timeout}s:\n{self.log()}")
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def start_stor(tmp_path: Path) -> Iterator[Callable[..., StorProcess]]:
+    started: list[StorProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> StorProcess:
+        server = StorProcess(list(args), cwd or tmp_path, env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def server(storage: Storage, start_stor: Callable[..., StorProcess]) -> StorProcess:
+    return start_stor("--config", str(storage.write_config(body_idle_timeout=1.0)))
