@@ -116,14 +116,20 @@ class StorProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             match = re.search(rb"Uvicorn running on (http://[\d.]+:\d+)", self.log_path.read_bytes())
-            if match:
-                url = match.group(1).decode()
-                httpx.get(url + "/", timeout=2).raise_for_status()
-                return url
+            if match and self._answers(match.group(1).decode()):
+                return match.group(1).decode()
             if self.proc.poll() is not None:
                 raise RuntimeError(f"stor exited with {self.proc.returncode}:\n{self.log()}")
             time.sleep(0.05)
         raise RuntimeError(f"stor did not start within {timeout}s:\n{self.log()}")
+
+    @staticmethod
+    def _answers(url: str) -> bool:
+        """With several workers the parent logs its URL before the workers listen."""
+        try:
+            return httpx.get(url + "/", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
 
     @property
     def port(self) -> int:

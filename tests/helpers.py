@@ -21,12 +21,20 @@ def layout_path(root: Path, sha: str) -> Path:
 
 
 def temp_files(root: Path) -> list[Path]:
-    """Temp files under a storage root (the per-process lock files do not count)."""
+    """Upload temp files under a storage root (not the lock files, nor a health probe's file)."""
     tmp = root / ".stor-tmp"
     if not tmp.exists():
         return []
-    return [p for p in tmp.rglob("*") if p.is_file() and p.name != "owner.lock"]
+    return [p for p in tmp.rglob("*.tmp") if p.is_file()]
 
 
 def blob_files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*.dat") if ".stor-tmp" not in p.parts]
+
+
+def debris(base: Path) -> list[Path]:
+    """Blob files and upload temps anywhere under `base` (config files and logs aside)."""
+    files = [p for p in base.rglob("*") if p.is_file() and ".stor-tmp" not in p.parts]
+    return [p for p in files if p.suffix not in (".json", ".log")] + [
+        p for p in base.rglob(".stor-tmp/**/*.tmp") if p.is_file()
+    ]

@@ -1,0 +1,308 @@
+"""A real `stor serve` subprocess on a free port, driven over real sockets; files checked on disk."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Storage, StorProcess
+from tests.helpers import AUTH, AUTH_HEADER, debris, layout_path, sha256, temp_files
+
+pytestmark = pytest.mark.integration
+
+BIG = os.urandom(1536 * 1024)  # over one spool buffer, so a temp file exists mid-upload
+BIG_SHA = sha256(BIG)
+
+
+def connect(server: StorProcess) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def request_head(method: str, path: str, headers: dict[str, str]) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: stor", *(f"{k}: {v}" for k, v in headers.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def read_response(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Everything the server sends until it closes or goes quiet after a full head."""
+    sock.settimeout(timeout)
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            break
+        if not chunk:
+            break
+        data += chunk
+        if b"\r\n\r\n" in data:
+            sock.settimeout(0.3)
+    return data
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_post_writes_both_copies_durably_and_get_reads_them(server: StorProcess, storage: Storage) -> None:
+    data = os.urandom(100_000)
+    sha = sha256(data)
+    response = httpx.post(f"{server.url}/{sha}", content=data, auth=AUTH)
+    assert response.status_code == 201
+    copies = storage.copies(sha)
+    assert len(copies) == 2 and {c.read_bytes() for c in copies} == {data}
+    assert copies[0].stat().st_mtime_ns == copies[1].stat().st_mtime_ns
+    assert storage.temps() == []
+    got = httpx.get(f"{server.url}/{sha}")
+    assert got.status_code == 200 and got.content == data
+    assert httpx.head(f"{server.url}/{sha}").headers["content-length"] == str(len(data))
+
+
+def test_big_blobs_stream_both_ways(server: StorProcess, storage: Storage) -> None:
+    data = os.urandom(5 * 1024 * 1024 + 3)
+    sha = sha256(data)
+
+    def body() -> Iterator[bytes]:
+        for offset in range(0, len(data), 100_000):
+            yield data[offset : offset + 100_000]
+
+    assert httpx.post(f"{server.url}/{sha}", content=body(), auth=AUTH, timeout=30).status_code == 201
+    with httpx.stream("GET", f"{server.url}/{sha}") as response:
+        assert response.status_code == 200
+        assert b"".join(response.iter_bytes()) == data
+
+
+def test_exists_is_answered_before_the_body(server: StorProcess) -> None:
+    data = b"already here"
+    sha = sha256(data)
+    assert httpx.post(f"{server.url}/{sha}", content=data, auth=AUTH).status_code == 201
+    with connect(server) as sock:  # an Expect: 100-continue client never has to send the body
+        sock.sendall(
+            request_head(
+                "POST",
+                f"/{sha}",
+                {"Authorization": AUTH_HEADER, "Content-Length": "1000000", "Expect": "100-continue"},
+            )
+        )
+        response = read_response(sock)
+    assert response.startswith(b"HTTP/1.1 200 ")
+    assert b"100 Continue" not in response
+    assert sha.upper().encode() in response
+
+
+def test_401_comes_before_any_byte_of_the_body(server: StorProcess, storage: Storage) -> None:
+    for auth in ({}, {"Authorization": "Basic " + base64.b64encode(b"writer:nope").decode()}):
+        with connect(server) as sock:
+            sock.sendall(request_head("POST", f"/{BIG_SHA}", {"Content-Length": str(len(BIG)), **auth}))
+            started = time.monotonic()
+            response = read_response(sock, timeout=5)
+            assert time.monotonic() - started < 4  # not the body idle timeout, nor ours
+        assert status_of(response) == 401
+        assert b'www-authenticate: Basic realm="stor"' in response.lower().replace(b"basic", b"Basic")
+    assert storage.temps() == [] and storage.copies(BIG_SHA) == []
+
+
+def test_a_stalled_upload_is_dropped_and_its_temp_removed(server: StorProcess, storage: Storage) -> None:
+    with connect(server) as sock:
+        sock.sendall(
+            request_head("POST", f"/{BIG_SHA}", {"Authorization": AUTH_HEADER, "Content-Length": str(len(BIG))})
+        )
+        sock.sendall(BIG[: 1200 * 1024])  # then silence
+        assert wait_until(lambda: len(storage.temps()) == 2, timeout=5)
+        response = read_response(sock, timeout=10)  # body_idle_timeout is 1 s in this fixture
+    assert status_of(response) == 408
+    assert b"connection: close" in response.lower()
+    assert wait_until(lambda: storage.temps() == [], timeout=5)
+    assert storage.copies(BIG_SHA) == []
+    assert httpx.post(f"{server.url}/{BIG_SHA}", content=BIG, auth=AUTH).status_code == 201
+
+
+def test_a_client_that_disconnects_mid_body_leaves_nothing(server: StorProcess, storage: Storage) -> None:
+    with connect(server) as sock:
+        sock.sendall(
+            request_head("POST", f"/{BIG_SHA}", {"Authorization": AUTH_HEADER, "Content-Length": str(len(BIG))})
+        )
+        sock.sendall(BIG[: 1200 * 1024])
+        assert wait_until(lambda: len(storage.temps()) == 2, timeout=5)
+    assert wait_until(lambda: storage.temps() == [], timeout=5)
+    assert storage.copies(BIG_SHA) == []
+    assert httpx.get(f"{server.url}/").status_code == 200
+
+
+def test_a_chunked_body_growing_past_the_limit_is_413_mid_stream(
+    storage: Storage, start_stor: Callable[..., StorProcess]
+) -> None:
+    server = start_stor("--config", str(storage.write_config(max_upload_size=2 * 1024 * 1024)))
+    sent = 0
+
+    def body() -> Iterator[bytes]:
+        nonlocal sent
+        for _ in range(40):
+            sent += 100_000
+            yield b"q" * 100_000
+
+    try:
+        response = httpx.post(f"{server.url}/{BIG_SHA}", content=body(), auth=AUTH, timeout=10)
+        status = response.status_code
+    except httpx.WriteError:  # the server may close while we are still sending
+        status = 413
+    assert status == 413
+    assert sent < 40 * 100_000 or status == 413
+    assert wait_until(lambda: storage.temps() == [], timeout=5)
+    assert storage.copies(BIG_SHA) == []
+
+
+def test_sixteen_concurrent_uploads_of_one_sha(server: StorProcess, storage: Storage) -> None:
+    data = os.urandom(300_000)
+    sha = sha256(data)
+    codes: list[int] = []
+    barrier = threading.Barrier(16)
+
+    def upload() -> None:
+        with httpx.Client(timeout=30) as http:
+            barrier.wait()
+            codes.append(http.post(f"{server.url}/{sha}", content=data, auth=AUTH).status_code)
+
+    threads = [threading.Thread(target=upload) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(set(codes)) in ([200, 201], [201])
+    assert codes.count(201) >= 1
+    copies = storage.copies(sha)
+    assert len(copies) == 2 and {c.read_bytes() for c in copies} == {data}
+    for root in storage.roots:
+        assert len([p for p in root.rglob("*.dat")]) == (1 if layout_path(root, sha) in copies else 0)
+    assert storage.temps() == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/../{sha}",
+        "/%2e%2e/{sha}",
+        "/{sha}%2f..",
+        "/%2e%2e%2f%2e%2e%2f{sha}",
+        "/{sha}%00",
+        "/{sha}/..",
+        "/.stor-tmp",
+        "/" + "\u0661" * 64,
+    ],
+)
+def test_path_tricks_are_refused_and_create_nothing(server: StorProcess, storage: Storage, path: str) -> None:
+    data = b"tricky"
+    target = path.format(sha=sha256(data))
+    with connect(server) as sock:
+        sock.sendall(
+            request_head(
+                "POST",
+                target.encode("utf-8").decode("latin-1"),
+                {"Authorization": AUTH_HEADER, "Content-Length": str(len(data))},
+            )
+            + data
+        )
+        response = read_response(sock)
+    assert status_of(response) in (400, 404)
+    with connect(server) as sock:
+        sock.sendall(request_head("GET", target.encode("utf-8").decode("latin-1"), {}))
+        assert status_of(read_response(sock)) in (400, 404)
+    assert debris(storage.base) == []
+
+
+def test_status_turns_503_when_a_directory_disappears(server: StorProcess, storage: Storage) -> None:
+    assert httpx.get(f"{server.url}/status").text == "OK\n"
+    storage.pairs[0][0].rename(storage.base / "unplugged")
+    response = httpx.get(f"{server.url}/status", timeout=3)
+    assert response.status_code == 503
+    assert str(storage.pairs[0][0]) in response.text
+    (storage.base / "unplugged").rename(storage.pairs[0][0])
+    assert wait_until(lambda: httpx.get(f"{server.url}/status").status_code == 200, timeout=5)
+
+
+def test_a_missing_directory_stops_start_up(storage: Storage, tmp_path: Path) -> None:
+    storage.pairs[1][1].rmdir()
+    config = storage.write_config()
+    result = subprocess.run(
+        [sys.executable, "-m", "stor", "serve", "--config", str(config), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert str(storage.pairs[1][1]) in result.stderr and "does not exist" in result.stderr
+    assert not storage.pairs[1][1].exists()  # never created
+
+
+def test_check_config(storage: Storage, tmp_path: Path) -> None:
+    good = subprocess.run(
+        [sys.executable, "-m", "stor", "check-config", "--config", str(storage.write_config())],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert good.returncode == 0 and "OK (2 pairs, 2 writable, 1 writers)" in good.stdout
+    bad = storage.write_config(max_upload_size="big")
+    result = subprocess.run(
+        [sys.executable, "-m", "stor", "check-config", "--config", str(bad)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2 and "'max_upload_size'" in result.stderr and "big" in result.stderr
+
+
+def test_the_embedded_default(tmp_path: Path, start_stor: Callable[..., StorProcess]) -> None:
+    server = start_stor(cwd=tmp_path)
+    data_dir = tmp_path / "stor-data"
+    assert (data_dir / "disk1").is_dir() and (data_dir / "disk2").is_dir()
+    credentials = (data_dir / "credentials").read_text().strip()
+    assert oct((data_dir / "credentials").stat().st_mode & 0o777) == "0o600"
+    assert server.log().count(credentials) == 1  # printed once
+    user, password = credentials.split(":", 1)
+    data = b"embedded"
+    sha = sha256(data)
+    assert httpx.post(f"{server.url}/{sha}", content=data, auth=(user, "wrong")).status_code == 401
+    assert httpx.post(f"{server.url}/{sha}", content=data, auth=(user, password)).status_code == 201
+    assert layout_path(data_dir / "disk1", sha).read_bytes() == data
+    assert layout_path(data_dir / "disk2", sha).read_bytes() == data
+    assert httpx.get(f"{server.url}/status").status_code == 200
+    server.stop()
+    again = start_stor(cwd=tmp_path)  # the same credentials after a restart
+    assert httpx.post(f"{again.url}/{sha256(b'2')}", content=b"2", auth=(user, password)).status_code == 201
+
+
+def test_several_workers_share_the_disks(storage: Storage, start_stor: Callable[..., StorProcess]) -> None:
+    server = start_stor("--config", str(storage.write_config()), "--workers", "2")
+    blobs = [os.urandom(1000 + n) for n in range(20)]
+    with httpx.Client(base_url=server.url) as http:
+        for blob in blobs:
+            assert (
+                http.post(f"/{sha256(blob)}", content=blob, auth=AUTH, headers={"Connection": "close"}).status_code
+                == 201
+            )
+        for blob in blobs:
+            assert http.get(f"/{sha256(blob)}", headers={"Connection": "close"}).content == blob
+        assert http.get("/status").status_code == 200
+    owners = {p.parent.name for root in storage.roots for p in (root / ".stor-tmp").glob("*/owner.lock")}
+    assert len(owners) == 2 * len(storage.roots)  # each worker claimed its own temp directory per disk
+    assert all(temp_files(root) == [] for root in storage.roots)
