@@ -221,9 +221,12 @@ class BlobResponse(Response):
         self.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        if self.blob.data is not None:  # read already: one message
+            await send({"type": "http.response.body", "body": self.blob.data[self.start : self.end]})
+            return
         chunks = self.blob.chunks(self.start, self.end)
         try:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             async for chunk in chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})

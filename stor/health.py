@@ -21,7 +21,7 @@ class HealthMonitor:
     def __init__(self, disks: list[Disk], *, timeout: float) -> None:
         self.disks = disks
         self.timeout = timeout
-        self._executor = ThreadPoolExecutor(max_workers=max(1, len(disks)), thread_name_prefix="stor-health")
+        self._executor: ThreadPoolExecutor | None = None
         self._inflight: dict[str, Future[DiskHealth]] = {}
         self._started: dict[str, float] = {}
         self._last: dict[str, DiskHealth] = {}
@@ -44,12 +44,18 @@ class HealthMonitor:
         return self._last.get(disk.root)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop probing (a hung probe's thread is abandoned); `check` starts afresh."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+            self._inflight.clear()
 
     def _probe(self, disk: Disk) -> Future[DiskHealth]:
         running = self._inflight.get(disk.root)
         if running is not None and not running.done():
             return running
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=max(1, len(self.disks)), thread_name_prefix="stor-health")
         future = self._executor.submit(disk.probe_health)
         self._inflight[disk.root] = future
         self._started[disk.root] = time.monotonic()

@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import anyio
-import anyio.to_thread
 
 from stor import __version__
 from stor.backends.disk import BlobStat, Disk, DiskHealth, now_ns
@@ -22,6 +21,7 @@ from stor.backends.pairs import MirroredWrite, Pair, StoragePool
 from stor.digest import Sha
 from stor.errors import BlobNotFound, StorageUnavailable
 from stor.health import HealthMonitor
+from stor.offload import Offload
 
 SPOOL_BYTES = 1024 * 1024
 """Upload bytes buffered in memory before a thread hop writes them: bounds memory per upload."""
@@ -39,6 +39,7 @@ class OpenBlob:
     sha: Sha
     stat: BlobStat
     disk: Disk
+    offload: Offload
     data: bytes | None = None
     fd: int | None = None
 
@@ -62,7 +63,7 @@ async def _read_chunks(blob: OpenBlob, start: int, end: int) -> AsyncGenerator[b
         offset = start
         while offset < end:
             size = min(STREAM_CHUNK, end - offset)
-            yield await anyio.to_thread.run_sync(blob.disk.read_at, fd, offset, size)
+            yield await blob.offload.run(blob.disk.read_at, fd, offset, size)
             offset += size
     finally:
         blob.close()
@@ -93,6 +94,14 @@ class StatusReport:
     reserved_bytes: dict[int, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class _Target:
+    pair: Pair
+    disks: list[Disk]
+    mtime_ns: int | None
+    kept: list[str]  # paths of copies already in place
+
+
 @dataclass
 class _Copies:
     pair: Pair
@@ -104,9 +113,10 @@ class _Copies:
 
 
 class BlobService:
-    def __init__(self, pool: StoragePool, monitor: HealthMonitor) -> None:
+    def __init__(self, pool: StoragePool, monitor: HealthMonitor, *, threads: int = 32) -> None:
         self.pool = pool
         self.monitor = monitor
+        self.offload = Offload(threads)
         self._started = time.monotonic()
         self._sha_locks: dict[Sha, tuple[asyncio.Lock, int]] = {}
 
@@ -116,10 +126,14 @@ class BlobService:
         """Claim temp directories and sweep stale temps on every disk (blocking, start-up)."""
         return sum(disk.prepare() for disk in self.pool.disks)
 
+    def close(self) -> None:
+        self.offload.close()
+        self.monitor.close()
+
     # -- reads -----------------------------------------------------------------------------
 
     async def stat(self, sha: Sha) -> BlobStat:
-        return await anyio.to_thread.run_sync(self._stat, sha)
+        return await self.offload.run(self._stat, sha)
 
     def _stat(self, sha: Sha) -> BlobStat:
         unreachable: list[str] = []
@@ -134,7 +148,7 @@ class BlobService:
         raise _miss(sha, unreachable)
 
     async def open(self, sha: Sha) -> OpenBlob:
-        return await anyio.to_thread.run_sync(self._open, sha)
+        return await self.offload.run(self._open, sha)
 
     def _open(self, sha: Sha) -> OpenBlob:
         unreachable: list[str] = []
@@ -145,9 +159,9 @@ class BlobService:
                     continue
                 fd, st = opened
                 if st.size > READ_WHOLE_BYTES:
-                    return OpenBlob(sha, st, disk, fd=fd)
+                    return OpenBlob(sha, st, disk, self.offload, fd=fd)
                 try:
-                    return OpenBlob(sha, st, disk, data=disk.read_at(fd, 0, st.size))
+                    return OpenBlob(sha, st, disk, self.offload, data=disk.read_at(fd, 0, st.size))
                 finally:
                     os.close(fd)
             except StorageUnavailable as exc:  # this copy is unreadable: try the next one
@@ -156,25 +170,30 @@ class BlobService:
 
     # -- writes ----------------------------------------------------------------------------
 
-    async def existing(self, sha: Sha) -> list[str] | None:
-        """The paths of every copy when the blob is fully stored on a pair, else None."""
-        copies = await anyio.to_thread.run_sync(self._copies, sha)
-        if copies is None or not copies.complete:
-            return None
-        return [copies.present[d.root].path for d in copies.pair.members]
-
     async def put(self, sha: Sha, body: AsyncIterator[bytes], length: int | None) -> PutResult:
         """Store the body under `sha`. When every copy already exists the body is not read."""
         async with self._sha_lock(sha):
-            copies = await anyio.to_thread.run_sync(self._copies, sha)
-            if copies is not None and copies.complete:
-                return PutResult(False, [copies.present[d.root].path for d in copies.pair.members])
-            pair, disks, mtime = await anyio.to_thread.run_sync(self._target, copies, length or 0)
-            with self.pool.reservation(pair, length or 0):
-                paths = await self._write(sha, disks, body, mtime)
-            if copies is not None and copies.pair is pair:
-                paths = [copies.present[d.root].path for d in pair.members if d.root in copies.present] + paths
-            return PutResult(True, paths)
+            plan = await self.offload.run(self._plan, sha, length or 0)
+            if isinstance(plan, list):
+                return PutResult(False, plan)
+            with self.pool.reservation(plan.pair, length or 0):
+                written = await self._write(sha, plan.disks, body, plan.mtime_ns)
+            return PutResult(True, plan.kept + written)
+
+    def _plan(self, sha: Sha, size: int) -> list[str] | _Target:
+        """The paths of every copy when the blob is already stored on a pair; otherwise where
+        to write: the missing members of a healthy pair that holds some copies (keeping their
+        mtime), else every member of a pair chosen by free space."""
+        copies = self._copies(sha)
+        if copies is not None:
+            if copies.complete:
+                return [copies.present[d.root].path for d in copies.pair.members]
+            if copies.pair.writable and self.monitor.pair_healthy(copies.pair):
+                missing = [d for d in copies.pair.members if d.root not in copies.present]
+                mtime = min(st.mtime_ns for st in copies.present.values())
+                return _Target(copies.pair, missing, mtime, [st.path for st in copies.present.values()])
+        pair = self.pool.choose_pair(size, self.monitor.pair_healthy)
+        return _Target(pair, list(pair.members), None, [])
 
     def _copies(self, sha: Sha) -> _Copies | None:
         """Which members of which pair hold `sha`; unreachable disks count as not holding it."""
@@ -198,16 +217,6 @@ class BlobService:
             return _Copies(pair, present)
         return None
 
-    def _target(self, copies: _Copies | None, size: int) -> tuple[Pair, list[Disk], int | None]:
-        """Where to write: the missing members of a healthy pair that holds some copies
-        (keeping their mtime), else every member of a pair chosen by free space."""
-        if copies is not None and copies.pair.writable and self.monitor.pair_healthy(copies.pair):
-            missing = [d for d in copies.pair.members if d.root not in copies.present]
-            mtime = min(st.mtime_ns for st in copies.present.values())
-            return copies.pair, missing, mtime
-        pair = self.pool.choose_pair(size, self.monitor.pair_healthy)
-        return pair, list(pair.members), None
-
     async def _write(self, sha: Sha, disks: list[Disk], body: AsyncIterator[bytes], mtime: int | None) -> list[str]:
         writer = MirroredWrite(disks)
         try:
@@ -215,12 +224,11 @@ class BlobService:
             async for chunk in body:
                 buffer += chunk
                 if len(buffer) >= SPOOL_BYTES:
-                    await anyio.to_thread.run_sync(writer.write, buffer)
+                    await self.offload.run(writer.write, buffer)
                     buffer.clear()
-            return await anyio.to_thread.run_sync(_finish, writer, sha, bytes(buffer), mtime)
+            return await self.offload.run(_finish, writer, sha, bytes(buffer), mtime)
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(writer.abort)
+            await self.offload.run(writer.abort)  # runs to the end even when cancelled
             raise
 
     @asynccontextmanager

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 import anyio
-import anyio.to_thread
 from starlette.applications import Starlette
 
 from stor import __version__
@@ -57,7 +56,7 @@ def build_app(config: Config) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        swept = await anyio.to_thread.run_sync(service.prepare)
+        swept = await service.offload.run(service.prepare)
         if swept:
             log.info("removed %d stale temp files left by earlier runs", swept)
         _warn_about(config, authenticator)
@@ -66,7 +65,7 @@ def build_app(config: Config) -> Starlette:
             tasks.start_soon(service.run_health_checks, config.health_check_interval)
             yield
             tasks.cancel_scope.cancel()
-        service.monitor.close()
+        service.close()
 
     return create_app(
         service,

@@ -89,7 +89,10 @@ class Disk:
         """Claim this process's temp directory and sweep temps left by dead processes.
 
         Returns how many stale temp files were removed. Never creates `root` itself.
+        Calling it again once the directory is claimed does nothing.
         """
+        if self._owner_lock is not None:
+            return 0
         if not os.path.isdir(self.root):
             raise StorageUnavailable(f"{self.root}: storage directory is missing")
         if self.require_mount and not self._is_mounted():
