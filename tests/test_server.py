@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import socket
 import subprocess
@@ -306,3 +307,42 @@ def test_several_workers_share_the_disks(storage: Storage, start_stor: Callable[
     owners = {p.parent.name for root in storage.roots for p in (root / ".stor-tmp").glob("*/owner.lock")}
     assert len(owners) == 2 * len(storage.roots)  # each worker claimed its own temp directory per disk
     assert all(temp_files(root) == [] for root in storage.roots)
+
+
+def peak_rss(pid: int) -> int:
+    """The process's high-water resident set (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_memory_stays_bounded_for_a_big_blob(server: StorProcess) -> None:
+    """128 MiB up and down through a server whose peak RSS may grow by less than 64 MiB."""
+    size, piece = 128 * 1024 * 1024, os.urandom(1024 * 1024)
+    digest = hashlib.sha256()
+    for _ in range(size // len(piece)):
+        digest.update(piece)
+    sha = digest.hexdigest()
+    httpx.get(f"{server.url}/status")
+    before = peak_rss(server.proc.pid)
+
+    def body() -> Iterator[bytes]:
+        for _ in range(size // len(piece)):
+            yield piece
+
+    assert httpx.post(f"{server.url}/{sha}", content=body(), auth=AUTH, timeout=60).status_code == 201
+    received = 0
+    with httpx.stream("GET", f"{server.url}/{sha}", timeout=60) as response:
+        for chunk in response.iter_raw():
+            received += len(chunk)
+    assert received == size
+    growth = peak_rss(server.proc.pid) - before
+    assert growth < 64 * 1024 * 1024, f"peak RSS grew by {growth / 2**20:.0f} MiB"
+
+
+def test_config_file_comes_from_the_environment_too(storage: Storage, start_stor: Callable[..., StorProcess]) -> None:
+    server = start_stor(env={"CONFIG_FILE": str(storage.write_config())})
+    data = b"via CONFIG_FILE"
+    assert httpx.post(f"{server.url}/{sha256(data)}", content=data, auth=AUTH).status_code == 201
+    assert len(storage.copies(sha256(data))) == 2
