@@ -67,11 +67,11 @@ def create_app(
 
     async def status(request: Request) -> Response:
         report = await service.status()
-        code = 200 if report.ok else 503
+        code, headers = (200 if report.ok else 503), {"Cache-Control": "no-store"}
         if request.query_params.get("format") == "json" or "application/json" in request.headers.get("accept", ""):
-            return JSONResponse(dataclasses.asdict(report), status_code=code)
+            return JSONResponse(dataclasses.asdict(report), status_code=code, headers=headers)
         text = "OK\n" if report.ok else "".join(f"{reason}\n" for reason in report.reasons)
-        return PlainTextResponse(text, status_code=code, headers={"Cache-Control": "no-store"})
+        return PlainTextResponse(text, status_code=code, headers=headers)
 
     async def read_blob(request: Request) -> Response:
         try:
@@ -79,8 +79,9 @@ def create_app(
         except InvalidDigest:
             raise BlobNotFound(request.path_params["name"]) from None
         if request.method == "HEAD":
-            return _blob_response(request, await service.stat(sha), None)
-        return _blob_response(request, None, await service.open(sha))
+            return _blob_response(request, sha, await service.stat(sha), None)
+        blob = await service.open(sha)
+        return _blob_response(request, sha, blob.stat, blob)
 
     async def write_blob(request: Request) -> Response:
         authenticator.check(request.headers.get("authorization"))
@@ -173,12 +174,9 @@ def _blob_headers(sha: Sha, stat: BlobStat) -> dict[str, str]:
     }
 
 
-def _blob_response(request: Request, stat: BlobStat | None, blob: OpenBlob | None) -> Response:
-    """HEAD (a stat) or GET (an open copy), with conditional requests and a single Range."""
-    if blob is not None:
-        stat = blob.stat
-    assert stat is not None
-    sha = parse_sha(request.path_params["name"])
+def _blob_response(request: Request, sha: Sha, stat: BlobStat, blob: OpenBlob | None) -> Response:
+    """HEAD (blob is None: a stat was all it took) or GET, with conditional requests and a
+    single Range."""
     headers = _blob_headers(sha, stat)
     etag = headers["ETag"]
     if not_modified(
@@ -201,7 +199,7 @@ def _blob_response(request: Request, stat: BlobStat | None, blob: OpenBlob | Non
             start, end, code = wanted.start, wanted.end, 206
             headers["Content-Range"] = wanted.content_range(stat.size)
     headers["Content-Length"] = str(end - start)
-    if blob is None:  # HEAD: the stat was all we needed
+    if blob is None:
         return Response(status_code=code, headers=headers)
     return BlobResponse(blob, start, end, code, headers)
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import anyio
 
@@ -30,6 +31,8 @@ READ_WHOLE_BYTES = 1024 * 1024
 """Blobs up to this size are read in the same thread hop as the lookup."""
 
 STREAM_CHUNK = 1024 * 1024
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -59,7 +62,8 @@ async def _read_chunks(blob: OpenBlob, start: int, end: int) -> AsyncGenerator[b
             yield blob.data[start:end]
             return
         fd = blob.fd
-        assert fd is not None
+        if fd is None:
+            raise ValueError("blob already closed")
         offset = start
         while offset < end:
             size = min(STREAM_CHUNK, end - offset)
@@ -133,40 +137,41 @@ class BlobService:
     # -- reads -----------------------------------------------------------------------------
 
     async def stat(self, sha: Sha) -> BlobStat:
-        return await self.offload.run(self._stat, sha)
+        return await self.offload.run(self._first_copy, sha, Disk.stat)
 
-    def _stat(self, sha: Sha) -> BlobStat:
+    async def open(self, sha: Sha) -> OpenBlob:
+        return await self.offload.run(self._first_copy, sha, self._open_copy)
+
+    def _first_copy(self, sha: Sha, probe: Callable[[Disk, Sha], T | None]) -> T:
+        """`probe` each disk in Stor's order until one has the blob. A disk that fails counts
+        as unreachable and the next copy is tried; 404 only when every disk answered."""
         unreachable: list[str] = []
         for disk in self.pool.probe_order():
             try:
-                found = disk.stat(sha)
+                found = probe(disk, sha)
             except StorageUnavailable as exc:
                 unreachable.append(str(exc))
                 continue
             if found is not None:
                 return found
-        raise _miss(sha, unreachable)
+        if unreachable:
+            raise StorageUnavailable(
+                f"blob {sha} not found, and some storage was unreachable: " + "; ".join(unreachable)
+            )
+        raise BlobNotFound(sha)
 
-    async def open(self, sha: Sha) -> OpenBlob:
-        return await self.offload.run(self._open, sha)
-
-    def _open(self, sha: Sha) -> OpenBlob:
-        unreachable: list[str] = []
-        for disk in self.pool.probe_order():
-            try:
-                opened = disk.open(sha)
-                if opened is None:
-                    continue
-                fd, st = opened
-                if st.size > READ_WHOLE_BYTES:
-                    return OpenBlob(sha, st, disk, self.offload, fd=fd)
-                try:
-                    return OpenBlob(sha, st, disk, self.offload, data=disk.read_at(fd, 0, st.size))
-                finally:
-                    os.close(fd)
-            except StorageUnavailable as exc:  # this copy is unreadable: try the next one
-                unreachable.append(str(exc))
-        raise _miss(sha, unreachable)
+    def _open_copy(self, disk: Disk, sha: Sha) -> OpenBlob | None:
+        """Open the copy on `disk`; a small one is read whole in the same thread hop."""
+        opened = disk.open(sha)
+        if opened is None:
+            return None
+        fd, st = opened
+        if st.size > READ_WHOLE_BYTES:
+            return OpenBlob(sha, st, disk, self.offload, fd=fd)
+        try:
+            return OpenBlob(sha, st, disk, self.offload, data=disk.read_at(fd, 0, st.size))
+        finally:
+            os.close(fd)
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -276,10 +281,3 @@ class BlobService:
 
 def _finish(writer: MirroredWrite, sha: Sha, tail: bytes, mtime: int | None) -> list[str]:
     return writer.finish(sha, now_ns() if mtime is None else mtime, tail)
-
-
-def _miss(sha: Sha, unreachable: list[str]) -> Exception:
-    """404 only when every disk answered; otherwise the blob may sit on the one that did not."""
-    if unreachable:
-        return StorageUnavailable(f"blob {sha} not found, and some storage was unreachable: " + "; ".join(unreachable))
-    return BlobNotFound(sha)
