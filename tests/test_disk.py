@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -164,3 +165,17 @@ def test_health_recovers_a_disk_that_comes_back(tmp_path: Path, disks: list[Disk
     assert disks[0].probe_health().ok
     MirroredWrite([disks[0]]).finish(SHA, MTIME, DATA)
     assert layout_path(root, SHA).read_bytes() == DATA
+
+
+def test_commit_works_where_hard_links_are_refused(disks: list[Disk], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some FUSE and network filesystems refuse link(2) with EPERM; the rename path is used."""
+
+    def no_links(src: str, dst: str) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    paths = MirroredWrite(disks).finish(SHA, MTIME, DATA)
+    assert [Path(p).read_bytes() for p in paths] == [DATA, DATA]
+    again = MirroredWrite(disks).finish(SHA, MTIME + 10**9, DATA)  # exists: kept, not replaced
+    assert [os.stat(p).st_mtime_ns for p in again] == [MTIME, MTIME]
+    assert [temp_files(Path(d.root)) for d in disks] == [[], []]

@@ -32,6 +32,7 @@ from stor.errors import InsufficientStorage, StorageUnavailable
 TMP_DIR = ".stor-tmp"
 _LOCK_NAME = "owner.lock"
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK)
 
 
 @dataclass(frozen=True)
@@ -297,12 +298,7 @@ class TempFile:
         final = self.disk.blob_path(sha)
         try:
             new_dirs = _make_parents(self.disk.root, os.path.dirname(final))
-            try:
-                os.link(self.path, final)
-                created = True
-            except FileExistsError:
-                created = False
-            os.unlink(self.path)
+            created = _link_no_replace(self.path, final)
             self.path = ""
             for directory in (os.path.dirname(final), *new_dirs):
                 _fsync_dir(directory)
@@ -327,6 +323,28 @@ class TempFile:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
+
+
+def _link_no_replace(temp: str, final: str) -> bool:
+    """Give `temp` the name `final` unless it exists; True if this call made it. The temp
+    name is gone afterwards either way."""
+    try:
+        os.link(temp, final)
+    except FileExistsError:
+        os.unlink(temp)
+        return False
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        # No hard links here: check, then rename. Only another process racing for the same
+        # sha can slip in between, and it would put the same bytes there.
+        if os.path.exists(final):
+            os.unlink(temp)
+            return False
+        os.rename(temp, final)
+        return True
+    os.unlink(temp)
+    return True
 
 
 def _make_parents(root: str, directory: str) -> list[str]:
