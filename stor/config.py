@@ -21,6 +21,8 @@ GiB = 1024**3
 
 ENV_CONFIG_FILE = "CONFIG_FILE"
 ENV_BASIC_AUTH = "STOR_BASIC_AUTH"
+ENV_S3_ACCESS_KEY = "STOR_S3_ACCESS_KEY"
+ENV_S3_SECRET_KEY = "STOR_S3_SECRET_KEY"  # noqa: S105 - a variable name, not a secret
 
 
 @dataclass(frozen=True)
@@ -34,9 +36,14 @@ class Credential:
 
 @dataclass(frozen=True)
 class S3Settings:
-    access_key: str
-    secret_key: str
+    access_key: str = field(repr=False)
+    secret_key: str = field(repr=False)
     host: str
+
+    @property
+    def endpoint_url(self) -> str:
+        """Stor's `host[:port]` means plain http; a full URL is taken as it is."""
+        return self.host if "://" in self.host else f"http://{self.host}"
 
 
 @dataclass(frozen=True)
@@ -58,11 +65,17 @@ class Config:
     body_idle_timeout: float = 30.0
     status_timeout: float = 1.5
     health_check_interval: float = 5.0
-    # Stor's integration keys: validated now, served by the integrations work.
     s3_enabled: bool = False
     s3_credentials: S3Settings | None = None
     s3_bucket: str = "samples"
-    memcached_servers: tuple[str, ...] = ()
+    s3_region: str = "us-east-1"
+    s3_sync_writes: bool = False
+    s3_fill_local: bool = True
+    s3_timeout: float = 5.0
+    memcached_servers: tuple[tuple[str, int], ...] = ()
+    memcached_timeout: float = 0.05
+    memcached_ttl: int = 86400
+    memcached_negative_ttl: int = 0
     statsite: StatsiteSettings | None = None
     secret: str | None = field(default=None, repr=False)
     # Not a config key: the embedded default creates its own directories.
@@ -98,6 +111,10 @@ def config_from_mapping(raw: object, env: Mapping[str, str]) -> Config:
         raise ConfigError("missing required key 'storage_pairs'")
     auth_raw = env.get(ENV_BASIC_AUTH)
     auth = _parse_auth_env(auth_raw) if auth_raw else _credentials("basic_auth", raw.get("basic_auth"))
+    s3_enabled = _bool(raw, "s3_enabled", False)
+    s3 = _s3(raw.get("s3_credentials"), env)
+    if s3_enabled and s3 is None:
+        raise ConfigError("'s3_enabled' is true but 's3_credentials' is missing")
     return Config(
         storage_pairs=_storage_pairs(raw["storage_pairs"]),
         writable_pairs_regex=_regex(raw.get("writable_pairs_regex")),
@@ -108,10 +125,19 @@ def config_from_mapping(raw: object, env: Mapping[str, str]) -> Config:
         body_idle_timeout=_seconds(raw, "body_idle_timeout", 30.0, maximum=3600.0),
         status_timeout=_seconds(raw, "status_timeout", 1.5, maximum=1.9),
         health_check_interval=_seconds(raw, "health_check_interval", 5.0, maximum=3600.0),
-        s3_enabled=_bool(raw, "s3_enabled", False),
-        s3_credentials=_s3(raw.get("s3_credentials")),
+        s3_enabled=s3_enabled,
+        s3_credentials=s3,
         s3_bucket=_str(raw, "s3_bucket", "samples"),
-        memcached_servers=_str_list("memcached_servers", raw.get("memcached_servers", [])),
+        s3_region=_str(raw, "s3_region", "us-east-1"),
+        s3_sync_writes=_bool(raw, "s3_sync_writes", False),
+        s3_fill_local=_bool(raw, "s3_fill_local", True),
+        s3_timeout=_seconds(raw, "s3_timeout", 5.0, maximum=600.0),
+        memcached_servers=tuple(
+            _host_port("memcached_servers", s) for s in _str_list("memcached_servers", raw.get("memcached_servers", []))
+        ),
+        memcached_timeout=_seconds(raw, "memcached_timeout", 0.05, maximum=10.0),
+        memcached_ttl=_int(raw, "memcached_ttl", 86400, minimum=0),
+        memcached_negative_ttl=_int(raw, "memcached_negative_ttl", 0, minimum=0),
         statsite=_statsite(raw.get("statsite")),
         secret=_str(raw, "secret", None),
     )
@@ -131,7 +157,14 @@ _KNOWN_KEYS = frozenset(
         "s3_enabled",
         "s3_credentials",
         "s3_bucket",
+        "s3_region",
+        "s3_sync_writes",
+        "s3_fill_local",
+        "s3_timeout",
         "memcached_servers",
+        "memcached_timeout",
+        "memcached_ttl",
+        "memcached_negative_ttl",
         "statsite",
         "secret",
     }
@@ -256,7 +289,7 @@ def _str_list(key: str, value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _s3(value: object) -> S3Settings | None:
+def _s3(value: object, env: Mapping[str, str]) -> S3Settings | None:
     if value is None:
         return None
     if not isinstance(value, dict):
@@ -264,13 +297,27 @@ def _s3(value: object) -> S3Settings | None:
     extra = sorted(set(value) - {"access_key", "secret_key", "host"})
     if extra:
         raise ConfigError(f"unknown key 's3_credentials.{extra[0]}'")
+    overrides = {"access_key": env.get(ENV_S3_ACCESS_KEY), "secret_key": env.get(ENV_S3_SECRET_KEY)}
     fields = {}
     for name in ("access_key", "secret_key", "host"):
-        item = value.get(name)
+        item = overrides.get(name) or value.get(name)
         if not isinstance(item, str) or not item:
             raise ConfigError(f"'s3_credentials.{name}' must be a non-empty string, got {_kind(item)}")
         fields[name] = item
     return S3Settings(**fields)
+
+
+def _host_port(key: str, text: str) -> tuple[str, int]:
+    """`host:port`, `[v6]:port`, or a bare host for the default memcached port."""
+    host, port = text, "11211"
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":") or port
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"'{key}' entries must be host:port, got {text!r}")
+    return host, int(port)
 
 
 def _statsite(value: object) -> StatsiteSettings | None:

@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import itertools
 import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass
 
+from stor.backends.owners import OwnedDir, dead_owner_dirs
 from stor.digest import Sha, blob_relpath
 from stor.errors import InsufficientStorage, StorageUnavailable
 
 TMP_DIR = ".stor-tmp"
-_LOCK_NAME = "owner.lock"
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK)
 
@@ -73,9 +71,7 @@ class Disk:
         self.root = root
         self.require_mount = require_mount
         self.tmp_root = os.path.join(root, TMP_DIR)
-        self._owner = uuid.uuid4().hex
-        self._owner_dir = os.path.join(self.tmp_root, self._owner)
-        self._owner_lock: int | None = None
+        self._owner = OwnedDir(self.tmp_root)
         self._counter = itertools.count()
 
     def __repr__(self) -> str:
@@ -92,7 +88,7 @@ class Disk:
         Returns how many stale temp files were removed. Never creates `root` itself.
         Calling it again once the directory is claimed does nothing.
         """
-        if self._owner_lock is not None:
+        if self._owner.claimed:
             return 0
         if not os.path.isdir(self.root):
             raise StorageUnavailable(f"{self.root}: storage directory is missing")
@@ -101,47 +97,23 @@ class Disk:
         try:
             os.makedirs(self.tmp_root, exist_ok=True)
             removed = self.sweep_temps()
-            os.mkdir(self._owner_dir)
-            fd = os.open(os.path.join(self._owner_dir, _LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._owner.claim()
         except OSError as exc:
             raise _fail(self, "preparing the temp directory", exc) from exc
-        self._owner_lock = fd
         return removed
 
     def sweep_temps(self) -> int:
-        """Remove the temp directories of processes that no longer hold their lock.
-
-        Several stor processes may share a disk: a live owner keeps an exclusive `flock` on
-        its lock file, so its uploads in flight are never touched.
-        """
+        """Remove the temp directories of processes that are gone. Several stor processes may
+        share a disk; a live one's uploads in flight are never touched (see `owners`)."""
         removed = 0
         for entry in os.scandir(self.tmp_root):
-            if entry.name == self._owner:
-                continue
             if not entry.is_dir(follow_symlinks=False):
                 os.unlink(entry.path)
                 removed += 1
-                continue
-            if self._owner_alive(entry.path):
-                continue
-            removed += sum(1 for name in os.listdir(entry.path) if name != _LOCK_NAME)
-            shutil.rmtree(entry.path, ignore_errors=True)
+        for dead in dead_owner_dirs(self.tmp_root):
+            removed += sum(1 for name in os.listdir(dead) if name.endswith(".tmp"))
+            shutil.rmtree(dead, ignore_errors=True)
         return removed
-
-    @staticmethod
-    def _owner_alive(owner_dir: str) -> bool:
-        try:
-            fd = os.open(os.path.join(owner_dir, _LOCK_NAME), os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
 
     def _is_mounted(self) -> bool:
         parent = os.path.dirname(self.root.rstrip("/")) or "/"
@@ -204,7 +176,7 @@ class Disk:
 
     def new_temp(self) -> TempFile:
         name = f"{next(self._counter)}.tmp"
-        path = os.path.join(self._owner_dir, name)
+        path = os.path.join(self._owner.path, name)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         except OSError as exc:
@@ -244,16 +216,12 @@ class Disk:
 
     def _recover_temp_dir(self) -> None:
         """After a disk comes back (remounted, replaced), claim a temp directory on it again."""
-        if os.path.isdir(self._owner_dir):
-            return
-        os.makedirs(self.tmp_root, exist_ok=True)
-        if self._owner_lock is not None:
-            os.close(self._owner_lock)
-            self._owner_lock = None
-        self.prepare()
+        if not self._owner.claimed:
+            self._owner.release()
+            self.prepare()
 
     def _write_probe(self) -> None:
-        path = os.path.join(self._owner_dir, f"probe-{next(self._counter)}")
+        path = os.path.join(self._owner.path, f"probe-{next(self._counter)}")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, b"stor")

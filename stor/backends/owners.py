@@ -1,0 +1,68 @@
+"""Directories owned by one live process, for state that several processes share on a disk.
+
+A process claims `<parent>/<random id>/` and holds an exclusive `flock` on the lock file in it
+for as long as it lives. The kernel drops the lock when the process dies, however it dies, so
+any process can tell a dead owner's directory (its lock can be taken) from a live one's.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import uuid
+from collections.abc import Iterator
+
+LOCK_NAME = "owner.lock"
+
+
+class OwnedDir:
+    def __init__(self, parent: str) -> None:
+        self.id = uuid.uuid4().hex
+        self.path = os.path.join(parent, self.id)
+        self._lock: int | None = None
+
+    @property
+    def claimed(self) -> bool:
+        return self._lock is not None and os.path.isdir(self.path)
+
+    def claim(self) -> None:
+        """Create the directory and take its lock (again, after the disk came back)."""
+        self.release()
+        os.makedirs(self.path, exist_ok=True)
+        fd = os.open(os.path.join(self.path, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise
+        self._lock = fd
+
+    def release(self) -> None:
+        if self._lock is not None:
+            fd, self._lock = self._lock, None
+            os.close(fd)
+
+
+def dead_owner_dirs(parent: str) -> Iterator[str]:
+    """The owner directories under `parent` whose process is gone."""
+    try:
+        entries = list(os.scandir(parent))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False) and not _alive(entry.path):
+            yield entry.path
+
+
+def _alive(owner_dir: str) -> bool:
+    try:
+        fd = os.open(os.path.join(owner_dir, LOCK_NAME), os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock we may just have taken
+    return False

@@ -1,0 +1,109 @@
+"""Metrics as domain events. The service and the HTTP layer report what happened; each
+implementation names it its own way (Stor's statsd names, Prometheus families).
+
+Every method must be cheap and must never raise: metrics are never a reason to fail a request.
+Implementations are safe to call from several threads.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Metrics(Protocol):
+    def request(
+        self, method: str, outcome: str, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int
+    ) -> None:
+        """One HTTP request finished. `outcome` is Stor's name for it (`success.get.ok`, …)."""
+
+    def cache(self, result: str, seconds: float) -> None:
+        """A location-cache lookup: result is `hit`, `miss`, `negative`, `stale` or `error`."""
+
+    def lookup(self, seconds: float, attempts: int) -> None:
+        """A probe of the disks for a blob, and how many disks it asked."""
+
+    def disk_read(self, disk: str, size: int, seconds: float) -> None:
+        """Bytes read from a disk for a GET."""
+
+    def healthcheck(self) -> None:
+        """`/status` was asked."""
+
+    def s3(self, operation: str, ok: bool, seconds: float) -> None:
+        """One S3 call (`put`, `get`, `head`) and whether it succeeded."""
+
+    def s3_backlog(self, blobs: int) -> None:
+        """Blobs waiting in the durable S3 upload queue."""
+
+    def integrity(self, event: str) -> None:
+        """An integrity event: `s3_corrupt` (an S3 object failed its hash), …"""
+
+
+class NullMetrics:
+    """Records nothing: the default when no metrics are configured."""
+
+    def request(
+        self, method: str, outcome: str, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int
+    ) -> None:
+        pass
+
+    def cache(self, result: str, seconds: float) -> None:
+        pass
+
+    def lookup(self, seconds: float, attempts: int) -> None:
+        pass
+
+    def disk_read(self, disk: str, size: int, seconds: float) -> None:
+        pass
+
+    def healthcheck(self) -> None:
+        pass
+
+    def s3(self, operation: str, ok: bool, seconds: float) -> None:
+        pass
+
+    def s3_backlog(self, blobs: int) -> None:
+        pass
+
+    def integrity(self, event: str) -> None:
+        pass
+
+
+class FanoutMetrics:
+    """Sends every event to several implementations (statsd and Prometheus at once)."""
+
+    def __init__(self, *targets: Metrics) -> None:
+        self.targets = targets
+
+    def request(
+        self, method: str, outcome: str, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int
+    ) -> None:
+        for target in self.targets:
+            target.request(method, outcome, route, status, seconds, bytes_in, bytes_out)
+
+    def cache(self, result: str, seconds: float) -> None:
+        for target in self.targets:
+            target.cache(result, seconds)
+
+    def lookup(self, seconds: float, attempts: int) -> None:
+        for target in self.targets:
+            target.lookup(seconds, attempts)
+
+    def disk_read(self, disk: str, size: int, seconds: float) -> None:
+        for target in self.targets:
+            target.disk_read(disk, size, seconds)
+
+    def healthcheck(self) -> None:
+        for target in self.targets:
+            target.healthcheck()
+
+    def s3(self, operation: str, ok: bool, seconds: float) -> None:
+        for target in self.targets:
+            target.s3(operation, ok, seconds)
+
+    def s3_backlog(self, blobs: int) -> None:
+        for target in self.targets:
+            target.s3_backlog(blobs)
+
+    def integrity(self, event: str) -> None:
+        for target in self.targets:
+            target.integrity(event)

@@ -1,0 +1,113 @@
+"""Prometheus metrics for `/metrics`. The only module that imports `prometheus_client`.
+
+With several workers (`PROMETHEUS_MULTIPROC_DIR` set, as `stor serve --workers N` does) the
+counters and histograms of every worker are summed at scrape time; disk gauges come from the
+answering worker's latest health probe.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+ENV_MULTIPROC = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@dataclass(frozen=True)
+class DiskGauge:
+    path: str
+    up: bool
+    free_bytes: int
+    total_bytes: int
+
+
+class _DiskCollector(Collector):
+    def __init__(self, disks: Callable[[], Iterable[DiskGauge]]) -> None:
+        self._disks = disks
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("stor_disk_up", "1 if the disk passed its last health probe", labels=["disk"])
+        free = GaugeMetricFamily("stor_disk_free_bytes", "Free bytes at the last health probe", labels=["disk"])
+        total = GaugeMetricFamily("stor_disk_total_bytes", "Size in bytes at the last health probe", labels=["disk"])
+        for disk in self._disks():
+            up.add_metric([disk.path], 1.0 if disk.up else 0.0)
+            free.add_metric([disk.path], disk.free_bytes)
+            total.add_metric([disk.path], disk.total_bytes)
+        yield from (up, free, total)
+
+
+class PrometheusMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, disks: Callable[[], Iterable[DiskGauge]]) -> None:
+        self.registry = CollectorRegistry()
+        self._disk_collector = _DiskCollector(disks)
+        self.registry.register(self._disk_collector)
+        r = self.registry
+        self._requests = Counter("stor_http_requests", "HTTP requests", ["route", "method", "status"], registry=r)
+        self._latency = Histogram(
+            "stor_http_request_duration_seconds",
+            "Time to answer an HTTP request",
+            ["route", "method"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self._bytes_in = Counter("stor_http_received_bytes", "Request body bytes received", ["route"], registry=r)
+        self._bytes_out = Counter("stor_http_sent_bytes", "Response body bytes sent", ["route"], registry=r)
+        self._cache = Counter("stor_cache_lookups", "Location cache lookups by result", ["result"], registry=r)
+        self._lookup = Histogram("stor_lookup_duration_seconds", "Time to find a blob on the disks", registry=r)
+        self._attempts = Counter("stor_lookup_disk_probes", "Disks probed by lookups", registry=r)
+        self._disk_read = Counter("stor_disk_read_bytes", "Bytes read from disk for GETs", ["disk"], registry=r)
+        self._health = Counter("stor_healthchecks", "Requests to /status", registry=r)
+        self._s3 = Counter("stor_s3_requests", "S3 calls by operation and result", ["operation", "result"], registry=r)
+        self._s3_backlog = Gauge(
+            "stor_s3_queue_blobs", "Blobs waiting to be mirrored to S3", registry=r, multiprocess_mode="livemax"
+        )
+        self._integrity = Counter("stor_integrity_events", "Corrupt or lost copies found", ["event"], registry=r)
+
+    def request(
+        self, method: str, outcome: str, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int
+    ) -> None:
+        self._requests.labels(route, method, str(status)).inc()
+        self._latency.labels(route, method).observe(seconds)
+        if bytes_in:
+            self._bytes_in.labels(route).inc(bytes_in)
+        if bytes_out:
+            self._bytes_out.labels(route).inc(bytes_out)
+
+    def cache(self, result: str, seconds: float) -> None:
+        self._cache.labels(result).inc()
+
+    def lookup(self, seconds: float, attempts: int) -> None:
+        self._lookup.observe(seconds)
+        self._attempts.inc(attempts)
+
+    def disk_read(self, disk: str, size: int, seconds: float) -> None:
+        self._disk_read.labels(disk).inc(size)
+
+    def healthcheck(self) -> None:
+        self._health.inc()
+
+    def s3(self, operation: str, ok: bool, seconds: float) -> None:
+        self._s3.labels(operation, "ok" if ok else "error").inc()
+
+    def s3_backlog(self, blobs: int) -> None:
+        self._s3_backlog.set(blobs)
+
+    def integrity(self, event: str) -> None:
+        self._integrity.labels(event).inc()
+
+    def render(self) -> bytes:
+        """The text exposition format, summed over workers in multiprocess mode."""
+        if not os.environ.get(ENV_MULTIPROC):
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        registry.register(self._disk_collector)
+        return generate_latest(registry)
