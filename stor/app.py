@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 
 import anyio
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stor import __version__
 from stor.auth import Authenticator
@@ -35,6 +38,7 @@ from stor.errors import (
     Unauthorized,
 )
 from stor.httpsemantics import RangeNotSatisfiable, http_date, not_modified, parse_range, range_applies
+from stor.metrics import Metrics
 from stor.service import BlobService, OpenBlob
 
 log = logging.getLogger(__name__)
@@ -60,6 +64,7 @@ def create_app(
     *,
     max_upload_size: int,
     body_idle_timeout: float,
+    metrics_text: Callable[[], tuple[bytes, str]] | None = None,
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
 ) -> Starlette:
     async def root(request: Request) -> Response:
@@ -72,6 +77,12 @@ def create_app(
             return JSONResponse(dataclasses.asdict(report), status_code=code, headers=headers)
         text = "OK\n" if report.ok else "".join(f"{reason}\n" for reason in report.reasons)
         return PlainTextResponse(text, status_code=code, headers=headers)
+
+    async def metrics(request: Request) -> Response:
+        if metrics_text is None:
+            raise BlobNotFound("metrics")
+        body, content_type = metrics_text()
+        return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
 
     async def read_blob(request: Request) -> Response:
         try:
@@ -113,11 +124,17 @@ def create_app(
     routes = [
         Route("/", root, methods=["GET"]),
         Route("/status", status, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
         Route("/{name}", read_blob, methods=["GET"]),  # HEAD too
         Route("/{name}", write_blob, methods=["POST", "PUT"]),
         Route("/{rest:path}", bad_path, methods=["GET", "POST", "PUT"]),
     ]
-    return Starlette(routes=routes, exception_handlers={StorError: stor_error}, lifespan=lifespan)
+    return Starlette(
+        routes=routes,
+        exception_handlers={StorError: stor_error},
+        middleware=[Middleware(RequestMetrics, metrics=service.metrics)],
+        lifespan=lifespan,
+    )
 
 
 def _content_length(request: Request) -> int | None:
@@ -231,3 +248,76 @@ class BlobResponse(Response):
         finally:
             await chunks.aclose()
             self.blob.close()
+
+
+class RequestMetrics:
+    """Counts every request once: method, route, status, time and bytes each way."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status, bytes_in, bytes_out = 500, 0, 0
+
+        async def counting_receive() -> Message:
+            nonlocal bytes_in
+            message = await receive()
+            bytes_in += len(message.get("body", b""))
+            return message
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status, bytes_out
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            else:
+                bytes_out += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, counting_send)
+        finally:
+            method, route = scope["method"], route_of(scope["path"])
+            outcome = stor_outcome(method, route, status)
+            self.metrics.request(method, outcome, route, status, time.perf_counter() - started, bytes_in, bytes_out)
+
+
+def route_of(path: str) -> str:
+    if path in ("/", "/status", "/metrics"):
+        return {"/": "root", "/status": "status", "/metrics": "metrics"}[path]
+    return "blob" if len(path) == 65 and _HEX.fullmatch(path, 1) else "other"
+
+
+_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+_OUTCOMES = {
+    ("get", 200): "success.get.ok",
+    ("get", 206): "success.get.ok",
+    ("get", 304): "success.get.not_modified",
+    ("get", 404): "error.get.not_found",
+    ("get", 416): "error.get.range_not_satisfiable",
+    ("get", 503): "error.get.unavailable",
+    ("post", 201): "success.post.write",
+    ("post", 200): "success.post.duplicate",
+    ("post", 400): "error.post.malformed_sha",
+    ("post", 401): "error.post.unauthorized",
+    ("post", 408): "error.post.timeout",
+    ("post", 412): "error.post.bad_sha",
+    ("post", 413): "error.post.too_large",
+    ("post", 503): "error.post.unavailable",
+    ("post", 507): "error.post.no_space",
+}
+
+
+def stor_outcome(method: str, route: str, status: int) -> str:
+    """Stor's statsd name for a blob request's result (PUT counts as post, HEAD as get)."""
+    verb = {"GET": "get", "HEAD": "get", "POST": "post", "PUT": "post"}.get(method)
+    if verb is None or route not in ("blob", "other"):
+        return ""
+    if route == "other" and status in (400, 404):
+        return f"error.{verb}.malformed_sha"
+    return _OUTCOMES.get((verb, status), f"error.{verb}.{'500' if status >= 500 else status}")

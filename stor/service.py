@@ -1,12 +1,16 @@
-"""BlobService: read, stat, store and report on blobs, composed from the storage backends.
+"""BlobService: read, stat, store and report on blobs, composed from the backends.
 
-This is the only layer that moves blocking backend calls off the event loop, one thread hop
-per operation (stat + open + read together), plus one per spooled MiB of a large upload.
+The disks are the truth. The location cache is a hint in front of them, S3 a fallback behind
+them and a mirror of every write. This is the only layer that moves blocking backend calls off
+the event loop: one thread hop per operation (cache, stat, open and read together), plus one
+per spooled MiB of a large upload.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -14,15 +18,20 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-import anyio
-
 from stor import __version__
 from stor.backends.disk import BlobStat, Disk, DiskHealth, now_ns
+from stor.backends.locations import ABSENT, CacheUnavailable, LocationCache, NoLocations
 from stor.backends.pairs import MirroredWrite, Pair, StoragePool
-from stor.digest import Sha
+from stor.backends.s3 import S3Object, S3Store, S3Unavailable
+from stor.backends.s3queue import S3Queue
+from stor.digest import Sha, new_hasher
 from stor.errors import BlobNotFound, StorageUnavailable
 from stor.health import HealthMonitor
+from stor.metrics import Metrics, NullMetrics
+from stor.mirror import S3Mirror
 from stor.offload import Offload
+
+log = logging.getLogger(__name__)
 
 SPOOL_BYTES = 1024 * 1024
 """Upload bytes buffered in memory before a thread hop writes them: bounds memory per upload."""
@@ -30,45 +39,83 @@ SPOOL_BYTES = 1024 * 1024
 READ_WHOLE_BYTES = 1024 * 1024
 """Blobs up to this size are read in the same thread hop as the lookup."""
 
+S3_READ_WHOLE_BYTES = 4 * 1024 * 1024
+"""S3 blobs up to this size are read and verified before the first header is sent."""
+
 STREAM_CHUNK = 1024 * 1024
+MAX_FILLS = 2
 
 T = TypeVar("T")
 
 
 @dataclass
 class OpenBlob:
-    """A located copy: its bytes when small, else an open fd to stream from (caller closes)."""
+    """A located copy: its bytes when small, else an open fd or S3 stream (caller closes)."""
 
     sha: Sha
     stat: BlobStat
-    disk: Disk
     offload: Offload
+    disk: Disk | None = None
     data: bytes | None = None
     fd: int | None = None
+    s3: S3Object | None = None
+    metrics: Metrics = field(default_factory=NullMetrics)
 
     def chunks(self, start: int, end: int) -> AsyncGenerator[bytes, None]:
-        """Bytes [start, end) of the copy, read off the event loop; closes the fd when done."""
-        return _read_chunks(self, start, end)
+        """Bytes [start, end), read off the event loop; closes the source when done."""
+        if self.s3 is not None:
+            return _verified_s3_chunks(self, start, end)
+        return _disk_chunks(self, start, end)
 
     def close(self) -> None:
         if self.fd is not None:
             fd, self.fd = self.fd, None
             os.close(fd)
+        if self.s3 is not None:
+            self.s3.close()
 
 
-async def _read_chunks(blob: OpenBlob, start: int, end: int) -> AsyncGenerator[bytes, None]:
+async def _disk_chunks(blob: OpenBlob, start: int, end: int) -> AsyncGenerator[bytes, None]:
     try:
         if blob.data is not None:
             yield blob.data[start:end]
             return
-        fd = blob.fd
-        if fd is None:
+        if blob.fd is None or blob.disk is None:
             raise ValueError("blob already closed")
         offset = start
         while offset < end:
             size = min(STREAM_CHUNK, end - offset)
-            yield await blob.offload.run(blob.disk.read_at, fd, offset, size)
+            began = time.monotonic()
+            chunk = await blob.offload.run(blob.disk.read_at, blob.fd, offset, size)
+            blob.metrics.disk_read(blob.disk.root, size, time.monotonic() - began)
+            yield chunk
             offset += size
+    finally:
+        blob.close()
+
+
+async def _verified_s3_chunks(blob: OpenBlob, start: int, end: int) -> AsyncGenerator[bytes, None]:
+    """Stream an S3 object, hashing all of it; the last piece is held back until the hash
+    matches, so a corrupt object ends in a broken transfer, never a complete response."""
+    assert blob.s3 is not None
+    source = blob.s3.chunks()
+    hasher = new_hasher()
+    position = 0
+    held: bytes | None = None
+    try:
+        while (chunk := await blob.offload.run(next, source, None)) is not None:
+            hasher.update(chunk)
+            piece = chunk[max(0, start - position) : max(0, end - position)]
+            position += len(chunk)
+            if piece:
+                if held is not None:
+                    yield held
+                held = piece
+        if position != blob.stat.size or hasher.hexdigest() != blob.sha:
+            blob.metrics.integrity("s3_corrupt")
+            raise StorageUnavailable(f"the S3 copy of {blob.sha} is corrupt; transfer aborted")
+        if held is not None:
+            yield held
     finally:
         blob.close()
 
@@ -93,6 +140,8 @@ class StatusReport:
     reasons: list[str]
     disks: list[DiskHealth]
     pairs: list[PairState]
+    memcached: dict[str, object]
+    s3: dict[str, object]
     version: str = __version__
     uptime: float = 0.0
     reserved_bytes: dict[int, int] = field(default_factory=dict)
@@ -116,74 +165,231 @@ class _Copies:
         return len(self.present) == len(self.pair.members)
 
 
+@dataclass(frozen=True)
+class S3Settings:
+    store: S3Store
+    queue: S3Queue
+    sync_writes: bool = False
+    fill_local: bool = True
+
+
 class BlobService:
-    def __init__(self, pool: StoragePool, monitor: HealthMonitor, *, threads: int = 32) -> None:
+    def __init__(
+        self,
+        pool: StoragePool,
+        monitor: HealthMonitor,
+        *,
+        locations: LocationCache | None = None,
+        s3: S3Settings | None = None,
+        metrics: Metrics | None = None,
+        threads: int = 32,
+    ) -> None:
         self.pool = pool
         self.monitor = monitor
+        self.locations: LocationCache = locations or NoLocations()
+        self._cache_enabled = locations is not None
+        self.metrics: Metrics = metrics or NullMetrics()
         self.offload = Offload(threads)
+        self.s3 = s3
+        self.mirror = (
+            S3Mirror(s3.store, s3.queue, self._local_path, self.offload, self.metrics) if s3 is not None else None
+        )
+        self._disk_by_root = {disk.root: disk for disk in pool.disks}
         self._started = time.monotonic()
         self._sha_locks: dict[Sha, tuple[asyncio.Lock, int]] = {}
+        self._fills: dict[Sha, asyncio.Task[None]] = {}
+        self._cache_reachable: bool | None = None
 
     # -- start-up and shutdown -------------------------------------------------------------
 
     def prepare(self) -> int:
-        """Claim temp directories and sweep stale temps on every disk (blocking, start-up)."""
-        return sum(disk.prepare() for disk in self.pool.disks)
+        """Claim temp and queue directories, sweep stale temps (blocking, at start-up)."""
+        swept = sum(disk.prepare() for disk in self.pool.disks)
+        if self.s3 is not None:
+            returned = self.s3.queue.prepare()
+            if returned:
+                log.info("s3 mirror: %d blobs claimed by a process that died are queued again", returned)
+        return swept
+
+    async def run_background(self, health_interval: float) -> None:
+        """Health probes, cache checks and the S3 mirror; runs until cancelled."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._health_loop(health_interval))
+            if self.mirror is not None:
+                tasks.create_task(self.mirror.run())
+
+    async def _health_loop(self, interval: float) -> None:
+        while True:
+            await self.monitor.check()
+            if self.s3 is not None:
+                await self.offload.run(self.s3.queue.prepare)  # a disk that came back gets a queue again
+            self._cache_reachable = await self.offload.run(self.locations.reachable)
+            await asyncio.sleep(interval)
 
     def close(self) -> None:
+        for task in self._fills.values():
+            task.cancel()
         self.offload.close()
         self.monitor.close()
 
     # -- reads -----------------------------------------------------------------------------
 
     async def stat(self, sha: Sha) -> BlobStat:
-        return await self.offload.run(self._first_copy, sha, Disk.stat)
+        return await self.offload.run(self._stat, sha)
 
     async def open(self, sha: Sha) -> OpenBlob:
-        return await self.offload.run(self._first_copy, sha, self._open_copy)
+        blob = await self.offload.run(self._open, sha)
+        if blob.disk is None and self.s3 is not None and self.s3.fill_local:
+            self._fill_later(sha, blob.data, blob.stat.size)
+        return blob
 
-    def _first_copy(self, sha: Sha, probe: Callable[[Disk, Sha], T | None]) -> T:
-        """`probe` each disk in Stor's order until one has the blob. A disk that fails counts
-        as unreachable and the next copy is tried; 404 only when every disk answered."""
+    def _stat(self, sha: Sha) -> BlobStat:
+        try:
+            return self._lookup(sha, Disk.stat)
+        except (BlobNotFound, StorageUnavailable) as miss:
+            if self.s3 is None:
+                raise
+            found = self._s3_call("head", miss, self.s3.store.head, sha)
+            return BlobStat(f"s3://{self.s3.store.bucket}/{sha}", found.size, found.mtime_ns)
+
+    def _open(self, sha: Sha) -> OpenBlob:
+        try:
+            return self._lookup(sha, self._open_copy)
+        except (BlobNotFound, StorageUnavailable) as miss:
+            if self.s3 is None:
+                raise
+            found = self._s3_call("get", miss, self.s3.store.open, sha)
+            stat = BlobStat(f"s3://{self.s3.store.bucket}/{sha}", found.size, found.mtime_ns)
+            blob = OpenBlob(sha, stat, self.offload, s3=found, metrics=self.metrics)
+            if found.size <= S3_READ_WHOLE_BYTES:
+                blob.data, blob.s3 = self._read_verified(blob, found), None
+            return blob
+
+    def _read_verified(self, blob: OpenBlob, found: S3Object) -> bytes:
+        try:
+            data = b"".join(found.chunks())
+        except S3Unavailable as exc:
+            raise StorageUnavailable(str(exc)) from exc
+        finally:
+            found.close()
+        hasher = new_hasher()
+        hasher.update(data)
+        if len(data) != blob.stat.size or hasher.hexdigest() != blob.sha:
+            self.metrics.integrity("s3_corrupt")
+            raise StorageUnavailable(f"the S3 copy of {blob.sha} is corrupt (sha256 {hasher.hexdigest()})")
+        return data
+
+    def _s3_call(self, operation: str, miss: Exception, call: Callable[[Sha], T | None], sha: Sha) -> T:
+        """Ask S3 after the disks missed; keep the disks' verdict if S3 has nothing either."""
+        started = time.monotonic()
+        try:
+            found = call(sha)
+        except S3Unavailable as exc:
+            self.metrics.s3(operation, False, time.monotonic() - started)
+            raise StorageUnavailable(f"{miss}; and S3 could not be asked: {exc}") from exc
+        self.metrics.s3(operation, True, time.monotonic() - started)
+        if found is None:
+            raise miss
+        return found
+
+    def _open_copy(self, disk: Disk, sha: Sha) -> OpenBlob | None:
+        """Open the copy on `disk`; a small one is read whole in the same thread hop."""
+        began = time.monotonic()
+        opened = disk.open(sha)
+        if opened is None:
+            return None
+        fd, st = opened
+        if st.size > READ_WHOLE_BYTES:
+            return OpenBlob(sha, st, self.offload, disk=disk, fd=fd, metrics=self.metrics)
+        try:
+            data = disk.read_at(fd, 0, st.size)
+        finally:
+            os.close(fd)
+        self.metrics.disk_read(disk.root, st.size, time.monotonic() - began)
+        return OpenBlob(sha, st, self.offload, disk=disk, data=data, metrics=self.metrics)
+
+    def _lookup(self, sha: Sha, probe: Callable[[Disk, Sha], T | None]) -> T:
+        """The cached location first (checked by `probe`), then every disk in Stor's order.
+        A disk that fails counts as unreachable and the next is tried; 404 only when every
+        disk answered."""
+        hint = self._cache_get(sha)
+        if hint == ABSENT:
+            raise BlobNotFound(sha)
+        if hint is not None:
+            cached = self._disk_by_root.get(hint)
+            with contextlib.suppress(StorageUnavailable):
+                found = probe(cached, sha) if cached is not None else None
+                if found is not None:
+                    return found
+            self.metrics.cache("stale", 0.0)
+            self._cache_do(self.locations.forget, sha)
+        started = time.monotonic()
         unreachable: list[str] = []
+        attempts = 0
         for disk in self.pool.probe_order():
+            attempts += 1
             try:
                 found = probe(disk, sha)
             except StorageUnavailable as exc:
                 unreachable.append(str(exc))
                 continue
             if found is not None:
+                self.metrics.lookup(time.monotonic() - started, attempts)
+                self._cache_do(self.locations.remember, sha, disk.root)
                 return found
+        self.metrics.lookup(time.monotonic() - started, attempts)
         if unreachable:
             raise StorageUnavailable(
                 f"blob {sha} not found, and some storage was unreachable: " + "; ".join(unreachable)
             )
+        self._cache_do(self.locations.remember_absent, sha)
         raise BlobNotFound(sha)
 
-    def _open_copy(self, disk: Disk, sha: Sha) -> OpenBlob | None:
-        """Open the copy on `disk`; a small one is read whole in the same thread hop."""
-        opened = disk.open(sha)
-        if opened is None:
+    def _cache_get(self, sha: Sha) -> str | None:
+        if not self._cache_enabled:
             return None
-        fd, st = opened
-        if st.size > READ_WHOLE_BYTES:
-            return OpenBlob(sha, st, disk, self.offload, fd=fd)
+        started = time.monotonic()
         try:
-            return OpenBlob(sha, st, disk, self.offload, data=disk.read_at(fd, 0, st.size))
-        finally:
-            os.close(fd)
+            hint = self.locations.get(sha)
+        except CacheUnavailable:
+            self.metrics.cache("error", time.monotonic() - started)
+            return None
+        result = "miss" if hint is None else "negative" if hint == ABSENT else "hit"
+        self.metrics.cache(result, time.monotonic() - started)
+        return hint
+
+    def _cache_do(self, call: Callable[..., None], *args: object) -> None:
+        try:
+            call(*args)
+        except CacheUnavailable:
+            self.metrics.cache("error", 0.0)
+
+    def _local_path(self, sha: Sha) -> str | None:
+        """A readable local copy for the S3 mirror; None when no disk has one."""
+        try:
+            return self._lookup(sha, Disk.stat).path
+        except BlobNotFound:
+            return None
 
     # -- writes ----------------------------------------------------------------------------
 
-    async def put(self, sha: Sha, body: AsyncIterator[bytes], length: int | None) -> PutResult:
+    async def put(self, sha: Sha, body: AsyncIterator[bytes], length: int | None, *, mirror: bool = True) -> PutResult:
         """Store the body under `sha`. When every copy already exists the body is not read."""
         async with self._sha_lock(sha):
             plan = await self.offload.run(self._plan, sha, length or 0)
             if isinstance(plan, list):
                 return PutResult(False, plan)
             with self.pool.reservation(plan.pair, length or 0):
-                written = await self._write(sha, plan.disks, body, plan.mtime_ns)
-            return PutResult(True, plan.kept + written)
+                written = await self._write(sha, plan.disks, body, plan.mtime_ns, mirror and self.s3 is not None)
+        if mirror and self.mirror is not None and self.s3 is not None:
+            if self.s3.sync_writes:
+                try:
+                    await self.mirror.put_now(sha, written[0])
+                except S3Unavailable as exc:
+                    raise StorageUnavailable(f"stored locally, but not yet in S3 (it stays queued): {exc}") from exc
+            else:
+                self.mirror.notify()
+        return PutResult(True, plan.kept + written)
 
     def _plan(self, sha: Sha, size: int) -> list[str] | _Target:
         """The paths of every copy when the blob is already stored on a pair; otherwise where
@@ -222,7 +428,9 @@ class BlobService:
             return _Copies(pair, present)
         return None
 
-    async def _write(self, sha: Sha, disks: list[Disk], body: AsyncIterator[bytes], mtime: int | None) -> list[str]:
+    async def _write(
+        self, sha: Sha, disks: list[Disk], body: AsyncIterator[bytes], mtime: int | None, mirror: bool
+    ) -> list[str]:
         writer = MirroredWrite(disks)
         try:
             buffer = bytearray()
@@ -231,10 +439,50 @@ class BlobService:
                 if len(buffer) >= SPOOL_BYTES:
                     await self.offload.run(writer.write, buffer)
                     buffer.clear()
-            return await self.offload.run(_finish, writer, sha, bytes(buffer), mtime)
+            return await self.offload.run(self._finish, writer, sha, bytes(buffer), mtime, mirror)
         except BaseException:
             await self.offload.run(writer.abort)  # runs to the end even when cancelled
             raise
+
+    def _finish(self, writer: MirroredWrite, sha: Sha, tail: bytes, mtime: int | None, mirror: bool) -> list[str]:
+        def enqueue() -> None:
+            assert self.s3 is not None
+            try:
+                self.s3.queue.enqueue(writer.disks[0], sha)
+            except OSError as exc:
+                raise StorageUnavailable(f"{writer.disks[0].root}: cannot queue the S3 mirror: {exc.strerror}") from exc
+
+        paths = writer.finish(
+            sha, now_ns() if mtime is None else mtime, tail, before_commit=enqueue if mirror else None
+        )
+        self._cache_do(self.locations.remember, sha, writer.disks[0].root)
+        return paths
+
+    def _fill_later(self, sha: Sha, data: bytes | None, size: int) -> None:
+        """Write a blob found only in S3 back to a pair, in the background, a few at a time."""
+        if sha in self._fills or len(self._fills) >= MAX_FILLS:
+            return
+        task = asyncio.get_running_loop().create_task(self._fill(sha, data, size))
+        self._fills[sha] = task
+        task.add_done_callback(lambda _: self._fills.pop(sha, None))
+
+    async def _fill(self, sha: Sha, data: bytes | None, size: int) -> None:
+        assert self.s3 is not None
+        try:
+            if data is not None:
+                await self.put(sha, _once(data), size, mirror=False)
+                return
+            found = await self.offload.run(self.s3.store.open, sha)
+            if found is None:
+                return
+            try:
+                await self.put(sha, _iterate(self.offload, found), size, mirror=False)
+            finally:
+                found.close()
+        except Exception as exc:  # a fill is an optimisation: log it, never crash the loop
+            log.warning("refilling %s from S3 failed: %s", sha, exc)
+        else:
+            log.info("refilled %s from S3", sha)
 
     @asynccontextmanager
     async def _sha_lock(self, sha: Sha) -> AsyncIterator[None]:
@@ -255,6 +503,7 @@ class BlobService:
     # -- status ----------------------------------------------------------------------------
 
     async def status(self) -> StatusReport:
+        self.metrics.healthcheck()
         disks = await self.monitor.check()
         by_root = {h.path: h for h in disks}
         reasons = [f"{h.path}: {h.error}" for h in disks if not h.ok]
@@ -268,16 +517,31 @@ class BlobService:
             reasons=reasons,
             disks=disks,
             pairs=pairs,
+            memcached={"configured": self._cache_enabled, "reachable": self._cache_reachable},
+            s3=self._s3_status(),
             uptime=time.monotonic() - self._started,
             reserved_bytes={p.index: self.pool.reserved(p) for p in self.pool.pairs},
         )
 
-    async def run_health_checks(self, interval: float) -> None:
-        """Keep the health used by placement fresh (runs until cancelled)."""
-        while True:
-            await self.monitor.check()
-            await anyio.sleep(interval)
+    def _s3_status(self) -> dict[str, object]:
+        if self.s3 is None or self.mirror is None:
+            return {"enabled": False}
+        return {
+            "enabled": True,
+            "endpoint": self.s3.store.endpoint,
+            "bucket": self.s3.store.bucket,
+            "reachable": self.mirror.reachable,
+            "backlog": self.mirror.backlog,
+            "last_error": self.mirror.last_error,
+            "sync_writes": self.s3.sync_writes,
+        }
 
 
-def _finish(writer: MirroredWrite, sha: Sha, tail: bytes, mtime: int | None) -> list[str]:
-    return writer.finish(sha, now_ns() if mtime is None else mtime, tail)
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def _iterate(offload: Offload, found: S3Object) -> AsyncIterator[bytes]:
+    source = found.chunks()
+    while (chunk := await offload.run(next, source, None)) is not None:
+        yield chunk

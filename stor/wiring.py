@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
-import anyio
 from starlette.applications import Starlette
 
-from stor import __version__
 from stor.app import create_app
 from stor.auth import Authenticator
 from stor.backends.disk import Disk
+from stor.backends.locations import LocationCache, MemcachedLocations
 from stor.backends.pairs import Pair, StoragePool
+from stor.backends.s3 import S3Store
+from stor.backends.s3queue import S3Queue
 from stor.config import (
     ENV_BASIC_AUTH,
     ENV_CONFIG_FILE,
@@ -26,7 +29,10 @@ from stor.config import (
 )
 from stor.errors import ConfigError
 from stor.health import HealthMonitor
-from stor.service import BlobService
+from stor.metrics import FanoutMetrics, Metrics
+from stor.metrics.prometheus import DiskGauge, PrometheusMetrics
+from stor.metrics.statsd import StatsdMetrics
+from stor.service import BlobService, S3Settings
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +40,7 @@ ENV_DATA_DIR = "STOR_DATA_DIR"
 """Where the embedded default keeps its pair; set by `stor serve` for its workers."""
 
 
-def build_service(config: Config) -> BlobService:
+def build_service(config: Config, metrics: Metrics | None = None) -> BlobService:
     require_mount = config.check_mountpoints and not config.embedded
     pairs = [
         Pair(
@@ -46,12 +52,40 @@ def build_service(config: Config) -> BlobService:
     ]
     pool = StoragePool(pairs, placement_threshold=config.placement_threshold)
     monitor = HealthMonitor(pool.disks, timeout=config.status_timeout)
-    return BlobService(pool, monitor)
+    return BlobService(
+        pool,
+        monitor,
+        locations=_locations(config),
+        s3=_s3(config, pool),
+        metrics=metrics,
+    )
+
+
+def _locations(config: Config) -> LocationCache | None:
+    if not config.memcached_servers:
+        return None
+    return MemcachedLocations(
+        config.memcached_servers,
+        timeout=config.memcached_timeout,
+        ttl=config.memcached_ttl,
+        negative_ttl=config.memcached_negative_ttl,
+    )
+
+
+def _s3(config: Config, pool: StoragePool) -> S3Settings | None:
+    if not config.s3_enabled or config.s3_credentials is None:
+        return None
+    store = S3Store(config.s3_credentials, bucket=config.s3_bucket, region=config.s3_region, timeout=config.s3_timeout)
+    return S3Settings(store, S3Queue(pool.disks), sync_writes=config.s3_sync_writes, fill_local=config.s3_fill_local)
 
 
 def build_app(config: Config) -> Starlette:
     check_storage_dirs(config)
-    service = build_service(config)
+    prometheus = PrometheusMetrics(lambda: _disk_gauges(service.monitor))
+    metrics: Metrics = prometheus
+    if config.statsite is not None:
+        metrics = FanoutMetrics(prometheus, StatsdMetrics(config.statsite))
+    service = build_service(config, metrics)
     authenticator = Authenticator(config.basic_auth)
 
     @asynccontextmanager
@@ -59,21 +93,38 @@ def build_app(config: Config) -> Starlette:
         swept = await service.offload.run(service.prepare)
         if swept:
             log.info("removed %d stale temp files left by earlier runs", swept)
-        _warn_about(config, authenticator)
-        async with anyio.create_task_group() as tasks:
-            await service.monitor.check()
-            tasks.start_soon(service.run_health_checks, config.health_check_interval)
+        if not authenticator.enabled:
+            log.warning(
+                "no basic_auth credentials configured (nor %s): every write is refused with 401", ENV_BASIC_AUTH
+            )
+        await service.monitor.check()
+        background = asyncio.get_running_loop().create_task(service.run_background(config.health_check_interval))
+        try:
             yield
-            tasks.cancel_scope.cancel()
-        service.close()
+        finally:
+            background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await background
+            service.close()
 
     return create_app(
         service,
         authenticator,
         max_upload_size=config.max_upload_size,
         body_idle_timeout=config.body_idle_timeout,
+        metrics_text=lambda: (prometheus.render(), prometheus.content_type),
         lifespan=lifespan,
     )
+
+
+def _disk_gauges(monitor: HealthMonitor) -> list[DiskGauge]:
+    """Disk gauges for /metrics from the latest health probes: a scrape never touches a disk."""
+    gauges = []
+    for disk in monitor.disks:
+        last = monitor.last(disk)
+        if last is not None:
+            gauges.append(DiskGauge(disk.root, last.ok, last.free_bytes, last.total_bytes))
+    return gauges
 
 
 def embedded_config(data_dir: str, env: Mapping[str, str]) -> Config:
@@ -98,19 +149,3 @@ def config_from_environment() -> Config:
 def app_from_environment() -> Starlette:
     """uvicorn's factory for each worker process."""
     return build_app(config_from_environment())
-
-
-def _warn_about(config: Config, authenticator: Authenticator) -> None:
-    if not authenticator.enabled:
-        log.warning("no basic_auth credentials configured (nor %s): every write is refused with 401", ENV_BASIC_AUTH)
-    inactive = [
-        key
-        for key, used in (
-            ("memcached_servers", bool(config.memcached_servers)),
-            ("s3_enabled", config.s3_enabled),
-            ("statsite", config.statsite is not None),
-        )
-        if used
-    ]
-    if inactive:
-        log.warning("config keys %s are validated but not active in stor %s yet", ", ".join(inactive), __version__)

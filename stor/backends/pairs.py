@@ -127,8 +127,11 @@ class MirroredWrite:
             self.abort()
             raise
 
-    def finish(self, sha: Sha, mtime_ns: int, tail: bytes = b"") -> list[str]:
+    def finish(
+        self, sha: Sha, mtime_ns: int, tail: bytes = b"", *, before_commit: Callable[[], None] | None = None
+    ) -> list[str]:
         """Hash the last bytes, check the digest, then make every copy durable and visible.
+        `before_commit` runs once every temp is durable, before any copy becomes visible.
 
         Returns the final paths. Raises `DigestMismatch` or a storage error; either way no
         temp is left behind (a copy already made visible stays: it is a valid blob). When
@@ -143,6 +146,8 @@ class MirroredWrite:
             for temp in self._temps:
                 temp.write(tail)
                 temp.sync(mtime_ns)
+            if before_commit is not None:
+                before_commit()
             commits = [temp.commit(sha) for temp in self._temps]
             paths = [path for path, _ in commits]
             if not all(created for _, created in commits):
