@@ -18,7 +18,8 @@ venv: $(STAMP) ## create .venv with stor and its test and lint tools
 run: venv ## serve stor on the embedded default (./stor-data), port 8321
 	$(BIN)/stor serve
 
-test: venv ## install what the suite needs and run it
+test: venv ## install what the suite needs (venv, memcached) and run it
+	scripts/test-deps.sh
 	$(BIN)/pytest
 
 lint: venv ## ruff and mypy (strict)

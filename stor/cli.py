@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging.config
 import os
 import secrets
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +15,10 @@ import click
 import uvicorn
 
 from stor import __version__
-from stor.config import ENV_BASIC_AUTH, ENV_CONFIG_FILE, Config, check_storage_dirs, load_config
+from stor.config import ENV_BASIC_AUTH, ENV_CONFIG_FILE, Config, load_config
 from stor.errors import ConfigError
-from stor.wiring import ENV_DATA_DIR, embedded_config
+from stor.metrics.prometheus import ENV_MULTIPROC
+from stor.wiring import ENV_DATA_DIR, embedded_config, preflight
 
 DEFAULT_PORT = 8321
 
@@ -95,6 +98,19 @@ def serve(config_path: str | None, host: str, port: int, workers: int, data_dir:
         os.environ[ENV_CONFIG_FILE] = os.path.abspath(config_path)
     else:
         _prepare_embedded(Path(data_dir).absolute())
+    multiproc = None
+    if workers > 1 and not os.environ.get(ENV_MULTIPROC):
+        # each worker counts into files here; /metrics sums them
+        multiproc = tempfile.mkdtemp(prefix="stor-metrics-")
+        os.environ[ENV_MULTIPROC] = multiproc
+    try:
+        _serve(host, port, workers, log_level)
+    finally:
+        if multiproc:
+            shutil.rmtree(multiproc, ignore_errors=True)
+
+
+def _serve(host: str, port: int, workers: int, log_level: str) -> None:
     uvicorn.run(
         "stor.wiring:app_from_environment",
         factory=True,
@@ -128,7 +144,7 @@ def check_config(config_path: str) -> None:
 def _validated(path: str) -> Config:
     try:
         config = load_config(path)
-        check_storage_dirs(config)
+        preflight(config)
     except ConfigError as exc:
         click.echo(f"stor: config error: {exc}", err=True)
         sys.exit(2)

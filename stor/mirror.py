@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 60.0
 CHECK_INTERVAL = 10.0
+NOT_STORED_ATTEMPTS = 6
+"""A marker is written before its blob's copies are linked, so a worker can find a marker
+whose blob is not visible yet. Only after this many attempts (about a minute) is it dropped."""
 
 
 @dataclass
@@ -67,6 +70,7 @@ class S3Mirror:
         """Mirror forever (until cancelled)."""
         next_check = 0.0
         while True:
+            self._wake.clear()  # a notify from here on wakes the next idle wait
             now = time.monotonic()
             if now >= next_check:
                 await self._check()
@@ -95,7 +99,6 @@ class S3Mirror:
         self.backlog = await self._offload.run(self.queue.backlog)
         self._metrics.s3_backlog(self.backlog)
         earliest = min((p.due for p in self._pending.values()), default=time.monotonic() + 1.0)
-        self._wake.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, min(1.0, earliest - time.monotonic())))
 
@@ -118,15 +121,22 @@ class S3Mirror:
                     await self._offload.run(self.store.put, sha, path)
             except (S3Unavailable, StorError, ValueError, OSError) as exc:
                 self._failed(exc, started)
-                pending.attempts += 1
-                pending.due = time.monotonic() + min(MAX_BACKOFF, 2.0 ** (pending.attempts - 1))
+                self._retry_later(pending)
                 return
             if path is None:
+                if pending.attempts < NOT_STORED_ATTEMPTS:
+                    self._retry_later(pending)  # its copies may be being linked right now
+                    return
                 log.warning("s3 mirror: %s is queued but stored nowhere locally; dropping it", sha)
             else:
                 self._succeeded(started)
             await self._offload.run(self.queue.done, pending.claim)
             del self._pending[sha]
+
+    @staticmethod
+    def _retry_later(pending: _Pending) -> None:
+        pending.attempts += 1
+        pending.due = time.monotonic() + min(MAX_BACKOFF, 2.0 ** (pending.attempts - 1))
 
     def _succeeded(self, started: float) -> None:
         self._metrics.s3("put", True, time.monotonic() - started)

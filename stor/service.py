@@ -223,7 +223,7 @@ class BlobService:
             await self.monitor.check()
             if self.s3 is not None:
                 await self.offload.run(self.s3.queue.prepare)  # a disk that came back gets a queue again
-            self._cache_reachable = await self.offload.run(self.locations.reachable)
+            await self._check_cache()
             await asyncio.sleep(interval)
 
     def close(self) -> None:
@@ -231,6 +231,8 @@ class BlobService:
             task.cancel()
         self.offload.close()
         self.monitor.close()
+        self.locations.close()
+        self.metrics.close()
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -504,7 +506,7 @@ class BlobService:
 
     async def status(self) -> StatusReport:
         self.metrics.healthcheck()
-        disks = await self.monitor.check()
+        disks, _ = await asyncio.gather(self.monitor.check(), self._check_cache())
         by_root = {h.path: h for h in disks}
         reasons = [f"{h.path}: {h.error}" for h in disks if not h.ok]
         pairs = []
@@ -522,6 +524,17 @@ class BlobService:
             uptime=time.monotonic() - self._started,
             reserved_bytes={p.index: self.pool.reserved(p) for p in self.pool.pairs},
         )
+
+    async def _check_cache(self) -> None:
+        """Ask the cache if it answers, within the status deadline (the breaker makes a dead
+        cache answer at once)."""
+        if not self._cache_enabled:
+            return
+        probe = asyncio.ensure_future(self.offload.run(self.locations.reachable))
+        try:
+            self._cache_reachable = await asyncio.wait_for(asyncio.shield(probe), self.monitor.timeout)
+        except TimeoutError:
+            self._cache_reachable = False
 
     def _s3_status(self) -> dict[str, object]:
         if self.s3 is None or self.mirror is None:

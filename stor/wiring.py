@@ -79,6 +79,13 @@ def _s3(config: Config, pool: StoragePool) -> S3Settings | None:
     return S3Settings(store, S3Queue(pool.disks), sync_writes=config.s3_sync_writes, fill_local=config.s3_fill_local)
 
 
+def preflight(config: Config) -> None:
+    """Everything that can fail loudly before serving: directories, the statsd host."""
+    check_storage_dirs(config)
+    if config.statsite is not None:
+        StatsdMetrics(config.statsite)  # resolves the host, or raises ConfigError naming the key
+
+
 def build_app(config: Config) -> Starlette:
     check_storage_dirs(config)
     prometheus = PrometheusMetrics(lambda: _disk_gauges(service.monitor))

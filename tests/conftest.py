@@ -20,6 +20,7 @@ import pytest
 from stor.config import config_from_mapping
 from stor.wiring import build_app
 from tests.helpers import PASSWORD, USER, layout_path, temp_files
+from tests.services import Memcached, MotoS3, StatsdSink
 
 
 @dataclass
@@ -166,3 +167,31 @@ def start_stor(tmp_path: Path) -> Iterator[Callable[..., StorProcess]]:
 @pytest.fixture
 def server(storage: Storage, start_stor: Callable[..., StorProcess]) -> StorProcess:
     return start_stor("--config", str(storage.write_config(body_idle_timeout=1.0)))
+
+
+@pytest.fixture
+def memcached() -> Iterator[Memcached]:
+    server = Memcached()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="session")
+def moto_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
+    server = MotoS3(tmp_path_factory.mktemp("moto"))
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def s3(moto_session: MotoS3) -> MotoS3:
+    """The shared S3 endpoint, emptied, with the `samples` bucket."""
+    moto_session.reset()
+    return moto_session
+
+
+@pytest.fixture
+def statsd_sink() -> Iterator[StatsdSink]:
+    sink = StatsdSink()
+    yield sink
+    sink.close()

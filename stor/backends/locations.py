@@ -41,6 +41,8 @@ class LocationCache(Protocol):
         """True/False for a configured cache, None when there is none."""
         ...
 
+    def close(self) -> None: ...
+
 
 class NoLocations:
     """No cache configured: every lookup probes the disks."""
@@ -59,6 +61,9 @@ class NoLocations:
 
     def reachable(self) -> bool | None:
         return None
+
+    def close(self) -> None:
+        pass
 
 
 class Breaker:
@@ -141,6 +146,9 @@ class MemcachedLocations:
         except CacheUnavailable:
             return False
         return True
+
+    def close(self) -> None:
+        self._client.close()
 
     def _call(self, method: Callable[..., object], *args: object) -> object:
         if not self.breaker.allow():

@@ -37,6 +37,9 @@ class Metrics(Protocol):
     def integrity(self, event: str) -> None:
         """An integrity event: `s3_corrupt` (an S3 object failed its hash), …"""
 
+    def close(self) -> None:
+        """Release sockets; called once at shutdown."""
+
 
 class NullMetrics:
     """Records nothing: the default when no metrics are configured."""
@@ -65,6 +68,9 @@ class NullMetrics:
         pass
 
     def integrity(self, event: str) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 
@@ -107,3 +113,7 @@ class FanoutMetrics:
     def integrity(self, event: str) -> None:
         for target in self.targets:
             target.integrity(event)
+
+    def close(self) -> None:
+        for target in self.targets:
+            target.close()

@@ -103,6 +103,9 @@ class PrometheusMetrics:
     def integrity(self, event: str) -> None:
         self._integrity.labels(event).inc()
 
+    def close(self) -> None:
+        pass
+
     def render(self) -> bytes:
         """The text exposition format, summed over workers in multiprocess mode."""
         if not os.environ.get(ENV_MULTIPROC):

@@ -55,3 +55,6 @@ class StatsdMetrics:
 
     def integrity(self, event: str) -> None:
         self._client.incr(f"integrity.{event}.count")
+
+    def close(self) -> None:
+        self._client.close()

@@ -1,0 +1,116 @@
+"""The memcached location cache, against a real memcached."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Storage, StorProcess, app_client
+from tests.helpers import AUTH, layout_path, sha256
+from tests.services import Memcached, StatsdSink
+
+DATA = os.urandom(2000)
+SHA = sha256(DATA)
+
+
+def cache_config(
+    storage: Storage, memcached: Memcached, sink: StatsdSink | None = None, **extra: object
+) -> dict[str, object]:
+    raw = storage.config(memcached_servers=[memcached.address], **extra)
+    if sink is not None:
+        raw["statsite"] = {"host": "127.0.0.1", "port": sink.port, "prefix": "stor"}
+    return raw
+
+
+@pytest.mark.anyio
+async def test_hits_and_misses_are_counted(storage: Storage, memcached: Memcached, statsd_sink: StatsdSink) -> None:
+    async with app_client(cache_config(storage, memcached, statsd_sink)) as http:
+        assert (await http.post(f"/{SHA}", content=DATA, auth=AUTH)).status_code == 201
+        root = memcached.get(f"stor:{SHA}")
+        assert root is not None and layout_path(Path(root.decode()), SHA).exists()
+        statsd_sink.collect()
+        statsd_sink.lines.clear()
+        assert (await http.get(f"/{SHA}")).content == DATA
+        names = statsd_sink.names()
+        assert "stor.cache.hit" in names and "stor.cache.time" in names
+        assert "stor.lookup.time" not in names  # a hit needs no probe of the disks
+        other = sha256(b"absent")
+        assert (await http.get(f"/{other}")).status_code == 404
+        names = statsd_sink.names()
+        assert "stor.cache.miss" in names and "stor.lookup.time" in names
+        metrics = (await http.get("/metrics")).text
+        assert 'stor_cache_lookups_total{result="hit"} 1.0' in metrics
+        assert 'stor_cache_lookups_total{result="miss"} 1.0' in metrics
+
+
+@pytest.mark.anyio
+async def test_a_stale_entry_gives_the_right_answer_and_heals(storage: Storage, memcached: Memcached) -> None:
+    async with app_client(cache_config(storage, memcached)) as http:
+        assert (await http.post(f"/{SHA}", content=DATA, auth=AUTH)).status_code == 201
+        holder = {c.parents[3] for c in storage.copies(SHA)}
+        elsewhere = next(r for r in storage.roots if r not in holder)
+        memcached.set(f"stor:{SHA}", str(elsewhere).encode())  # points at a disk without it
+        response = await http.get(f"/{SHA}")
+        assert response.status_code == 200 and response.content == DATA
+        healed = memcached.get(f"stor:{SHA}")
+        assert healed is not None and Path(healed.decode()) in holder
+        memcached.set(f"stor:{SHA}", b"/no/such/disk")  # points at nothing stor knows
+        assert (await http.head(f"/{SHA}")).status_code == 200
+        # the copy the cache names disappears: the partner answers
+        storage.copies(SHA)[0].unlink()
+        for _ in range(5):
+            assert (await http.get(f"/{SHA}")).content == DATA
+
+
+@pytest.mark.anyio
+async def test_memcached_killed_requests_keep_succeeding(storage: Storage, memcached: Memcached) -> None:
+    async with app_client(cache_config(storage, memcached)) as http:
+        assert (await http.post(f"/{SHA}", content=DATA, auth=AUTH)).status_code == 201
+        memcached.kill()
+        started = time.monotonic()
+        for n in range(20):
+            assert (await http.get(f"/{SHA}")).content == DATA
+            blob = f"after the cache died {n}".encode()
+            assert (await http.post(f"/{sha256(blob)}", content=blob, auth=AUTH)).status_code == 201
+        assert time.monotonic() - started < 10
+        detail = (await http.get("/status?format=json")).json()
+        assert detail["ok"] is True  # the cache is not a reason to leave the load balancer
+        assert detail["memcached"] == {"configured": True, "reachable": False}
+        metrics = (await http.get("/metrics")).text
+        assert 'stor_cache_lookups_total{result="error"}' in metrics
+
+
+@pytest.mark.anyio
+async def test_memcached_hung_requests_answer_within_a_bound(storage: Storage, memcached: Memcached) -> None:
+    async with app_client(cache_config(storage, memcached, memcached_timeout=0.05)) as http:
+        assert (await http.post(f"/{SHA}", content=DATA, auth=AUTH)).status_code == 201
+        memcached.stop()
+        try:
+            for _ in range(10):
+                started = time.monotonic()
+                assert (await http.get(f"/{SHA}")).content == DATA
+                assert time.monotonic() - started < 1.0
+        finally:
+            memcached.resume()
+
+
+def test_two_processes_share_disks_and_cache(
+    storage: Storage, memcached: Memcached, start_stor: Callable[..., StorProcess]
+) -> None:
+    config = storage.write_config(memcached_servers=[memcached.address], memcached_negative_ttl=30)
+    first = start_stor("--config", str(config))
+    second = start_stor("--config", str(config), "--host", "127.0.0.2")
+    assert second.url.startswith("http://127.0.0.2:")
+    for n in range(5):
+        blob = f"shared {n}".encode()
+        sha = sha256(blob)
+        assert httpx.get(f"{second.url}/{sha}").status_code == 404  # and now a negative entry
+        assert memcached.get(f"stor:{sha}") == b"-"
+        assert httpx.post(f"{first.url}/{sha}", content=blob, auth=AUTH).status_code == 201
+        response = httpx.get(f"{second.url}/{sha}")
+        assert response.status_code == 200 and response.content == blob
