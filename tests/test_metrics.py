@@ -1,0 +1,141 @@
+"""statsd over a real UDP socket, Prometheus at /metrics, and the detail of /status."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from stor import __version__
+from stor.app import stor_outcome
+from tests.conftest import Storage, StorProcess, app_client
+from tests.helpers import AUTH, sha256
+from tests.services import StatsdSink
+
+DATA = os.urandom(1500)
+SHA = sha256(DATA)
+
+
+def statsd_config(storage: Storage, sink: StatsdSink, **extra: object) -> dict[str, object]:
+    return storage.config(statsite={"host": "127.0.0.1", "port": sink.port, "prefix": "stor.test"}, **extra)
+
+
+@pytest.mark.anyio
+async def test_stors_statsd_names_arrive_over_udp(storage: Storage, statsd_sink: StatsdSink) -> None:
+    async with app_client(statsd_config(storage, statsd_sink)) as http:
+        await http.post(f"/{SHA}", content=DATA, auth=AUTH)  # write
+        await http.post(f"/{SHA}", content=DATA, auth=AUTH)  # duplicate
+        await http.post(f"/{'0' * 64}", content=DATA, auth=AUTH)  # bad sha
+        await http.post("/not-a-sha", content=DATA, auth=AUTH)  # malformed
+        await http.post(f"/{SHA}", content=DATA)  # unauthorized
+        await http.get(f"/{SHA}")
+        await http.head(f"/{SHA}")
+        await http.get(f"/{sha256(b'nothing')}")
+        await http.get("/status")
+        free = 1 << 62
+        async with app_client(statsd_config(storage, statsd_sink, max_upload_size=free * 2)) as other:
+            await other.post(f"/{sha256(b'x')}", content=b"", headers={"Content-Length": str(free)}, auth=AUTH)
+        names = statsd_sink.names()
+    expected = {
+        "request.post.count",
+        "request.get.count",
+        "request.head.count",
+        "success.post.write.count",
+        "success.post.duplicate.count",
+        "error.post.bad_sha.count",
+        "error.post.malformed_sha.count",
+        "error.post.unauthorized.count",
+        "error.post.no_space.count",
+        "success.get.ok.count",
+        "error.get.not_found.count",
+        "healthcheck.count",
+        "lookup.time",
+        "lookup.attempt.4.count",
+        "success.get.ok.size",
+        "success.get.ok.time",
+    }
+    assert {f"stor.test.{name}" for name in expected} <= set(names)
+    lines = statsd_sink.lines
+    assert any(re.fullmatch(r"stor\.test\.lookup\.time:[\d.]+\|ms", line) for line in lines)
+    assert f"stor.test.success.get.ok.size:{len(DATA)}|c" in lines
+
+
+def test_outcome_names() -> None:
+    assert stor_outcome("PUT", "blob", 201) == "success.post.write"
+    assert stor_outcome("HEAD", "blob", 304) == "success.get.not_modified"
+    assert stor_outcome("GET", "other", 404) == "error.get.malformed_sha"
+    assert stor_outcome("POST", "blob", 500) == "error.post.500"
+    assert stor_outcome("GET", "status", 200) == ""
+
+
+@pytest.mark.anyio
+async def test_prometheus_metrics(storage: Storage) -> None:
+    async with app_client(storage.config()) as http:
+        posted = await http.post(f"/{SHA}", content=DATA, auth=AUTH)
+        await http.get(f"/{SHA}")
+        await http.get(f"/{SHA}")
+        await http.get("/status")
+        response = await http.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert 'stor_http_requests_total{method="GET",route="blob",status="200"} 2.0' in text
+    assert 'stor_http_requests_total{method="POST",route="blob",status="201"} 1.0' in text
+    assert f'stor_http_received_bytes_total{{route="blob"}} {float(len(DATA))}' in text
+    assert f'stor_http_sent_bytes_total{{route="blob"}} {float(2 * len(DATA) + len(posted.content))}' in text
+    assert 'stor_http_request_duration_seconds_bucket{le="+Inf",method="GET",route="blob"} 2.0' in text
+    assert "stor_healthchecks_total 1.0" in text
+    for root in storage.roots:
+        assert f'stor_disk_up{{disk="{root}"}} 1.0' in text
+        match = re.search(rf'stor_disk_free_bytes{{disk="{root}"}} ([\d.e+]+)', text)
+        assert match and float(match.group(1)) > 0
+    assert "stor_s3_queue_blobs" in text
+
+
+@pytest.mark.anyio
+async def test_status_json_detail(storage: Storage) -> None:
+    async with app_client(storage.config()) as http:
+        detail = (await http.get("/status?format=json")).json()
+    assert detail["version"] == __version__
+    assert detail["uptime"] >= 0
+    assert detail["memcached"] == {"configured": False, "reachable": None}
+    assert detail["s3"] == {"enabled": False}
+    disk = detail["disks"][0]
+    assert set(disk) >= {"path", "ok", "mounted", "writable", "free_bytes", "total_bytes", "error"}
+
+
+def test_an_unresolvable_statsd_host_is_a_startup_error(storage: Storage) -> None:
+    config = storage.write_config(statsite={"host": "statsd.invalid", "port": 8125})
+    result = subprocess.run(
+        [sys.executable, "-m", "stor", "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "statsite.host" in result.stderr and "statsd.invalid" in result.stderr
+
+
+def test_metrics_sum_over_workers(storage: Storage, start_stor: Callable[..., StorProcess], tmp_path: Path) -> None:
+    shared = tmp_path / "prometheus"
+    shared.mkdir()
+    server = start_stor(
+        "--config", str(storage.write_config()), "--workers", "2", env={"PROMETHEUS_MULTIPROC_DIR": str(shared)}
+    )
+
+    def root_requests() -> float:
+        text = httpx.get(f"{server.url}/metrics", headers={"Connection": "close"}).text
+        match = re.search(r'stor_http_requests_total{method="GET",route="root",status="200"} ([\d.]+)', text)
+        return float(match.group(1)) if match else 0.0
+
+    before = root_requests()
+    for _ in range(30):  # new connections spread over both workers
+        assert httpx.get(f"{server.url}/", headers={"Connection": "close"}).status_code == 200
+    assert root_requests() - before == 30.0
+    assert len({p.name for p in shared.glob("counter_*.db")}) == 2  # both workers counted into it
