@@ -39,9 +39,9 @@ def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: flo
 class Memcached:
     """memcached on a free loopback port (retried if someone takes the port first)."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         for _ in range(5):
-            self.port = free_port()
+            self.port = port or free_port()
             command = ["memcached", "-l", "127.0.0.1", "-p", str(self.port), "-m", "32", "-U", "0"]
             if os.geteuid() == 0:
                 command += ["-u", "root"]
@@ -94,14 +94,16 @@ class Memcached:
 class MotoS3:
     """A real S3 HTTP endpoint (moto in server mode) on a loopback port."""
 
-    def __init__(self, log_dir: Path, port: int = 0) -> None:
+    def __init__(self, log_dir: Path, port: int = 0, *, check_credentials: bool = False) -> None:
         self.log_path = log_dir / f"moto-{time.monotonic_ns()}.log"
         self._log = self.log_path.open("wb")
+        env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"} if check_credentials else None
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=env,
         )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable
@@ -12,7 +13,7 @@ import pytest
 
 from tests.conftest import Storage, StorProcess, app_client
 from tests.helpers import AUTH, layout_path, sha256
-from tests.services import Memcached, StatsdSink
+from tests.services import Memcached, StatsdSink, free_port
 
 DATA = os.urandom(2000)
 SHA = sha256(DATA)
@@ -114,3 +115,23 @@ def test_two_processes_share_disks_and_cache(
         assert httpx.post(f"{first.url}/{sha}", content=blob, auth=AUTH).status_code == 201
         response = httpx.get(f"{second.url}/{sha}")
         assert response.status_code == 200 and response.content == blob
+
+
+@pytest.mark.anyio
+async def test_memcached_down_at_start_up_then_back(storage: Storage) -> None:
+    port = free_port()
+    async with app_client(storage.config(memcached_servers=[f"127.0.0.1:{port}"])) as http:
+        assert (await http.post(f"/{SHA}", content=DATA, auth=AUTH)).status_code == 201
+        assert (await http.get(f"/{SHA}")).content == DATA
+        detail = (await http.get("/status?format=json")).json()
+        assert detail["ok"] is True and detail["memcached"]["reachable"] is False
+        revived = Memcached(port)
+        try:
+            deadline = time.monotonic() + 5
+            while not (await http.get("/status?format=json")).json()["memcached"]["reachable"]:
+                assert time.monotonic() < deadline, "memcached recovery not noticed"
+                await asyncio.sleep(0.1)
+            assert (await http.get(f"/{SHA}")).content == DATA
+            assert revived.get(f"stor:{SHA}") is not None  # used again at once
+        finally:
+            revived.kill()

@@ -176,3 +176,22 @@ async def test_sync_writes_wait_for_s3(storage: Storage, s3: MotoS3) -> None:
     async with app_client(storage.config(**s3.config(s3_sync_writes=True))) as http:
         assert (await http.post(f"/{SHA}", content=DATA, auth=AUTH)).status_code == 201
         assert s3.object(SHA) == DATA  # already there when the 201 arrived
+
+
+@pytest.mark.anyio
+async def test_bad_s3_credentials_are_reported_and_the_queue_holds(storage: Storage, tmp_path: Path) -> None:
+    strict = MotoS3(tmp_path, check_credentials=True)
+    try:
+        async with app_client(storage.config(**strict.config())) as http:
+            assert (await http.post(f"/{SHA}", content=DATA, auth=AUTH)).status_code == 201
+
+            async def reported() -> bool:
+                s3_detail = (await http.get("/status?format=json")).json()["s3"]
+                return bool(s3_detail["reachable"] is False and s3_detail["backlog"] == 1 and s3_detail["last_error"])
+
+            await eventually(reported)
+            error = (await http.get("/status?format=json")).json()["s3"]["last_error"]
+            assert "InvalidAccessKeyId" in error or "403" in error
+            assert "test-secret" not in error
+    finally:
+        strict.kill()

@@ -84,6 +84,11 @@ class Breaker:
         with self._lock:
             self._failures = 0
 
+    def close(self) -> None:
+        with self._lock:
+            self._failures = 0
+            self._open_until = 0.0
+
     def failure(self) -> None:
         with self._lock:
             self._failures += 1
@@ -115,7 +120,7 @@ class MemcachedLocations:
             key_prefix=b"stor:",
             retry_attempts=1,
             retry_timeout=0,
-            dead_timeout=cooldown,
+            dead_timeout=1.0,  # a dead server leaves the hash ring briefly; the breaker guards requests
             ignore_exc=False,
             default_noreply=False,
         )
@@ -139,12 +144,13 @@ class MemcachedLocations:
         self._call(self._client.delete, sha)
 
     def reachable(self) -> bool | None:
-        if self.breaker.open:
-            return False
+        """Asks memcached even while the breaker is open (one call, bounded by the timeout),
+        and closes the breaker when it answers: recovery is noticed at the next check."""
         try:
-            self._call(self._client.get, "stor-status-probe")
-        except CacheUnavailable:
+            self._client.get("stor-status-probe")
+        except (MemcacheError, OSError):
             return False
+        self.breaker.close()
         return True
 
     def close(self) -> None:
