@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -69,17 +70,31 @@ class PrometheusMetrics:
         self._s3_backlog = Gauge(
             "stor_s3_queue_blobs", "Blobs waiting to be mirrored to S3", registry=r, multiprocess_mode="livemax"
         )
+        self._children: dict[tuple[str, str, int], tuple[Any, Any, Any, Any]] = {}
         self._integrity = Counter("stor_integrity_events", "Corrupt or lost copies found", ["event"], registry=r)
 
     def request(
         self, method: str, outcome: str, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int
     ) -> None:
-        self._requests.labels(route, method, str(status)).inc()
-        self._latency.labels(route, method).observe(seconds)
+        key = (route, method, status)
+        children = self._children.get(key)
+        if children is None:  # labels() validates and takes the family's lock: once per combination
+            children = self._children.setdefault(
+                key,
+                (
+                    self._requests.labels(route, method, str(status)),
+                    self._latency.labels(route, method),
+                    self._bytes_in.labels(route),
+                    self._bytes_out.labels(route),
+                ),
+            )
+        count, latency, received, sent = children
+        count.inc()
+        latency.observe(seconds)
         if bytes_in:
-            self._bytes_in.labels(route).inc(bytes_in)
+            received.inc(bytes_in)
         if bytes_out:
-            self._bytes_out.labels(route).inc(bytes_out)
+            sent.inc(bytes_out)
 
     def cache(self, result: str, seconds: float) -> None:
         self._cache.labels(result).inc()
