@@ -76,6 +76,7 @@ class Config:
     memcached_timeout: float = 0.05
     memcached_ttl: int = 86400
     memcached_negative_ttl: int = 0
+    location_cache_size: int = 100_000
     statsite: StatsiteSettings | None = None
     secret: str | None = field(default=None, repr=False)
     # Not a config key: the embedded default creates its own directories.
@@ -138,6 +139,7 @@ def config_from_mapping(raw: object, env: Mapping[str, str]) -> Config:
         memcached_timeout=_seconds(raw, "memcached_timeout", 0.05, maximum=10.0),
         memcached_ttl=_int(raw, "memcached_ttl", 86400, minimum=0),
         memcached_negative_ttl=_int(raw, "memcached_negative_ttl", 0, minimum=0),
+        location_cache_size=_int(raw, "location_cache_size", 100_000, minimum=0),
         statsite=_statsite(raw.get("statsite")),
         secret=_str(raw, "secret", None),
     )
@@ -165,6 +167,7 @@ _KNOWN_KEYS = frozenset(
         "memcached_timeout",
         "memcached_ttl",
         "memcached_negative_ttl",
+        "location_cache_size",
         "statsite",
         "secret",
     }

@@ -29,6 +29,7 @@ from stor.errors import BlobNotFound, StorageUnavailable
 from stor.health import HealthMonitor
 from stor.metrics import Metrics, NullMetrics
 from stor.mirror import S3Mirror
+from stor.nearcache import NearCache
 from stor.offload import Offload
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,7 @@ class BlobService:
         monitor: HealthMonitor,
         *,
         locations: LocationCache | None = None,
+        near_cache_size: int = 100_000,
         s3: S3Settings | None = None,
         metrics: Metrics | None = None,
         threads: int = 32,
@@ -188,6 +190,7 @@ class BlobService:
         self.monitor = monitor
         self.locations: LocationCache = locations or NoLocations()
         self._cache_enabled = locations is not None
+        self._near = NearCache(near_cache_size)
         self.metrics: Metrics = metrics or NullMetrics()
         self.offload = Offload(threads)
         self.s3 = s3
@@ -324,6 +327,7 @@ class BlobService:
                 if found is not None:
                     return found
             self.metrics.cache("stale", 0.0)
+            self._near.forget(sha)
             self._cache_do(self.locations.forget, sha)
         started = time.monotonic()
         unreachable: list[str] = []
@@ -337,7 +341,7 @@ class BlobService:
                 continue
             if found is not None:
                 self.metrics.lookup(time.monotonic() - started, attempts)
-                self._cache_do(self.locations.remember, sha, disk.root)
+                self._remember(sha, disk.root)
                 return found
         self.metrics.lookup(time.monotonic() - started, attempts)
         if unreachable:
@@ -348,6 +352,10 @@ class BlobService:
         raise BlobNotFound(sha)
 
     def _cache_get(self, sha: Sha) -> str | None:
+        near = self._near.get(sha)
+        if near is not None:
+            self.metrics.cache("local", 0.0)
+            return near
         if not self._cache_enabled:
             return None
         started = time.monotonic()
@@ -359,6 +367,11 @@ class BlobService:
         result = "miss" if hint is None else "negative" if hint == ABSENT else "hit"
         self.metrics.cache(result, time.monotonic() - started)
         return hint
+
+    def _remember(self, sha: Sha, root: str) -> None:
+        self._near.remember(sha, root)
+        if self._cache_enabled:
+            self._cache_do(self.locations.remember, sha, root)
 
     def _cache_do(self, call: Callable[..., None], *args: object) -> None:
         try:
@@ -457,7 +470,7 @@ class BlobService:
         paths = writer.finish(
             sha, now_ns() if mtime is None else mtime, tail, before_commit=enqueue if mirror else None
         )
-        self._cache_do(self.locations.remember, sha, writer.disks[0].root)
+        self._remember(sha, writer.disks[0].root)
         return paths
 
     def _fill_later(self, sha: Sha, data: bytes | None, size: int) -> None:

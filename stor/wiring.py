@@ -56,6 +56,7 @@ def build_service(config: Config, metrics: Metrics | None = None) -> BlobService
         pool,
         monitor,
         locations=_locations(config),
+        near_cache_size=config.location_cache_size,
         s3=_s3(config, pool),
         metrics=metrics,
     )

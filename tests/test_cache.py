@@ -22,7 +22,9 @@ SHA = sha256(DATA)
 def cache_config(
     storage: Storage, memcached: Memcached, sink: StatsdSink | None = None, **extra: object
 ) -> dict[str, object]:
-    raw = storage.config(memcached_servers=[memcached.address], **extra)
+    """memcached alone: the in-process LRU in front of it is off unless a test turns it on."""
+    raw = storage.config(memcached_servers=[memcached.address], location_cache_size=0)
+    raw.update(extra)
     if sink is not None:
         raw["statsite"] = {"host": "127.0.0.1", "port": sink.port, "prefix": "stor"}
     return raw
@@ -120,7 +122,7 @@ def test_two_processes_share_disks_and_cache(
 @pytest.mark.anyio
 async def test_memcached_down_at_start_up_then_back(storage: Storage) -> None:
     port = free_port()
-    async with app_client(storage.config(memcached_servers=[f"127.0.0.1:{port}"])) as http:
+    async with app_client(storage.config(memcached_servers=[f"127.0.0.1:{port}"], location_cache_size=0)) as http:
         assert (await http.post(f"/{SHA}", content=DATA, auth=AUTH)).status_code == 201
         assert (await http.get(f"/{SHA}")).content == DATA
         detail = (await http.get("/status?format=json")).json()
@@ -135,3 +137,24 @@ async def test_memcached_down_at_start_up_then_back(storage: Storage) -> None:
             assert revived.get(f"stor:{SHA}") is not None  # used again at once
         finally:
             revived.kill()
+
+
+@pytest.mark.anyio
+async def test_the_in_process_lru_answers_before_memcached(
+    storage: Storage, memcached: Memcached, statsd_sink: StatsdSink
+) -> None:
+    async with app_client(cache_config(storage, memcached, statsd_sink, location_cache_size=1000)) as http:
+        assert (await http.post(f"/{SHA}", content=DATA, auth=AUTH)).status_code == 201
+        statsd_sink.collect()
+        statsd_sink.lines.clear()
+        memcached.kill()  # not needed any more for this blob
+        for _ in range(3):
+            assert (await http.get(f"/{SHA}")).content == DATA
+        names = statsd_sink.names()
+        assert names.count("stor.cache.local") == 3
+        assert "stor.cache.error" not in names and "stor.lookup.time" not in names
+        # a location gone stale is dropped and the disks answer: never a false hit
+        for copy in storage.copies(SHA):
+            copy.unlink()
+        assert (await http.get(f"/{SHA}")).status_code == 404
+        assert "stor.cache.stale" in statsd_sink.names()
