@@ -325,6 +325,7 @@ class BlobService:
             with contextlib.suppress(StorageUnavailable):
                 found = probe(cached, sha) if cached is not None else None
                 if found is not None:
+                    self._near.remember(sha, hint)  # a no-op refresh when it came from there
                     return found
             self.metrics.cache("stale", 0.0)
             self._near.forget(sha)

@@ -158,3 +158,17 @@ async def test_the_in_process_lru_answers_before_memcached(
             copy.unlink()
         assert (await http.get(f"/{SHA}")).status_code == 404
         assert "stor.cache.stale" in statsd_sink.names()
+
+
+@pytest.mark.anyio
+async def test_a_memcached_hit_fills_the_in_process_lru(
+    storage: Storage, memcached: Memcached, statsd_sink: StatsdSink
+) -> None:
+    """Another node stored the blob: the first GET here asks memcached, the next ones don't."""
+    async with app_client(cache_config(storage, memcached, location_cache_size=0)) as writer:
+        assert (await writer.post(f"/{SHA}", content=DATA, auth=AUTH)).status_code == 201
+    async with app_client(cache_config(storage, memcached, statsd_sink, location_cache_size=1000)) as reader:
+        for _ in range(3):
+            assert (await reader.get(f"/{SHA}")).content == DATA
+        names = statsd_sink.names()
+    assert names.count("stor.cache.hit") == 1 and names.count("stor.cache.local") == 2
