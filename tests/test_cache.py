@@ -172,3 +172,24 @@ async def test_a_memcached_hit_fills_the_in_process_lru(
             assert (await reader.get(f"/{SHA}")).content == DATA
         names = statsd_sink.names()
     assert names.count("stor.cache.hit") == 1 and names.count("stor.cache.local") == 2
+
+
+@pytest.mark.anyio
+async def test_locations_are_hashed_across_several_servers(storage: Storage) -> None:
+    servers = [Memcached(), Memcached()]
+    try:
+        raw = storage.config(memcached_servers=[s.address for s in servers], location_cache_size=0)
+        async with app_client(raw) as http:
+            shas = []
+            for n in range(40):
+                blob = f"spread {n}".encode()
+                shas.append(sha256(blob))
+                assert (await http.post(f"/{shas[-1]}", content=blob, auth=AUTH)).status_code == 201
+            held = [sum(1 for sha in shas if server.get(f"stor:{sha}") is not None) for server in servers]
+            assert sum(held) == 40 and min(held) > 0  # each key on one server, both servers used
+            servers[0].kill()
+            for sha in shas:  # half the keys lost their server: the disks still answer
+                assert (await http.head(f"/{sha}")).status_code == 200
+    finally:
+        for server in servers:
+            server.kill()
