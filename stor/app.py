@@ -26,6 +26,7 @@ from stor.backends.disk import BlobStat
 from stor.digest import Sha, parse_sha, repr_digest
 from stor.errors import (
     BadRequest,
+    BlobLost,
     BlobNotFound,
     ClientDisconnected,
     ClientTimeout,
@@ -51,6 +52,7 @@ ERROR_STATUS: dict[type[StorError], int] = {
     DigestMismatch: 412,
     PayloadTooLarge: 413,
     StorageUnavailable: 503,
+    BlobLost: 500,
     InsufficientStorage: 507,
     ClientDisconnected: 499,  # never reaches the client; keeps the access log honest
 }

@@ -43,6 +43,14 @@ class StorageUnavailable(StorError):
     """A disk that was needed could not be read or written (I/O error, unmounted, hung)."""
 
 
+class CorruptCopy(StorageUnavailable):
+    """A copy failed verification (wrong hash, truncated); it is never served."""
+
+
+class BlobLost(StorError):
+    """Every copy that could be read failed verification and no good one exists anywhere."""
+
+
 class Unauthorized(StorError):
     def __init__(self) -> None:
         super().__init__("valid Basic credentials are required to write")

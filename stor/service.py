@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -24,8 +25,9 @@ from stor.backends.locations import ABSENT, CacheUnavailable, LocationCache, NoL
 from stor.backends.pairs import MirroredWrite, Pair, StoragePool
 from stor.backends.s3 import S3Object, S3Store, S3Unavailable
 from stor.backends.s3queue import S3Queue
-from stor.digest import Sha, new_hasher
-from stor.errors import BlobNotFound, StorageUnavailable
+from stor.digest import Sha, new_hasher, sha256_hex
+from stor.errors import BlobLost, BlobNotFound, CorruptCopy, InsufficientStorage, StorageUnavailable
+from stor.healer import Healer
 from stor.health import HealthMonitor
 from stor.metrics import Metrics, NullMetrics
 from stor.mirror import S3Mirror
@@ -51,7 +53,11 @@ T = TypeVar("T")
 
 @dataclass
 class OpenBlob:
-    """A located copy: its bytes when small, else an open fd or S3 stream (caller closes)."""
+    """A located copy: its bytes when small, else an open fd or S3 stream (caller closes).
+
+    `verify` streams hash the whole copy, whatever range is asked, and hold the last piece
+    back until the hash matches; on a mismatch `on_corrupt` runs (in a worker thread) with
+    the actual digest and the transfer is aborted."""
 
     sha: Sha
     stat: BlobStat
@@ -60,13 +66,35 @@ class OpenBlob:
     data: bytes | None = None
     fd: int | None = None
     s3: S3Object | None = None
+    verify: bool = False
+    on_corrupt: Callable[[str, int], None] | None = None
     metrics: Metrics = field(default_factory=NullMetrics)
 
     def chunks(self, start: int, end: int) -> AsyncGenerator[bytes, None]:
         """Bytes [start, end), read off the event loop; closes the source when done."""
+        if self.data is not None:
+            return _slice(self.data, start, end)
         if self.s3 is not None:
-            return _verified_s3_chunks(self, start, end)
-        return _disk_chunks(self, start, end)
+            source = self.s3.chunks()
+            return _verified(self, start, end, lambda: self.offload.run(next, source, None))
+        if self.verify:
+            return _verified(self, start, end, self._next_disk_chunk())
+        return _disk_range(self, start, end)
+
+    def _next_disk_chunk(self) -> Callable[[], Awaitable[bytes | None]]:
+        offset = 0
+
+        async def read() -> bytes | None:
+            nonlocal offset
+            if self.fd is None or self.disk is None:
+                raise ValueError("blob already closed")
+            began = time.monotonic()
+            chunk = await self.offload.run(self.disk.read_some, self.fd, offset, STREAM_CHUNK)
+            self.metrics.disk_read(self.disk.root, len(chunk), time.monotonic() - began)
+            offset += len(chunk)
+            return chunk or None
+
+        return read
 
     def close(self) -> None:
         if self.fd is not None:
@@ -76,11 +104,12 @@ class OpenBlob:
             self.s3.close()
 
 
-async def _disk_chunks(blob: OpenBlob, start: int, end: int) -> AsyncGenerator[bytes, None]:
+async def _slice(data: bytes, start: int, end: int) -> AsyncGenerator[bytes, None]:
+    yield data[start:end]
+
+
+async def _disk_range(blob: OpenBlob, start: int, end: int) -> AsyncGenerator[bytes, None]:
     try:
-        if blob.data is not None:
-            yield blob.data[start:end]
-            return
         if blob.fd is None or blob.disk is None:
             raise ValueError("blob already closed")
         offset = start
@@ -95,16 +124,17 @@ async def _disk_chunks(blob: OpenBlob, start: int, end: int) -> AsyncGenerator[b
         blob.close()
 
 
-async def _verified_s3_chunks(blob: OpenBlob, start: int, end: int) -> AsyncGenerator[bytes, None]:
-    """Stream an S3 object, hashing all of it; the last piece is held back until the hash
-    matches, so a corrupt object ends in a broken transfer, never a complete response."""
-    assert blob.s3 is not None
-    source = blob.s3.chunks()
+async def _verified(
+    blob: OpenBlob, start: int, end: int, read: Callable[[], Awaitable[bytes | None]]
+) -> AsyncGenerator[bytes, None]:
+    """Stream the whole source, hashing it, and yield [start, end) of it. The last piece is
+    held back until the hash matches, so a corrupt copy ends in a broken transfer, never in a
+    complete response."""
     hasher = new_hasher()
     position = 0
     held: bytes | None = None
     try:
-        while (chunk := await blob.offload.run(next, source, None)) is not None:
+        while (chunk := await read()) is not None:
             hasher.update(chunk)
             piece = chunk[max(0, start - position) : max(0, end - position)]
             position += len(chunk)
@@ -112,9 +142,11 @@ async def _verified_s3_chunks(blob: OpenBlob, start: int, end: int) -> AsyncGene
                 if held is not None:
                     yield held
                 held = piece
-        if position != blob.stat.size or hasher.hexdigest() != blob.sha:
-            blob.metrics.integrity("s3_corrupt")
-            raise StorageUnavailable(f"the S3 copy of {blob.sha} is corrupt; transfer aborted")
+        actual = hasher.hexdigest()
+        if position != blob.stat.size or actual != blob.sha:
+            if blob.on_corrupt is not None:
+                await blob.offload.run(blob.on_corrupt, actual, position)
+            raise CorruptCopy(f"the copy of {blob.sha} at {blob.stat.path} is corrupt; transfer aborted")
         if held is not None:
             yield held
     finally:
@@ -182,6 +214,8 @@ class BlobService:
         *,
         locations: LocationCache | None = None,
         near_cache_size: int = 100_000,
+        verify_on_read: bool = True,
+        verify_on_read_max: int = 4 * 1024 * 1024,
         s3: S3Settings | None = None,
         metrics: Metrics | None = None,
         threads: int = 32,
@@ -201,6 +235,9 @@ class BlobService:
         self._started = time.monotonic()
         self._sha_locks: dict[Sha, tuple[asyncio.Lock, int]] = {}
         self._fills: dict[Sha, asyncio.Task[None]] = {}
+        self.verify = verify_on_read
+        self._read_whole = max(READ_WHOLE_BYTES, verify_on_read_max) if verify_on_read else READ_WHOLE_BYTES
+        self.healer = Healer(self._heal)
         self._cache_reachable: bool | None = None
 
     # -- start-up and shutdown -------------------------------------------------------------
@@ -218,6 +255,7 @@ class BlobService:
         """Health probes, cache checks and the S3 mirror; runs until cancelled."""
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._health_loop(health_interval))
+            tasks.create_task(self.healer.run())
             if self.mirror is not None:
                 tasks.create_task(self.mirror.run())
 
@@ -250,25 +288,30 @@ class BlobService:
 
     def _stat(self, sha: Sha) -> BlobStat:
         try:
-            return self._lookup(sha, Disk.stat)
-        except (BlobNotFound, StorageUnavailable) as miss:
+            return self._lookup(sha, self._stat_checked)
+        except (BlobNotFound, StorageUnavailable, BlobLost) as miss:
             if self.s3 is None:
-                raise
+                raise self._counted(miss) from None
             found = self._s3_call("head", miss, self.s3.store.head, sha)
             return BlobStat(f"s3://{self.s3.store.bucket}/{sha}", found.size, found.mtime_ns)
 
     def _open(self, sha: Sha) -> OpenBlob:
         try:
             return self._lookup(sha, self._open_copy)
-        except (BlobNotFound, StorageUnavailable) as miss:
+        except (BlobNotFound, StorageUnavailable, BlobLost) as miss:
             if self.s3 is None:
-                raise
+                raise self._counted(miss) from None
             found = self._s3_call("get", miss, self.s3.store.open, sha)
             stat = BlobStat(f"s3://{self.s3.store.bucket}/{sha}", found.size, found.mtime_ns)
-            blob = OpenBlob(sha, stat, self.offload, s3=found, metrics=self.metrics)
+            blob = OpenBlob(sha, stat, self.offload, s3=found, on_corrupt=self._s3_corrupt, metrics=self.metrics)
             if found.size <= S3_READ_WHOLE_BYTES:
                 blob.data, blob.s3 = self._read_verified(blob, found), None
             return blob
+
+    def _counted(self, miss: Exception) -> Exception:
+        if isinstance(miss, BlobLost):
+            self.metrics.integrity("lost")
+        return miss
 
     def _read_verified(self, blob: OpenBlob, found: S3Object) -> bytes:
         try:
@@ -277,12 +320,15 @@ class BlobService:
             raise StorageUnavailable(str(exc)) from exc
         finally:
             found.close()
-        hasher = new_hasher()
-        hasher.update(data)
-        if len(data) != blob.stat.size or hasher.hexdigest() != blob.sha:
-            self.metrics.integrity("s3_corrupt")
-            raise StorageUnavailable(f"the S3 copy of {blob.sha} is corrupt (sha256 {hasher.hexdigest()})")
+        actual = sha256_hex(data)
+        if len(data) != blob.stat.size or actual != blob.sha:
+            self._s3_corrupt(actual, len(data))
+            raise CorruptCopy(f"the S3 copy of {blob.sha} is corrupt (its sha256 is {actual})")
         return data
+
+    def _s3_corrupt(self, actual: str, size: int) -> None:
+        self.metrics.integrity("s3_corrupt")
+        log.error("the S3 copy of a blob is corrupt: sha256 %s, %d bytes; not served", actual, size)
 
     def _s3_call(self, operation: str, miss: Exception, call: Callable[[Sha], T | None], sha: Sha) -> T:
         """Ask S3 after the disks missed; keep the disks' verdict if S3 has nothing either."""
@@ -294,24 +340,89 @@ class BlobService:
             raise StorageUnavailable(f"{miss}; and S3 could not be asked: {exc}") from exc
         self.metrics.s3(operation, True, time.monotonic() - started)
         if found is None:
-            raise miss
+            raise self._counted(miss)
         return found
 
     def _open_copy(self, disk: Disk, sha: Sha) -> OpenBlob | None:
-        """Open the copy on `disk`; a small one is read whole in the same thread hop."""
+        """Open the copy on `disk`. A small one is read whole in the same thread hop and, with
+        `verify_on_read`, hashed before anything is sent; a corrupt one is quarantined."""
         began = time.monotonic()
         opened = disk.open(sha)
         if opened is None:
             return None
         fd, st = opened
-        if st.size > READ_WHOLE_BYTES:
-            return OpenBlob(sha, st, self.offload, disk=disk, fd=fd, metrics=self.metrics)
+        if st.size > self._read_whole:
+            on_corrupt = functools.partial(self._corrupt, disk, sha, st)
+            return OpenBlob(
+                sha, st, self.offload, disk=disk, fd=fd, verify=self.verify, on_corrupt=on_corrupt, metrics=self.metrics
+            )
         try:
             data = disk.read_at(fd, 0, st.size)
         finally:
             os.close(fd)
         self.metrics.disk_read(disk.root, st.size, time.monotonic() - began)
+        if self.verify and (actual := sha256_hex(data)) != sha:
+            self._corrupt(disk, sha, st, actual, len(data))
+            raise CorruptCopy(f"the copy of {sha} on {disk.root} is corrupt (its sha256 is {actual})")
         return OpenBlob(sha, st, self.offload, disk=disk, data=data, metrics=self.metrics)
+
+    def _stat_checked(self, disk: Disk, sha: Sha) -> BlobStat | None:
+        """A stat, compared with the partners' sizes where that is cheap (one more stat each).
+        Copies that disagree are hashed, and the bad ones quarantined."""
+        found = disk.stat(sha)
+        if found is None or not self.verify:
+            return found
+        pair = self.pool.pair_of[disk.root]
+        for partner in pair.members:
+            if partner is disk:
+                continue
+            with contextlib.suppress(StorageUnavailable):
+                other = partner.stat(sha)
+                if other is not None and other.size != found.size:
+                    return self._settle_sizes(pair, sha)
+        return found
+
+    def _settle_sizes(self, pair: Pair, sha: Sha) -> BlobStat:
+        good: BlobStat | None = None
+        for member in pair.members:
+            with contextlib.suppress(StorageUnavailable):
+                st = member.stat(sha)
+                digest = member.hash_copy(sha)
+                if st is None or digest is None:
+                    continue
+                if digest[0] == sha:
+                    good = good or st
+                else:
+                    self._corrupt(member, sha, st, *digest)
+        if good is None:
+            raise CorruptCopy(f"no copy of {sha} on pair {pair.index} passed verification")
+        return good
+
+    def _corrupt(self, disk: Disk, sha: Sha, stat: BlobStat, actual: str, size: int) -> None:
+        """A copy failed verification: count it, quarantine it, and ask for a re-copy."""
+        self.metrics.integrity("corrupt_copy")
+        note = {"expected": sha, "actual": actual, "size": size, "mtime_ns": stat.mtime_ns, "time": time.time()}
+        try:
+            moved = disk.quarantine(sha, note)
+        except (StorageUnavailable, InsufficientStorage) as exc:
+            self.metrics.integrity("quarantine_failed")
+            log.error("corrupt copy %s (sha256 %s) could not be quarantined: %s", stat.path, actual, exc)
+        else:
+            log.error("corrupt copy %s (sha256 %s, %d bytes) quarantined to %s", stat.path, actual, size, moved)
+        self._near.forget(sha)
+        if not self.healer.request(sha):
+            self.metrics.integrity("heal_dropped")
+
+    async def _heal(self, sha: Sha) -> None:
+        """Re-copy `sha` onto the members that lost it, from a verified copy (disk or S3)."""
+        blob = await self.open(sha)
+        try:
+            result = await self.put(sha, blob.chunks(0, blob.stat.size), blob.stat.size, mirror=False)
+        finally:
+            blob.close()
+        if result.created:
+            self.metrics.integrity("healed")
+            log.info("healed %s: %s", sha, ", ".join(result.paths))
 
     def _lookup(self, sha: Sha, probe: Callable[[Disk, Sha], T | None]) -> T:
         """The cached location first (checked by `probe`), then every disk in Stor's order.
@@ -332,11 +443,15 @@ class BlobService:
             self._cache_do(self.locations.forget, sha)
         started = time.monotonic()
         unreachable: list[str] = []
+        corrupt: list[str] = []
         attempts = 0
         for disk in self.pool.probe_order():
             attempts += 1
             try:
                 found = probe(disk, sha)
+            except CorruptCopy as exc:
+                corrupt.append(str(exc))
+                continue
             except StorageUnavailable as exc:
                 unreachable.append(str(exc))
                 continue
@@ -346,9 +461,10 @@ class BlobService:
                 return found
         self.metrics.lookup(time.monotonic() - started, attempts)
         if unreachable:
-            raise StorageUnavailable(
-                f"blob {sha} not found, and some storage was unreachable: " + "; ".join(unreachable)
-            )
+            detail = "; ".join(unreachable + corrupt)
+            raise StorageUnavailable(f"blob {sha} not found, and some storage was unreachable: {detail}")
+        if corrupt:
+            raise BlobLost(f"blob {sha} is lost: no copy passed verification ({'; '.join(corrupt)})")
         self._cache_do(self.locations.remember_absent, sha)
         raise BlobNotFound(sha)
 

@@ -57,6 +57,8 @@ def build_service(config: Config, metrics: Metrics | None = None) -> BlobService
         monitor,
         locations=_locations(config),
         near_cache_size=config.location_cache_size,
+        verify_on_read=config.verify_on_read,
+        verify_on_read_max=config.verify_on_read_max,
         s3=_s3(config, pool),
         metrics=metrics,
     )

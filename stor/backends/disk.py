@@ -19,16 +19,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import json
 import os
 import shutil
 import time
 from dataclasses import dataclass
 
 from stor.backends.owners import OwnedDir, dead_owner_dirs
-from stor.digest import Sha, blob_relpath
+from stor.digest import Sha, blob_relpath, new_hasher
 from stor.errors import InsufficientStorage, StorageUnavailable
 
 TMP_DIR = ".stor-tmp"
+QUARANTINE_DIR = ".stor-quarantine"
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK)
 
@@ -171,6 +173,55 @@ class Disk:
             offset += len(chunk)
             size -= len(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def read_some(self, fd: int, offset: int, size: int) -> bytes:
+        """Up to `size` bytes at `offset`; empty at the end of the file."""
+        return self._pread(fd, size, offset)
+
+    def hash_copy(self, sha: Sha) -> tuple[str, int] | None:
+        """(sha256 hex, size) of the bytes of the copy here, or None when there is none."""
+        opened = self.open(sha)
+        if opened is None:
+            return None
+        fd, _ = opened
+        hasher = new_hasher()
+        offset = 0
+        try:
+            while chunk := self._pread(fd, 1024 * 1024, offset):
+                hasher.update(chunk)
+                offset += len(chunk)
+        finally:
+            os.close(fd)
+        return hasher.hexdigest(), offset
+
+    def _pread(self, fd: int, size: int, offset: int) -> bytes:
+        try:
+            return os.pread(fd, size, offset)
+        except OSError as exc:
+            raise _fail(self, "read", exc) from exc
+
+    def quarantine(self, sha: Sha, note: dict[str, object]) -> str | None:
+        """Move the copy of `sha` out of the layout into `<root>/.stor-quarantine/`, with a
+        JSON note beside it. Returns the new path, or None if the copy was already gone."""
+        source = self.blob_path(sha)
+        directory = os.path.join(self.root, QUARANTINE_DIR)
+        stem = os.path.join(directory, f"{sha.upper()}.{time.time_ns()}")
+        try:
+            os.makedirs(directory, exist_ok=True)
+            try:
+                os.rename(source, stem + ".dat")
+            except FileNotFoundError:
+                return None
+            fd = os.open(stem + ".json", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump({**note, "disk": self.root, "path": source, "quarantined_at": time.time()}, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            _fsync_dir(directory)
+            _fsync_dir(os.path.dirname(source))
+        except OSError as exc:
+            raise _fail(self, "quarantine", exc) from exc
+        return stem + ".dat"
 
     # -- writes ----------------------------------------------------------------------------
 
