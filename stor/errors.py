@@ -69,3 +69,9 @@ class ClientTimeout(StorError):
 
 class ClientDisconnected(StorError):
     """The client went away before its body was complete."""
+
+
+class TransferAborted(Exception):
+    """Raised while a response streams, after its headers went out: there is no status left
+    to send, so it is deliberately not a `StorError`. The server closes the connection and
+    the client sees a broken transfer instead of a complete body."""

@@ -26,7 +26,14 @@ from stor.backends.pairs import MirroredWrite, Pair, StoragePool
 from stor.backends.s3 import S3Object, S3Store, S3Unavailable
 from stor.backends.s3queue import S3Queue
 from stor.digest import Sha, new_hasher, sha256_hex
-from stor.errors import BlobLost, BlobNotFound, CorruptCopy, InsufficientStorage, StorageUnavailable
+from stor.errors import (
+    BlobLost,
+    BlobNotFound,
+    CorruptCopy,
+    InsufficientStorage,
+    StorageUnavailable,
+    TransferAborted,
+)
 from stor.healer import Healer
 from stor.health import HealthMonitor
 from stor.metrics import Metrics, NullMetrics
@@ -146,7 +153,7 @@ async def _verified(
         if position != blob.stat.size or actual != blob.sha:
             if blob.on_corrupt is not None:
                 await blob.offload.run(blob.on_corrupt, actual, position)
-            raise CorruptCopy(f"the copy of {blob.sha} at {blob.stat.path} is corrupt; transfer aborted")
+            raise TransferAborted(f"the copy of {blob.sha} at {blob.stat.path} is corrupt; transfer aborted")
         if held is not None:
             yield held
     finally:
