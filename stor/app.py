@@ -6,6 +6,7 @@ Nothing here touches a disk; it parses requests, streams bodies and shapes respo
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 import time
@@ -107,6 +108,15 @@ def create_app(
         headers = _close_if_body_unread(request)
         return JSONResponse(result.paths, status_code=201 if result.created else 200, headers=headers)
 
+    async def stat_many(request: Request) -> Response:
+        length = _content_length(request)
+        if length is not None and length > MAX_STAT_BODY:
+            raise PayloadTooLarge(MAX_STAT_BODY, mid_stream=False)
+        body = b"".join([chunk async for chunk in _body(request, MAX_STAT_BODY, body_idle_timeout)])
+        shas = _sha_list(body)
+        answers = await service.stat_many(shas)
+        return JSONResponse({sha: None if info is None else dataclasses.asdict(info) for sha, info in answers.items()})
+
     async def bad_path(request: Request) -> Response:
         if request.method in ("POST", "PUT"):
             authenticator.check(request.headers.get("authorization"))
@@ -127,6 +137,7 @@ def create_app(
         Route("/", root, methods=["GET"]),
         Route("/status", status, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/stat", stat_many, methods=["POST"]),
         Route("/{name}", read_blob, methods=["GET"]),  # HEAD too
         Route("/{name}", write_blob, methods=["POST", "PUT"]),
         Route("/{rest:path}", bad_path, methods=["GET", "POST", "PUT"]),
@@ -137,6 +148,31 @@ def create_app(
         middleware=[Middleware(RequestMetrics, metrics=service.metrics)],
         lifespan=lifespan,
     )
+
+
+MAX_STAT_SHAS = 10_000
+MAX_STAT_BODY = 2 * 1024 * 1024
+
+
+def _sha_list(body: bytes) -> list[Sha]:
+    """A JSON array of shas: each validated (the error names it), duplicates answered once."""
+    try:
+        entries = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadRequest("the body must be a JSON array of sha256 strings") from None
+    if not isinstance(entries, list):
+        raise BadRequest("the body must be a JSON array of sha256 strings")
+    if len(entries) > MAX_STAT_SHAS:
+        raise PayloadTooLarge(MAX_STAT_SHAS, mid_stream=False, unit="shas")
+    shas: dict[Sha, None] = {}
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, str):
+            raise BadRequest(f"entry {index} is not a string: {entry!r}"[:200])
+        try:
+            shas[parse_sha(entry)] = None
+        except InvalidDigest as exc:
+            raise BadRequest(f"entry {index}: {exc}") from None
+    return list(shas)
 
 
 def _content_length(request: Request) -> int | None:
@@ -289,12 +325,13 @@ class RequestMetrics:
 
 
 def route_of(path: str) -> str:
-    if path in ("/", "/status", "/metrics"):
-        return {"/": "root", "/status": "status", "/metrics": "metrics"}[path]
+    if path in _NAMED_ROUTES:
+        return _NAMED_ROUTES[path]
     return "blob" if len(path) == 65 and _HEX.fullmatch(path, 1) else "other"
 
 
 _HEX = re.compile(r"[0-9a-fA-F]{64}")
+_NAMED_ROUTES = {"/": "root", "/status": "status", "/metrics": "metrics", "/stat": "stat"}
 
 _OUTCOMES = {
     ("get", 200): "success.get.ok",

@@ -57,8 +57,8 @@ class Unauthorized(StorError):
 
 
 class PayloadTooLarge(StorError):
-    def __init__(self, limit: int, *, mid_stream: bool) -> None:
-        super().__init__(f"body exceeds the upload limit of {limit} bytes")
+    def __init__(self, limit: int, *, mid_stream: bool, unit: str = "bytes") -> None:
+        super().__init__(f"body exceeds the limit of {limit} {unit}")
         self.limit = limit
         self.mid_stream = mid_stream
 

@@ -161,6 +161,13 @@ async def _verified(
 
 
 @dataclass(frozen=True)
+class BlobInfo:
+    size: int
+    copies: int
+    s3: bool | None
+
+
+@dataclass(frozen=True)
 class PutResult:
     created: bool
     paths: list[str]
@@ -509,6 +516,35 @@ class BlobService:
             return self._lookup(sha, Disk.stat).path
         except BlobNotFound:
             return None
+
+    async def stat_many(self, shas: list[Sha]) -> dict[Sha, BlobInfo | None]:
+        """Batch existence: size and copy count per sha (None when stored nowhere), one thread
+        hop per 1000 shas. At most one `stat` per copy; S3 is asked only about blobs no disk
+        has (`s3` is None when it was not asked)."""
+        answers: dict[Sha, BlobInfo | None] = {}
+        for start in range(0, len(shas), 1000):
+            answers.update(await self.offload.run(self._stat_batch, shas[start : start + 1000]))
+        return answers
+
+    def _stat_batch(self, shas: list[Sha]) -> dict[Sha, BlobInfo | None]:
+        answers: dict[Sha, BlobInfo | None] = {}
+        for sha in shas:
+            copies = self._copies(sha)
+            if copies is not None:
+                size = next(iter(copies.present.values())).size
+                answers[sha] = BlobInfo(size, len(copies.present), None)
+                continue
+            answers[sha] = self._s3_info(sha)
+        return answers
+
+    def _s3_info(self, sha: Sha) -> BlobInfo | None:
+        if self.s3 is None:
+            return None
+        try:
+            found = self.s3.store.head(sha)
+        except S3Unavailable:
+            return None
+        return BlobInfo(found.size, 0, True) if found is not None else None
 
     # -- writes ----------------------------------------------------------------------------
 
