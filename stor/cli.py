@@ -8,15 +8,19 @@ import secrets
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 import uvicorn
+from tqdm import tqdm
 
 from stor import __version__
+from stor.client import ClientError, StorClient, hash_file
 from stor.config import ENV_BASIC_AUTH, ENV_CONFIG_FILE, Config, load_config
-from stor.errors import ConfigError
+from stor.digest import Sha, parse_sha
+from stor.errors import ConfigError, InvalidDigest
 from stor.metrics.prometheus import ENV_MULTIPROC
 from stor.wiring import ENV_DATA_DIR, embedded_config, preflight
 
@@ -179,3 +183,113 @@ def _embedded_credentials(path: Path) -> str:
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(value + "\n")
     return value
+
+
+# -- the client commands -------------------------------------------------------------------
+
+BIG_FILE = 8 * 1024 * 1024
+
+
+def _client_options(command: Callable[..., None]) -> Callable[..., None]:
+    command = click.option("--password", envvar="STOR_PASSWORD", help="[env STOR_PASSWORD]")(command)
+    command = click.option("--user", envvar="STOR_USER", help="[env STOR_USER]")(command)
+    url_help = "stor's URL [env STOR_URL]"
+    default_url = f"http://127.0.0.1:{DEFAULT_PORT}"
+    return click.option("--url", envvar="STOR_URL", default=default_url, show_default=True, help=url_help)(command)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"stor: {message}", err=True)
+
+
+def _bar(total: int, what: str, show: bool) -> tqdm[None]:
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=what, disable=not show, leave=False)
+
+
+def _sha_or_usage(text: str) -> Sha:
+    try:
+        return parse_sha(text)
+    except InvalidDigest as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_client_options
+def put(files: tuple[Path, ...], url: str, user: str | None, password: str | None) -> None:
+    """Upload FILES, skipping those the server already has. Prints `sha  file` per file."""
+    failed = 0
+    readable: list[Path] = []
+    for path in files:
+        if not path.is_file():
+            _fail(f"{path}: not a regular file")
+            failed += 1
+        elif not os.access(path, os.R_OK):
+            _fail(f"{path}: not readable")
+            failed += 1
+        else:
+            readable.append(path)
+    total = sum(p.stat().st_size for p in readable)
+    show = sys.stderr.isatty() and (len(readable) > 1 or total > BIG_FILE)
+    hashed: list[tuple[Sha, Path]] = []
+    with _bar(total, "hashing", show) as bar:
+        for path in readable:
+            try:
+                hashed.append((hash_file(path, bar.update), path))
+            except ClientError as exc:
+                _fail(str(exc))
+                failed += 1
+    with StorClient(url, user, password) as client:
+        try:
+            known = client.stat([sha for sha, _ in hashed]) if hashed else {}
+        except ClientError as exc:
+            _fail(str(exc))
+            sys.exit(1)
+        todo = [(sha, path) for sha, path in hashed if not known.get(sha)]
+        with _bar(sum(p.stat().st_size for _, p in todo), "uploading", show) as bar:
+            for sha, path in hashed:
+                if (sha, path) in todo:
+                    try:
+                        client.put(sha, path, bar.update)
+                    except ClientError as exc:
+                        _fail(f"{path}: {exc}")
+                        failed += 1
+                        continue
+                click.echo(f"{sha}  {path}")
+    sys.exit(1 if failed else 0)
+
+
+@main.command()
+@click.argument("sha")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="File to write (default: ./SHA).")
+@_client_options
+def get(sha: str, output: Path | None, url: str, user: str | None, password: str | None) -> None:
+    """Download a blob, verify its hash and write it atomically."""
+    name = _sha_or_usage(sha)
+    target = output or Path(name)
+    if target.is_dir():
+        target = target / name
+    with StorClient(url, user, password) as client:
+        try:
+            size = client.head(name).size
+            with _bar(size, "downloading", sys.stderr.isatty() and size > BIG_FILE) as bar:
+                client.get(name, target, bar.update)
+        except ClientError as exc:
+            _fail(f"{name}: not found" if exc.status == 404 else str(exc))
+            sys.exit(1)
+    click.echo(f"{name}  {target}")
+
+
+@main.command()
+@click.argument("sha")
+@_client_options
+def head(sha: str, url: str, user: str | None, password: str | None) -> None:
+    """Show a blob's size and date; exit 1 if the server does not have it."""
+    name = _sha_or_usage(sha)
+    with StorClient(url, user, password) as client:
+        try:
+            info = client.head(name)
+        except ClientError as exc:
+            _fail(f"{name}: not found" if exc.status == 404 else str(exc))
+            sys.exit(1)
+    click.echo(f"{info.sha}  {info.size}  {info.last_modified}")
