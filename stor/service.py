@@ -40,6 +40,7 @@ from stor.metrics import Metrics, NullMetrics
 from stor.mirror import S3Mirror
 from stor.nearcache import NearCache
 from stor.offload import Offload
+from stor.scrubstate import last_runs
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,7 @@ class StatusReport:
     pairs: list[PairState]
     memcached: dict[str, object]
     s3: dict[str, object]
+    scrub: list[dict[str, object]]
     version: str = __version__
     uptime: float = 0.0
     reserved_bytes: dict[int, int] = field(default_factory=dict)
@@ -253,6 +255,7 @@ class BlobService:
         self._read_whole = max(READ_WHOLE_BYTES, verify_on_read_max) if verify_on_read else READ_WHOLE_BYTES
         self.healer = Healer(self._heal)
         self._cache_reachable: bool | None = None
+        self.scrub_runs: list[dict[str, object]] = []
 
     # -- start-up and shutdown -------------------------------------------------------------
 
@@ -279,6 +282,7 @@ class BlobService:
             if self.s3 is not None:
                 await self.offload.run(self.s3.queue.prepare)  # a disk that came back gets a queue again
             await self._check_cache()
+            self.scrub_runs = await self.offload.run(last_runs, self.pool.pairs)
             await asyncio.sleep(interval)
 
     def close(self) -> None:
@@ -566,6 +570,28 @@ class BlobService:
                 self.mirror.notify()
         return PutResult(True, plan.kept + written)
 
+    def store_file(self, sha: Sha, path: str) -> PutResult:
+        """Blocking, for tools (`stor import`): store a local file under `sha` through the same
+        plan, reservation and durable mirrored write as an upload. The file is hashed on the way
+        in: if it does not match `sha`, nothing is stored (`DigestMismatch`)."""
+        size = os.path.getsize(path)
+        plan = self._plan(sha, size)
+        if isinstance(plan, list):
+            return PutResult(False, plan)
+        writer = MirroredWrite(plan.disks)
+        with self.pool.reservation(plan.pair, size), open(path, "rb") as source:
+            try:
+                tail = b""
+                while chunk := source.read(SPOOL_BYTES):
+                    if tail:
+                        writer.write(tail)
+                    tail = chunk
+                written = self._finish(writer, sha, tail, plan.mtime_ns, self.s3 is not None)
+            except BaseException:
+                writer.abort()
+                raise
+        return PutResult(True, plan.kept + written)
+
     def _plan(self, sha: Sha, size: int) -> list[str] | _Target:
         """The paths of every copy when the blob is already stored on a pair; otherwise where
         to write: the missing members of a healthy pair that holds some copies (keeping their
@@ -694,6 +720,7 @@ class BlobService:
             pairs=pairs,
             memcached={"configured": self._cache_enabled, "reachable": self._cache_reachable},
             s3=self._s3_status(),
+            scrub=self.scrub_runs,
             uptime=time.monotonic() - self._started,
             reserved_bytes={p.index: self.pool.reserved(p) for p in self.pool.pairs},
         )

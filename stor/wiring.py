@@ -91,7 +91,7 @@ def preflight(config: Config) -> None:
 
 def build_app(config: Config) -> Starlette:
     check_storage_dirs(config)
-    prometheus = PrometheusMetrics(lambda: _disk_gauges(service.monitor))
+    prometheus = PrometheusMetrics(lambda: _disk_gauges(service.monitor), lambda: service.scrub_runs)
     metrics: Metrics = prometheus
     if config.statsite is not None:
         metrics = FanoutMetrics(prometheus, StatsdMetrics(config.statsite))

@@ -84,8 +84,9 @@ class Disk:
 
     # -- start-up --------------------------------------------------------------------------
 
-    def prepare(self) -> int:
-        """Claim this process's temp directory and sweep temps left by dead processes.
+    def prepare(self, *, sweep: bool = True) -> int:
+        """Claim this process's temp directory and (with `sweep`) remove temps left by dead
+        processes.
 
         Returns how many stale temp files were removed. Never creates `root` itself.
         Calling it again once the directory is claimed does nothing.
@@ -98,7 +99,7 @@ class Disk:
             raise StorageUnavailable(f"{self.root}: not a mounted filesystem")
         try:
             os.makedirs(self.tmp_root, exist_ok=True)
-            removed = self.sweep_temps()
+            removed = self.sweep_temps() if sweep else 0
             self._owner.claim()
         except OSError as exc:
             raise _fail(self, "preparing the temp directory", exc) from exc

@@ -29,8 +29,11 @@ class DiskGauge:
 
 
 class _DiskCollector(Collector):
-    def __init__(self, disks: Callable[[], Iterable[DiskGauge]]) -> None:
+    def __init__(
+        self, disks: Callable[[], Iterable[DiskGauge]], scrubs: Callable[[], Iterable[dict[str, object]]]
+    ) -> None:
         self._disks = disks
+        self._scrubs = scrubs
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("stor_disk_up", "1 if the disk passed its last health probe", labels=["disk"])
@@ -41,14 +44,25 @@ class _DiskCollector(Collector):
             free.add_metric([disk.path], disk.free_bytes)
             total.add_metric([disk.path], disk.total_bytes)
         yield from (up, free, total)
+        finished = GaugeMetricFamily("stor_scrub_finished_timestamp_seconds", "End of the last scrub", labels=["pair"])
+        left = GaugeMetricFamily("stor_scrub_damage_left", "Damage the last scrub left unrepaired", labels=["pair"])
+        for run in self._scrubs():
+            pair = str(run.get("pair", ""))
+            finished.add_metric([pair], float(run.get("finished") or 0))  # type: ignore[arg-type]
+            left.add_metric([pair], float(run.get("damage_left") or 0))  # type: ignore[arg-type]
+        yield from (finished, left)
 
 
 class PrometheusMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, disks: Callable[[], Iterable[DiskGauge]]) -> None:
+    def __init__(
+        self,
+        disks: Callable[[], Iterable[DiskGauge]],
+        scrubs: Callable[[], Iterable[dict[str, object]]] = list,
+    ) -> None:
         self.registry = CollectorRegistry()
-        self._disk_collector = _DiskCollector(disks)
+        self._disk_collector = _DiskCollector(disks, scrubs)
         self.registry.register(self._disk_collector)
         r = self.registry
         self._requests = Counter("stor_http_requests", "HTTP requests", ["route", "method", "status"], registry=r)

@@ -1,0 +1,353 @@
+"""`stor scrub`: re-hash every copy on every pair, compare the members, repair what is damaged.
+
+It walks each pair leaf directory by leaf directory (`AB/CD/EF`, in order) over the union of
+its members' file names, so a copy missing from one member is found as surely as a corrupt
+one. With `repair`, bad copies are quarantined and every missing or bad copy is rewritten
+from a verified good copy (the partner, else S3) through the same durable write protocol as
+uploads. It is safe while the server runs: it only adds copies with no-replace links, moves
+bad ones aside, and sweeps only the temps of dead processes.
+
+A checkpoint (`<first member>/.stor-scrub/checkpoint.json`) records the last leaf done, so an
+interrupted scrub continues where it stopped; the summary of the last complete run goes to
+`.stor-scrub/last.json`, where `/status` reads it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+from stor.backends.disk import Disk
+from stor.backends.owners import dead_owner_dirs
+from stor.backends.pairs import MirroredWrite, Pair
+from stor.backends.s3 import S3Store, S3Unavailable
+from stor.digest import Sha, new_hasher, sha_from_filename
+from stor.errors import InsufficientStorage, StorageUnavailable
+from stor.scrubstate import read_json, state_dir, write_json
+
+_LEVEL = re.compile(r"[0-9A-F]{2}")
+MAX_FINDINGS = 1000
+
+
+@dataclass
+class Finding:
+    sha: str
+    pair: int
+    disk: str
+    problem: str  # missing, corrupt, truncated, foreign, stray_temp, unreadable, lost
+    action: str = "none"  # quarantined+repaired, repaired, removed, none, failed: …
+
+
+@dataclass
+class ScrubReport:
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    pairs: list[int] = field(default_factory=list)
+    blobs: int = 0
+    copies: int = 0
+    bytes: int = 0
+    missing: int = 0
+    corrupt: int = 0
+    truncated: int = 0
+    unreadable: int = 0
+    foreign: int = 0
+    stray_temps: int = 0
+    vanished: int = 0
+    repaired: int = 0
+    lost: int = 0
+    damage_left: int = 0
+    interrupted: bool = False
+    resumed_after: dict[str, str] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+
+    def note(self, finding: Finding, *, damage: bool) -> None:
+        """Record a finding; `damage` ones that stay unrepaired make the exit code 1."""
+        if damage:
+            self.damage_left += 1
+        if len(self.findings) < MAX_FINDINGS:
+            self.findings.append(finding)
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class Throttle:
+    """Keeps the bytes hashed per second under `rate` (None: no limit)."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.rate = rate
+        self._start = time.monotonic()
+        self._done = 0
+
+    def spent(self, size: int) -> None:
+        if not self.rate:
+            return
+        self._done += size
+        ahead = self._done / self.rate - (time.monotonic() - self._start)
+        if ahead > 0:
+            time.sleep(ahead)
+
+
+class Scrubber:
+    def __init__(
+        self,
+        pairs: list[Pair],
+        *,
+        s3: S3Store | None = None,
+        repair: bool = False,
+        rate: float | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        restart: bool = False,
+    ) -> None:
+        self.pairs = pairs
+        self.s3 = s3
+        self.repair = repair
+        self.throttle = Throttle(rate)
+        self.progress = progress or (lambda files, size: None)
+        self.restart = restart
+
+    def run(self) -> ScrubReport:
+        report = ScrubReport(pairs=[p.index for p in self.pairs])
+        try:
+            for pair in self.pairs:
+                self._scrub_pair(pair, report)
+        except KeyboardInterrupt:
+            report.interrupted = True
+        report.finished = time.time()
+        if not report.interrupted:
+            for pair in self.pairs:
+                write_json(state_dir(pair) / "last.json", {**_summary(report), "pair": pair.index})
+        return report
+
+    # -- one pair ------------------------------------------------------------------------------
+
+    def _scrub_pair(self, pair: Pair, report: ScrubReport) -> None:
+        checkpoint = state_dir(pair) / "checkpoint.json"
+        after = "" if self.restart else str(read_json(checkpoint).get("leaf", ""))
+        if after:
+            report.resumed_after[str(pair.index)] = after
+        self._stray_temps(pair, report)
+        last_saved = time.monotonic()
+        try:
+            for leaf in _leaves(pair):
+                if leaf <= after:
+                    continue
+                self._scrub_leaf(pair, leaf, report)
+                after = leaf
+                if time.monotonic() - last_saved > 1.0:
+                    write_json(checkpoint, {"leaf": after, "at": time.time()})
+                    last_saved = time.monotonic()
+        except KeyboardInterrupt:
+            if after:
+                write_json(checkpoint, {"leaf": after, "at": time.time()})
+            raise
+        checkpoint.unlink(missing_ok=True)
+
+    def _scrub_leaf(self, pair: Pair, leaf: str, report: ScrubReport) -> None:
+        names: set[str] = set()
+        for disk in pair.members:
+            try:
+                names.update(entry for entry in os.listdir(os.path.join(disk.root, leaf)))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:
+                report.unreadable += 1
+                report.note(Finding(leaf, pair.index, disk.root, f"unreadable: {exc.strerror}"), damage=True)
+        prefix = leaf.replace("/", "")
+        for name in sorted(names):
+            sha = sha_from_filename(name)
+            if sha is None or not sha.upper().startswith(prefix):
+                self._foreign(pair, leaf, name, report)
+                continue
+            try:
+                self._scrub_blob(pair, sha, report)
+            except KeyboardInterrupt:
+                raise
+            except (StorageUnavailable, InsufficientStorage, OSError) as exc:
+                report.note(Finding(sha, pair.index, "", "error", f"failed: {exc}"), damage=True)
+
+    def _scrub_blob(self, pair: Pair, sha: Sha, report: ScrubReport) -> None:
+        good: list[tuple[Disk, int]] = []  # (disk, mtime_ns)
+        bad: list[tuple[Disk, str, int]] = []  # (disk, problem, size)
+        missing: list[Disk] = []
+        for disk in pair.members:
+            state = self._check_copy(disk, sha, report)
+            if state is None:
+                missing.append(disk)
+            elif state[0] == "ok":
+                good.append((disk, state[2]))
+            else:
+                bad.append((disk, state[0], state[1]))
+        if not good and not bad:
+            report.vanished += 1  # deleted between the listing and the hash
+            return
+        report.blobs += 1
+        good_size = next((os.stat(d.blob_path(sha)).st_size for d, _ in good), None)
+        problems: list[tuple[Disk, str]] = [(d, "missing") for d in missing]
+        for disk, problem, size in bad:
+            short = problem == "corrupt" and good_size is not None and size < good_size
+            problems.append((disk, "truncated" if short else problem))
+        for _, problem in problems:
+            setattr(report, problem, getattr(report, problem) + 1)
+        if not problems:
+            return
+        if not self.repair:
+            for disk, problem in problems:
+                report.note(Finding(sha, pair.index, disk.root, problem), damage=True)
+            return
+        self._repair(pair, sha, good, bad, problems, report)
+
+    def _check_copy(self, disk: Disk, sha: Sha, report: ScrubReport) -> tuple[str, int, int] | None:
+        """("ok"|"corrupt"|"unreadable", size, mtime_ns) of the copy on `disk`, or None."""
+        try:
+            stat = disk.stat(sha)
+            result = disk.hash_copy(sha)
+        except StorageUnavailable:
+            return ("unreadable", 0, 0)
+        if stat is None or result is None:
+            return None
+        digest, size = result
+        report.copies += 1
+        report.bytes += size
+        self.progress(1, size)
+        self.throttle.spent(size)
+        return ("ok" if digest == sha else "corrupt", size, stat.mtime_ns)
+
+    # -- repair --------------------------------------------------------------------------------
+
+    def _repair(
+        self,
+        pair: Pair,
+        sha: Sha,
+        good: list[tuple[Disk, int]],
+        bad: list[tuple[Disk, str, int]],
+        problems: list[tuple[Disk, str]],
+        report: ScrubReport,
+    ) -> None:
+        quarantined: set[str] = set()
+        for disk, problem, size in bad:
+            if problem == "unreadable":
+                continue
+            try:
+                disk.quarantine(sha, {"expected": sha, "size": size, "found_by": "scrub", "time": time.time()})
+                quarantined.add(disk.root)
+            except (StorageUnavailable, InsufficientStorage) as exc:
+                report.note(Finding(sha, pair.index, disk.root, problem, f"failed: {exc}"), damage=True)
+        targets = [d for d, p in problems if p == "missing" or d.root in quarantined]
+        try:
+            source = self._source(sha, good)
+        except S3Unavailable as exc:
+            source = None
+            error = f"failed: no good copy, and S3 could not be asked: {exc}"
+        else:
+            error = "failed: no good copy anywhere"
+        if source is None:
+            report.lost += 1
+            for disk, problem in problems:
+                report.note(Finding(sha, pair.index, disk.root, problem, error), damage=True)
+            return
+        chunks, mtime = source
+        try:
+            writer = MirroredWrite(targets)
+            tail = b""
+            for chunk in chunks:
+                if tail:
+                    writer.write(tail)
+                tail = chunk
+            writer.finish(sha, mtime, tail)
+        except Exception as exc:
+            for disk, problem in problems:
+                report.note(Finding(sha, pair.index, disk.root, problem, f"failed: {exc}"), damage=True)
+            return
+        for disk, problem in problems:
+            action = "quarantined+repaired" if disk.root in quarantined else "repaired"
+            report.repaired += 1
+            report.note(Finding(sha, pair.index, disk.root, problem, action), damage=False)
+
+    def _source(self, sha: Sha, good: list[tuple[Disk, int]]) -> tuple[Iterator[bytes], int] | None:
+        """The bytes of a good copy (the partner's, else S3's) and the mtime to give copies."""
+        if good:
+            disk, mtime = good[0]
+            return _read_file(disk.blob_path(sha)), mtime
+        if self.s3 is None:
+            return None
+        found = self.s3.open(sha)
+        if found is None:
+            return None
+        return _verified(found.chunks(), sha), found.mtime_ns  # MirroredWrite checks the hash too
+
+    # -- other debris ----------------------------------------------------------------------------
+
+    def _stray_temps(self, pair: Pair, report: ScrubReport) -> None:
+        for disk in pair.members:
+            stale = _dead_temps(disk)
+            report.stray_temps += len(stale)
+            removed = False
+            if self.repair and stale:
+                try:
+                    disk.sweep_temps()
+                    removed = True
+                except OSError:
+                    removed = False
+            for path in stale[:20]:
+                report.note(
+                    Finding("", pair.index, disk.root, "stray_temp", "removed" if removed else path), damage=not removed
+                )
+
+    def _foreign(self, pair: Pair, leaf: str, name: str, report: ScrubReport) -> None:
+        """A file that does not belong in the layout: reported, never deleted."""
+        report.foreign += 1
+        for disk in pair.members:
+            if os.path.exists(os.path.join(disk.root, leaf, name)):
+                report.note(Finding(f"{leaf}/{name}", pair.index, disk.root, "foreign"), damage=False)
+
+
+def _leaves(pair: Pair) -> list[str]:
+    """Every `AB/CD/EF` directory on any member, sorted."""
+    leaves: set[str] = set()
+    for disk in pair.members:
+        for level1 in _subdirs(disk.root):
+            for level2 in _subdirs(os.path.join(disk.root, level1)):
+                for level3 in _subdirs(os.path.join(disk.root, level1, level2)):
+                    leaves.add(f"{level1}/{level2}/{level3}")
+    return sorted(leaves)
+
+
+def _subdirs(path: str) -> list[str]:
+    try:
+        return [e.name for e in os.scandir(path) if _LEVEL.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
+def _dead_temps(disk: Disk) -> list[str]:
+    return [
+        os.path.join(owner, name)
+        for owner in dead_owner_dirs(disk.tmp_root)
+        for name in os.listdir(owner)
+        if name.endswith(".tmp")
+    ]
+
+
+def _read_file(path: str) -> Iterator[bytes]:
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1024 * 1024):
+            yield chunk
+
+
+def _verified(chunks: Iterator[bytes], sha: Sha) -> Iterator[bytes]:
+    hasher = new_hasher()
+    for chunk in chunks:
+        hasher.update(chunk)
+        yield chunk
+    if hasher.hexdigest() != sha:
+        raise ValueError(f"the S3 copy of {sha} is corrupt too")
+
+
+def _summary(report: ScrubReport) -> dict[str, object]:
+    summary = report.as_dict()
+    summary.pop("findings")
+    return summary

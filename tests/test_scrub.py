@@ -1,0 +1,196 @@
+"""`stor scrub` and `stor import`, as operators run them, on real directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from stor.backends.disk import Disk
+from stor.backends.pairs import Pair
+from stor.scrub import Scrubber, ScrubReport
+from tests.conftest import Storage, StorProcess
+from tests.helpers import sha256
+from tests.services import MotoS3
+
+
+def stor(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "stor", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def scrub(config: Path, *args: str) -> tuple[int, dict[str, Any]]:
+    result = stor("scrub", "--config", str(config), "--json", *args)
+    assert result.returncode in (0, 1), result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def import_blobs(storage: Storage, config: Path, count: int, size: int = 2000) -> list[bytes]:
+    source = storage.base / "incoming"
+    (source / "nested").mkdir(parents=True, exist_ok=True)
+    blobs = [os.urandom(size + n) for n in range(count)]
+    for n, blob in enumerate(blobs):
+        (source / ("nested" if n % 2 else "") / f"f{n}").write_bytes(blob)
+    result = stor("import", str(source), "--config", str(config), "--move")
+    assert result.returncode == 0, result.stderr
+    assert f"imported {count}, already stored 0, failed 0" in result.stderr
+    assert not [p for p in source.rglob("*") if p.is_file()]  # --move
+    return blobs
+
+
+def flip(path: Path) -> None:
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_import_stores_both_copies_and_skips_known_files(storage: Storage) -> None:
+    config = storage.write_config()
+    blobs = import_blobs(storage, config, 6)
+    for blob in blobs:
+        copies = storage.copies(sha256(blob))
+        assert len(copies) == 2 and {c.read_bytes() for c in copies} == {blob}
+    again = storage.base / "again"
+    again.mkdir()
+    (again / "x").write_bytes(blobs[0])
+    result = stor("import", str(again), "--config", str(config))
+    assert result.returncode == 0 and "imported 0, already stored 1" in result.stderr
+    assert (again / "x").exists()  # without --move the source stays
+
+
+def test_a_clean_scrub(storage: Storage) -> None:
+    config = storage.write_config()
+    blobs = import_blobs(storage, config, 8)
+    code, report = scrub(config)
+    assert code == 0
+    assert report["blobs"] == 8 and report["copies"] == 16 and report["damage_left"] == 0
+    assert report["bytes"] == 2 * sum(len(b) for b in blobs)
+
+
+def test_scrub_finds_and_repairs_damage(storage: Storage) -> None:
+    config = storage.write_config()
+    flipped, cut, gone, fine = (sha256(b) for b in import_blobs(storage, config, 4))
+    flip(storage.copies(flipped)[0])
+    with storage.copies(cut)[1].open("r+b") as handle:
+        handle.truncate(10)
+    storage.copies(gone)[0].unlink()
+    leaf = storage.copies(fine)[0].parent
+    (leaf / "stray.txt").write_text("not a blob")  # does not belong in the layout
+    dead = storage.roots[0] / ".stor-tmp" / "deadbeef"
+    dead.mkdir(parents=True)
+    (dead / "owner.lock").touch()
+    (dead / "0.tmp").write_bytes(b"half an upload")
+
+    code, report = scrub(config)
+    assert code == 1
+    assert (report["corrupt"], report["truncated"], report["missing"]) == (1, 1, 1)
+    assert report["foreign"] == 1 and report["stray_temps"] == 1 and report["repaired"] == 0
+    assert (dead / "0.tmp").exists()  # reported, not touched without --repair
+
+    code, report = scrub(config, "--repair")
+    assert code == 0, report
+    assert report["repaired"] == 3 and report["damage_left"] == 0
+    for sha in (flipped, cut, gone):
+        copies = storage.copies(sha)
+        assert len(copies) == 2 and copies[0].read_bytes() == copies[1].read_bytes()
+        assert sha256(copies[0].read_bytes()) == sha
+        assert copies[0].stat().st_mtime_ns == copies[1].stat().st_mtime_ns
+    quarantine = [p for r in storage.roots for p in (r / ".stor-quarantine").glob("*.dat")]
+    assert len(quarantine) == 2  # the flipped and the truncated copy, kept for a post-mortem
+    assert not dead.exists() and (leaf / "stray.txt").exists()  # foreign files are never deleted
+    code, report = scrub(config)
+    assert code == 0 and report["corrupt"] == report["missing"] == 0
+
+
+def test_a_blob_with_no_good_copy_is_damage_left(storage: Storage) -> None:
+    config = storage.write_config()
+    [blob] = import_blobs(storage, config, 1)
+    for copy in storage.copies(sha256(blob)):
+        flip(copy)
+    code, report = scrub(config, "--repair")
+    assert code == 1 and report["lost"] == 1 and report["damage_left"] == 2
+
+
+def test_scrub_repairs_from_s3(storage: Storage, s3: MotoS3) -> None:
+    config = storage.write_config(**s3.config())
+    [blob] = import_blobs(storage, config, 1)
+    sha = sha256(blob)
+    s3.put_raw(sha, blob)
+    for copy in storage.copies(sha):
+        flip(copy)
+    code, report = scrub(config, "--repair")
+    assert code == 0 and report["repaired"] == 2
+    assert [c.read_bytes() for c in storage.copies(sha)] == [blob, blob]
+
+
+def test_an_unwritable_quarantine_leaves_damage(storage: Storage) -> None:
+    config = storage.write_config()
+    [blob] = import_blobs(storage, config, 1)
+    bad = storage.copies(sha256(blob))[0]
+    flip(bad)
+    (bad.parents[3] / ".stor-quarantine").write_text("in the way")
+    code, report = scrub(config, "--repair")
+    assert code == 1 and report["damage_left"] >= 1
+    assert any("failed" in f["action"] for f in report["findings"])
+
+
+def test_interrupted_scrub_resumes(storage: Storage) -> None:
+    config = storage.write_config()
+    import_blobs(storage, config, 60, size=20_000)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stor", "scrub", "--config", str(config), "--json", "--rate", "0.5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    checkpoints = [pair[0] / ".stor-scrub" / "checkpoint.json" for pair in storage.pairs]
+    deadline = time.monotonic() + 30
+    while not any(c.exists() for c in checkpoints):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "run the same command again" in err
+    first = json.loads(out)
+    assert first["interrupted"] is True and first["blobs"] < 60
+    code, second = scrub(config)
+    assert code == 0 and second["resumed_after"]
+    assert first["blobs"] + second["blobs"] >= 60  # nothing skipped (a leaf may be done twice)
+    assert not any(c.exists() for c in checkpoints)
+
+
+def test_a_file_that_disappears_between_listing_and_hash(storage: Storage) -> None:
+    disks = tuple(Disk(str(r), require_mount=False) for r in storage.pairs[0])
+    for disk in disks:
+        disk.prepare()
+    pair = Pair(0, disks, True)
+    report = ScrubReport()
+    Scrubber([pair])._scrub_blob(pair, sha256(b"gone"), report)  # type: ignore[arg-type]
+    assert report.vanished == 1 and report.damage_left == 0
+
+
+def test_usage_and_config_errors_exit_2(storage: Storage) -> None:
+    config = storage.write_config()
+    assert stor("scrub", "--config", str(config), "--pair", "7").returncode == 2
+    assert stor("scrub", "--config", str(storage.write_config(max_upload_size="x"))).returncode == 2
+
+
+def test_the_last_scrub_shows_in_status_and_metrics(storage: Storage, start_stor: Any) -> None:
+    config = storage.write_config()
+    import_blobs(storage, config, 3)
+    assert scrub(config)[0] == 0
+    server: StorProcess = start_stor("--config", str(config))
+    deadline = time.monotonic() + 10
+    while not (runs := httpx.get(f"{server.url}/status?format=json").json()["scrub"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert {run["pair"] for run in runs} == {0, 1} and all(run["damage_left"] == 0 for run in runs)
+    assert 'stor_scrub_damage_left{pair="0"} 0.0' in httpx.get(f"{server.url}/metrics").text
