@@ -34,6 +34,8 @@ class Offload:
         except asyncio.CancelledError:
             if not future.done():
                 await asyncio.wait([future])
+            if not future.cancelled():
+                future.exception()  # the caller is gone; mark the outcome as seen
             raise
 
     def close(self) -> None:

@@ -449,19 +449,24 @@ class BlobService:
         hint = self._cache_get(sha)
         if hint == ABSENT:
             raise BlobNotFound(sha)
+        corrupt: list[str] = []  # copies seen bad: if nothing good turns up, the blob is lost
         if hint is not None:
             cached = self._disk_by_root.get(hint)
-            with contextlib.suppress(StorageUnavailable):
+            try:
                 found = probe(cached, sha) if cached is not None else None
-                if found is not None:
-                    self._near.remember(sha, hint)  # a no-op refresh when it came from there
-                    return found
+            except CorruptCopy as exc:
+                corrupt.append(str(exc))
+                found = None
+            except StorageUnavailable:
+                found = None
+            if found is not None:
+                self._near.remember(sha, hint)  # a no-op refresh when it came from there
+                return found
             self.metrics.cache("stale", 0.0)
             self._near.forget(sha)
             self._cache_do(self.locations.forget, sha)
         started = time.monotonic()
         unreachable: list[str] = []
-        corrupt: list[str] = []
         attempts = 0
         for disk in self.pool.probe_order():
             attempts += 1
