@@ -10,10 +10,9 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
-import anyio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -23,8 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stor import __version__
 from stor.auth import Authenticator
-from stor.backends.disk import BlobStat
-from stor.digest import Sha, parse_sha, repr_digest
+from stor.digest import Sha, parse_sha
 from stor.errors import (
     BadRequest,
     BlobLost,
@@ -39,9 +37,11 @@ from stor.errors import (
     StorError,
     Unauthorized,
 )
-from stor.httpsemantics import RangeNotSatisfiable, http_date, not_modified, parse_range, range_applies
+from stor.httpio import blob_response, close_if_body_unread, content_length, request_body
 from stor.metrics import Metrics
-from stor.service import BlobService, OpenBlob
+from stor.names import NamedFiles
+from stor.names_http import named_routes
+from stor.service import BlobService
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,6 @@ ERROR_STATUS: dict[type[StorError], int] = {
     ClientDisconnected: 499,  # never reaches the client; keeps the access log honest
 }
 
-_IMMUTABLE = "public, max-age=31536000, immutable"
-
 
 def create_app(
     service: BlobService,
@@ -68,6 +66,8 @@ def create_app(
     max_upload_size: int,
     body_idle_timeout: float,
     metrics_text: Callable[[], tuple[bytes, str]] | None = None,
+    names: NamedFiles | None = None,
+    max_named_file_size: int = 2 * 1024 * 1024,
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
 ) -> Starlette:
     async def root(request: Request) -> Response:
@@ -93,26 +93,26 @@ def create_app(
         except InvalidDigest:
             raise BlobNotFound(request.path_params["name"]) from None
         if request.method == "HEAD":
-            return _blob_response(request, sha, await service.stat(sha), None)
+            return blob_response(request, sha, await service.stat(sha), None)
         blob = await service.open(sha)
-        return _blob_response(request, sha, blob.stat, blob)
+        return blob_response(request, sha, blob.stat, blob)
 
     async def write_blob(request: Request) -> Response:
         authenticator.check(request.headers.get("authorization"))
         sha = parse_sha(request.path_params["name"])
-        length = _content_length(request)
+        length = content_length(request)
         if length is not None and length > max_upload_size:
             raise PayloadTooLarge(max_upload_size, mid_stream=False)
-        body = _body(request, max_upload_size, body_idle_timeout)
+        body = request_body(request, max_upload_size, body_idle_timeout)
         result = await service.put(sha, body, length)
-        headers = _close_if_body_unread(request)
+        headers = close_if_body_unread(request)
         return JSONResponse(result.paths, status_code=201 if result.created else 200, headers=headers)
 
     async def stat_many(request: Request) -> Response:
-        length = _content_length(request)
+        length = content_length(request)
         if length is not None and length > MAX_STAT_BODY:
             raise PayloadTooLarge(MAX_STAT_BODY, mid_stream=False)
-        body = b"".join([chunk async for chunk in _body(request, MAX_STAT_BODY, body_idle_timeout)])
+        body = b"".join([chunk async for chunk in request_body(request, MAX_STAT_BODY, body_idle_timeout)])
         shas = _sha_list(body)
         answers = await service.stat_many(shas)
         return JSONResponse({sha: None if info is None else dataclasses.asdict(info) for sha, info in answers.items()})
@@ -126,7 +126,7 @@ def create_app(
     async def stor_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StorError)
         code = next(code for kind, code in ERROR_STATUS.items() if isinstance(exc, kind))
-        headers = _close_if_body_unread(request)
+        headers = close_if_body_unread(request)
         if isinstance(exc, Unauthorized):
             headers["WWW-Authenticate"] = 'Basic realm="stor"'
         if code >= 500:
@@ -138,6 +138,7 @@ def create_app(
         Route("/status", status, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/stat", stat_many, methods=["POST"]),
+        *named_routes(service, names, authenticator, max_named_file_size, body_idle_timeout),
         Route("/{name}", read_blob, methods=["GET"]),  # HEAD too
         Route("/{name}", write_blob, methods=["POST", "PUT"]),
         Route("/{rest:path}", bad_path, methods=["GET", "POST", "PUT"]),
@@ -151,6 +152,8 @@ def create_app(
 
 
 MAX_STAT_SHAS = 10_000
+
+
 MAX_STAT_BODY = 2 * 1024 * 1024
 
 
@@ -173,119 +176,6 @@ def _sha_list(body: bytes) -> list[Sha]:
         except InvalidDigest as exc:
             raise BadRequest(f"entry {index}: {exc}") from None
     return list(shas)
-
-
-def _content_length(request: Request) -> int | None:
-    value = request.headers.get("content-length")
-    if value is None:
-        return None
-    if not value.isascii() or not value.isdigit():
-        raise BadRequest(f"invalid Content-Length: {value!r}")
-    return int(value)
-
-
-async def _body(request: Request, limit: int, idle_timeout: float) -> AsyncIterator[bytes]:
-    """The request body, chunk by chunk, enforcing the size limit and the idle timeout."""
-    total = 0
-    request.state.body_done = False
-    while True:
-        try:
-            with anyio.fail_after(idle_timeout):
-                message = await request.receive()
-        except TimeoutError:
-            raise ClientTimeout(f"no body bytes received for {idle_timeout:g}s; upload abandoned") from None
-        if message["type"] == "http.disconnect":
-            request.state.body_done = True  # nothing to drain: the client is gone
-            raise ClientDisconnected("client went away before the body was complete")
-        chunk: bytes = message.get("body", b"")
-        total += len(chunk)
-        if total > limit:
-            raise PayloadTooLarge(limit, mid_stream=True)
-        if chunk:
-            yield chunk
-        if not message.get("more_body", False):
-            request.state.body_done = True
-            return
-
-
-def _close_if_body_unread(request: Request) -> dict[str, str]:
-    """Answering before the body is read (exists, 4xx) leaves unread bytes on the connection,
-    and an `Expect: 100-continue` client never sends them: either way, end the connection."""
-    if request.method not in ("POST", "PUT") or getattr(request.state, "body_done", False):
-        return {}
-    if request.headers.get("content-length") == "0":
-        return {}
-    return {"Connection": "close"}
-
-
-def _blob_headers(sha: Sha, stat: BlobStat) -> dict[str, str]:
-    return {
-        "ETag": f'"{sha}"',
-        "Last-Modified": http_date(stat.mtime_ns),
-        "Repr-Digest": repr_digest(sha),
-        "Accept-Ranges": "bytes",
-        "Cache-Control": _IMMUTABLE,
-        "Content-Type": "application/octet-stream",
-    }
-
-
-def _blob_response(request: Request, sha: Sha, stat: BlobStat, blob: OpenBlob | None) -> Response:
-    """HEAD (blob is None: a stat was all it took) or GET, with conditional requests and a
-    single Range."""
-    headers = _blob_headers(sha, stat)
-    etag = headers["ETag"]
-    if not_modified(
-        request.headers.get("if-none-match"), request.headers.get("if-modified-since"), etag, stat.mtime_ns
-    ):
-        _close(blob)
-        return Response(status_code=304, headers={k: headers[k] for k in ("ETag", "Last-Modified", "Cache-Control")})
-    start, end, code = 0, stat.size, 200
-    if range_applies(request.headers.get("if-range"), etag, stat.mtime_ns):
-        try:
-            wanted = parse_range(request.headers.get("range"), stat.size)
-        except RangeNotSatisfiable:
-            _close(blob)
-            return PlainTextResponse(
-                f"range not satisfiable for a blob of {stat.size} bytes\n",
-                status_code=416,
-                headers={"Content-Range": f"bytes */{stat.size}"},
-            )
-        if wanted is not None:
-            start, end, code = wanted.start, wanted.end, 206
-            headers["Content-Range"] = wanted.content_range(stat.size)
-    headers["Content-Length"] = str(end - start)
-    if blob is None:
-        return Response(status_code=code, headers=headers)
-    return BlobResponse(blob, start, end, code, headers)
-
-
-def _close(blob: OpenBlob | None) -> None:
-    if blob is not None:
-        blob.close()
-
-
-class BlobResponse(Response):
-    """Streams [start, end) of an open copy; the bytes never sit whole in memory."""
-
-    def __init__(self, blob: OpenBlob, start: int, end: int, status_code: int, headers: dict[str, str]) -> None:
-        self.blob, self.start, self.end = blob, start, end
-        self.status_code = status_code
-        self.background = None
-        self.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        if self.blob.data is not None:  # read already: one message
-            await send({"type": "http.response.body", "body": self.blob.data[self.start : self.end]})
-            return
-        chunks = self.blob.chunks(self.start, self.end)
-        try:
-            async for chunk in chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            await chunks.aclose()
-            self.blob.close()
 
 
 class RequestMetrics:
@@ -331,7 +221,14 @@ def route_of(path: str) -> str:
 
 
 _HEX = re.compile(r"[0-9a-fA-F]{64}")
-_NAMED_ROUTES = {"/": "root", "/status": "status", "/metrics": "metrics", "/stat": "stat"}
+_NAMED_ROUTES = {
+    "/": "root",
+    "/status": "status",
+    "/metrics": "metrics",
+    "/stat": "stat",
+    "/file": "file",
+    "/files": "files",
+}
 
 _OUTCOMES = {
     ("get", 200): "success.get.ok",

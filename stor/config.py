@@ -60,6 +60,7 @@ class Config:
     writable_pairs_regex: str | None = None
     basic_auth: tuple[Credential, ...] = ()
     max_upload_size: int = 2 * GiB
+    max_named_file_size: int = 2 * 1024 * 1024
     placement_threshold: int = GiB
     check_mountpoints: bool = True
     body_idle_timeout: float = 30.0
@@ -123,6 +124,7 @@ def config_from_mapping(raw: object, env: Mapping[str, str]) -> Config:
         writable_pairs_regex=_regex(raw.get("writable_pairs_regex")),
         basic_auth=auth,
         max_upload_size=_int(raw, "max_upload_size", 2 * GiB, minimum=0),
+        max_named_file_size=_int(raw, "max_named_file_size", 2 * 1024 * 1024, minimum=0),
         placement_threshold=_int(raw, "placement_threshold", GiB, minimum=0),
         check_mountpoints=_bool(raw, "check_mountpoints", True),
         body_idle_timeout=_seconds(raw, "body_idle_timeout", 30.0, maximum=3600.0),
@@ -155,6 +157,7 @@ _KNOWN_KEYS = frozenset(
         "writable_pairs_regex",
         "basic_auth",
         "max_upload_size",
+        "max_named_file_size",
         "placement_threshold",
         "check_mountpoints",
         "body_idle_timeout",

@@ -28,6 +28,11 @@ class BlobNotFound(StorError):
         self.sha = sha
 
 
+class NameExists(StorError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"a file named {name!r} exists already (PUT /file replaces it)")
+
+
 class DigestMismatch(StorError):
     def __init__(self, expected: str, actual: str) -> None:
         super().__init__(f"content sha256 {actual} does not match the requested {expected}")

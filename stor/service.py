@@ -22,6 +22,7 @@ from typing import TypeVar
 from stor import __version__
 from stor.backends.disk import BlobStat, Disk, DiskHealth, now_ns
 from stor.backends.locations import ABSENT, CacheUnavailable, LocationCache, NoLocations
+from stor.backends.namestore import NameStore
 from stor.backends.pairs import MirroredWrite, Pair, StoragePool
 from stor.backends.s3 import S3Object, S3Store, S3Unavailable
 from stor.backends.s3queue import S3Queue
@@ -234,6 +235,7 @@ class BlobService:
         verify_on_read_max: int = 4 * 1024 * 1024,
         s3: S3Settings | None = None,
         metrics: Metrics | None = None,
+        names: NameStore | None = None,
         threads: int = 32,
     ) -> None:
         self.pool = pool
@@ -244,6 +246,7 @@ class BlobService:
         self.metrics: Metrics = metrics or NullMetrics()
         self.offload = Offload(threads)
         self.s3 = s3
+        self.names = names
         self.mirror = (
             S3Mirror(s3.store, s3.queue, self._local_path, self.offload, self.metrics) if s3 is not None else None
         )
@@ -262,6 +265,8 @@ class BlobService:
     def prepare(self) -> int:
         """Claim temp and queue directories, sweep stale temps (blocking, at start-up)."""
         swept = sum(disk.prepare() for disk in self.pool.disks)
+        if self.names is not None:
+            self.names.prepare()
         if self.s3 is not None:
             returned = self.s3.queue.prepare()
             if returned:
@@ -574,6 +579,35 @@ class BlobService:
             else:
                 self.mirror.notify()
         return PutResult(True, plan.kept + written)
+
+    async def put_content(self, body: AsyncIterator[bytes], length: int | None) -> tuple[Sha, int, PutResult]:
+        """Store a body whose sha is not known in advance (named files): it is hashed on the
+        way in, and if the blob turns out to be stored already the new copies are dropped."""
+        pair = await self.offload.run(self.pool.choose_pair, length or 0, self.monitor.pair_healthy)
+        writer = MirroredWrite(list(pair.members))
+        with self.pool.reservation(pair, length or 0):
+            try:
+                buffer = bytearray()
+                size = 0
+                async for chunk in body:
+                    buffer += chunk
+                    size += len(chunk)
+                    if len(buffer) >= SPOOL_BYTES:
+                        await self.offload.run(writer.write, buffer)
+                        buffer.clear()
+                sha, result = await self.offload.run(self._finish_content, writer, bytes(buffer))
+                return sha, size, result
+            except BaseException:
+                await self.offload.run(writer.abort)
+                raise
+
+    def _finish_content(self, writer: MirroredWrite, tail: bytes) -> tuple[Sha, PutResult]:
+        sha = writer.write_last(tail)
+        copies = self._copies(sha)
+        if copies is not None and copies.complete:
+            writer.abort()
+            return sha, PutResult(False, [copies.present[d.root].path for d in copies.pair.members])
+        return sha, PutResult(True, self._finish(writer, sha, b"", None, self.s3 is not None))
 
     def store_file(self, sha: Sha, path: str) -> PutResult:
         """Blocking, for tools (`stor import`): store a local file under `sha` through the same

@@ -16,6 +16,7 @@ from stor.app import create_app
 from stor.auth import Authenticator
 from stor.backends.disk import Disk
 from stor.backends.locations import LocationCache, MemcachedLocations
+from stor.backends.namestore import NameStore
 from stor.backends.pairs import Pair, StoragePool
 from stor.backends.s3 import S3Store
 from stor.backends.s3queue import S3Queue
@@ -32,6 +33,7 @@ from stor.health import HealthMonitor
 from stor.metrics import FanoutMetrics, Metrics
 from stor.metrics.prometheus import DiskGauge, PrometheusMetrics
 from stor.metrics.statsd import StatsdMetrics
+from stor.names import NamedFiles
 from stor.service import BlobService, S3Settings
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ def build_service(config: Config, metrics: Metrics | None = None) -> BlobService
         pool,
         monitor,
         locations=_locations(config),
+        names=NameStore(pool.pairs[0].members),
         near_cache_size=config.location_cache_size,
         verify_on_read=config.verify_on_read,
         verify_on_read_max=config.verify_on_read_max,
@@ -123,6 +126,8 @@ def build_app(config: Config) -> Starlette:
         max_upload_size=config.max_upload_size,
         body_idle_timeout=config.body_idle_timeout,
         metrics_text=lambda: (prometheus.render(), prometheus.content_type),
+        names=NamedFiles(service, service.names),
+        max_named_file_size=config.max_named_file_size,
         lifespan=lifespan,
     )
 

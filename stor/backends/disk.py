@@ -326,6 +326,17 @@ class TempFile:
             raise _fail(self.disk, "commit", exc) from exc
         return final, created
 
+    def replace(self, final: str) -> None:
+        """Rename the synced file over `final`, replacing it, and fsync its directory: for small
+        mutable records (blob copies use `commit`, which never replaces)."""
+        self._close()
+        try:
+            os.replace(self.path, final)
+            self.path = ""
+            _fsync_dir(os.path.dirname(final))
+        except OSError as exc:
+            raise _fail(self.disk, "replace", exc) from exc
+
     def discard(self) -> None:
         """Remove the temp file; safe to call at any point, more than once."""
         self._close()

@@ -156,6 +156,12 @@ class MirroredWrite:
         finally:
             self.abort()
 
+    def write_last(self, tail: bytes) -> Sha:
+        """Spool the last part of a body whose sha was not known in advance, and return it;
+        then `finish(that sha, mtime)` commits."""
+        self.write(tail)
+        return Sha(self._hasher.hexdigest())
+
     def _open_temps(self) -> None:
         if not self._temps:
             for disk in self.disks:  # one by one, so abort() finds every temp made so far
