@@ -218,9 +218,13 @@ def _sha_or_usage(text: str) -> Sha:
 
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--name", help="Store the one FILE under this path name (the named-file API).")
 @_client_options
-def put(files: tuple[Path, ...], url: str, user: str | None, password: str | None) -> None:
+def put(files: tuple[Path, ...], name: str | None, url: str, user: str | None, password: str | None) -> None:
     """Upload FILES, skipping those the server already has. Prints `sha  file` per file."""
+    if name is not None:
+        _put_named(files, name, url, user, password)
+        return
     failed = 0
     readable: list[Path] = []
     for path in files:
@@ -262,21 +266,55 @@ def put(files: tuple[Path, ...], url: str, user: str | None, password: str | Non
     sys.exit(1 if failed else 0)
 
 
-@main.command()
-@click.argument("sha")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="File to write (default: ./SHA).")
-@_client_options
-def get(sha: str, output: Path | None, url: str, user: str | None, password: str | None) -> None:
-    """Download a blob, verify its hash and write it atomically."""
-    name = _sha_or_usage(sha)
-    target = output or Path(name)
-    if target.is_dir():
-        target = target / name
+def _put_named(files: tuple[Path, ...], name: str, url: str, user: str | None, password: str | None) -> None:
+    if len(files) != 1 or not files[0].is_file():
+        raise click.UsageError("--name takes exactly one regular FILE")
     with StorClient(url, user, password) as client:
         try:
-            size = client.head(name).size
+            sha = client.put_named(name, files[0])
+        except ClientError as exc:
+            _fail(str(exc))
+            sys.exit(1)
+    click.echo(f"{sha}  {name}")
+
+
+@main.command()
+@click.argument("sha", required=False)
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="File to write (default: ./SHA or ./NAME).")
+@click.option("--name", help="Get the file stored under this path name instead of a SHA.")
+@_client_options
+def get(
+    sha: str | None, output: Path | None, name: str | None, url: str, user: str | None, password: str | None
+) -> None:
+    """Download a blob (or a named file), verify its hash and write it atomically."""
+    if (sha is None) == (name is None):
+        raise click.UsageError("give either a SHA or --name")
+    if name is not None:
+        _get_named(name, output, url, user, password)
+        return
+    assert sha is not None
+    blob = _sha_or_usage(sha)
+    target = output or Path(blob)
+    if target.is_dir():
+        target = target / blob
+    with StorClient(url, user, password) as client:
+        try:
+            size = client.head(blob).size
             with _bar(size, "downloading", sys.stderr.isatty() and size > BIG_FILE) as bar:
-                client.get(name, target, bar.update)
+                client.get(blob, target, bar.update)
+        except ClientError as exc:
+            _fail(f"{blob}: not found" if exc.status == 404 else str(exc))
+            sys.exit(1)
+    click.echo(f"{blob}  {target}")
+
+
+def _get_named(name: str, output: Path | None, url: str, user: str | None, password: str | None) -> None:
+    target = output or Path(Path(name).name)
+    if target.is_dir():
+        target = target / Path(name).name
+    with StorClient(url, user, password) as client:
+        try:
+            client.get_named(name, target)
         except ClientError as exc:
             _fail(f"{name}: not found" if exc.status == 404 else str(exc))
             sys.exit(1)

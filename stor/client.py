@@ -38,6 +38,14 @@ class HeadInfo:
     last_modified: str
 
 
+def _read(path: Path, progress: Progress | None) -> Iterator[bytes]:
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            if progress:
+                progress(len(chunk))
+            yield chunk
+
+
 def hash_file(path: Path, progress: Progress | None = None) -> Sha:
     """The sha256 of a file, streamed; raises `ClientError` when it cannot be read."""
     hasher = hashlib.sha256()
@@ -81,17 +89,17 @@ class StorClient:
 
     def put(self, sha: Sha, path: Path, progress: Progress | None = None) -> bool:
         """Upload the file as `sha`; True if stored now, False if the server had it."""
-        size = path.stat().st_size
-
-        def body() -> Iterator[bytes]:
-            with path.open("rb") as handle:
-                while chunk := handle.read(CHUNK):
-                    if progress:
-                        progress(len(chunk))
-                    yield chunk
-
-        response = self._request("POST", f"/{sha}", content=body(), headers={"Content-Length": str(size)})
+        size = str(path.stat().st_size)
+        response = self._request("POST", f"/{sha}", content=_read(path, progress), headers={"Content-Length": size})
         return response.status_code == 201
+
+    def put_named(self, name: str, path: Path, progress: Progress | None = None) -> Sha:
+        """Store the file under the name `name` (created or replaced); returns its sha."""
+        size = str(path.stat().st_size)
+        response = self._request(
+            "PUT", "/file", params={"path": name}, content=_read(path, progress), headers={"Content-Length": size}
+        )
+        return Sha(str(response.json()["sha"]))
 
     def head(self, sha: Sha) -> HeadInfo:
         response = self._request("HEAD", f"/{sha}")
@@ -100,13 +108,20 @@ class StorClient:
     def get(self, sha: Sha, target: Path, progress: Progress | None = None) -> int:
         """Download into `target` atomically (a temp file beside it, renamed once the hash
         matches). Returns the size."""
+        return self._save(f"/{sha}", {}, target, progress)
+
+    def get_named(self, name: str, target: Path, progress: Progress | None = None) -> int:
+        """Download the file named `name`, verified against the sha in its ETag."""
+        return self._save("/file", {"path": name}, target, progress)
+
+    def _save(self, url: str, params: dict[str, str], target: Path, progress: Progress | None) -> int:
         directory = target.parent
         try:
             fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=directory)
         except OSError as exc:
             raise ClientError(f"{directory}: cannot write here: {exc.strerror}") from None
         try:
-            size = self._download(sha, fd, progress)
+            size = self._download(url, params, fd, progress)
             os.replace(temp, target)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -114,14 +129,14 @@ class StorClient:
             raise
         return size
 
-    def _download(self, sha: Sha, fd: int, progress: Progress | None) -> int:
+    def _download(self, url: str, params: dict[str, str], fd: int, progress: Progress | None) -> int:
         hasher = hashlib.sha256()
         size = 0
-        url = f"/{sha}"
         with os.fdopen(fd, "wb") as out:
             try:
-                with self._http.stream("GET", url) as response:
+                with self._http.stream("GET", url, params=params) as response:
                     self._check(response, "GET", url)
+                    sha = response.headers.get("etag", "").strip('"')
                     for chunk in response.iter_bytes(CHUNK):
                         out.write(chunk)
                         hasher.update(chunk)
@@ -133,7 +148,7 @@ class StorClient:
             out.flush()
             os.fsync(out.fileno())
         if hasher.hexdigest() != sha:
-            raise ClientError(f"GET {url}: the bytes received hash to {hasher.hexdigest()}, not {sha}")
+            raise ClientError(f"GET {url}: the bytes received hash to {hasher.hexdigest()}, not {sha or '?'}")
         return size
 
     def _request(self, method: str, url: str, **kwargs: object) -> httpx.Response:

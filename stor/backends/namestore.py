@@ -62,15 +62,18 @@ class NameStore:
 
     def get(self, name: str) -> NameRecord | None:
         """The record of `name`, from the first member that can be read."""
-        error: OSError | None = None
+        errors = []
         for disk in self.members:
+            directory = self._dir(disk)
             try:
-                return self._read(os.path.join(self._dir(disk), _filename(name)))
+                return self._read(os.path.join(directory, _filename(name)))
             except FileNotFoundError:
-                return None
+                if os.path.isdir(directory):
+                    return None
+                errors.append(f"{directory} is missing")  # an unmounted disk: try the partner
             except (OSError, ValueError) as exc:
-                error = exc if isinstance(exc, OSError) else OSError(str(exc))
-        raise StorageUnavailable(f"name records unreadable: {error}")
+                errors.append(f"{directory}: {exc}")
+        raise StorageUnavailable("name records unreadable: " + "; ".join(errors))
 
     def listing(self, prefix: str, after: str, limit: int) -> list[NameRecord]:
         """Records in name order: names starting with `prefix`, after `after`, at most `limit`."""
