@@ -2,9 +2,10 @@
 
 Representation: one small JSON file per name, `{"path", "sha", "size", "mtime"}`, in
 `<root>/.stor-names/` on every member of the names pair (the first pair). The file is named by
-the name itself, percent-encoded (`a%2Fb.txt`), so a listing needs no reads but a directory
-scan; names whose encoding would pass 240 bytes are filed under `#<sha256 of the name>` and
-their name is read from the record. Writes use the blob protocol (temp on the same
+the name itself with only `%` and `/` escaped (`a%2Fb.txt`): a listing needs no reads but a
+directory scan, and decoding is two string replacements (full percent-decoding was 70% of a
+100,000-name scan). Names whose file name would pass 240 bytes, or start with `.`, are filed
+under `#<sha256 of the name>` and their name is read from the record. Writes use the blob protocol (temp on the same
 filesystem, fsync, rename, directory fsync) on each member, under one of 256 striped `flock`s
 chosen by the name, so two writers of one name are serialised across processes and the
 members never disagree. Every process sees every change: a listing rescans the directory
@@ -22,7 +23,6 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from urllib.parse import quote, unquote
 
 from stor.backends.disk import Disk, now_ns
 from stor.digest import Sha, parse_sha
@@ -48,7 +48,7 @@ class NameConflict(Exception):
 class NameStore:
     def __init__(self, members: tuple[Disk, ...]) -> None:
         self.members = members
-        self._index: tuple[int, list[tuple[str, str]]] | None = None  # (dir mtime, sorted (name, file))
+        self._index: tuple[int, list[str], dict[str, str]] | None = None  # (dir mtime, sorted names, hashed)
         self._index_lock = threading.Lock()
 
     def _dir(self, disk: Disk) -> str:
@@ -77,20 +77,21 @@ class NameStore:
 
     def listing(self, prefix: str, after: str, limit: int) -> list[NameRecord]:
         """Records in name order: names starting with `prefix`, after `after`, at most `limit`."""
-        names = self._names()
-        start = bisect.bisect_left(names, prefix, key=lambda entry: entry[0])
+        names, hashed = self._names()
+        start = bisect.bisect_left(names, prefix)
         if after:
-            start = max(start, bisect.bisect_right(names, after, key=lambda entry: entry[0]))
+            start = max(start, bisect.bisect_right(names, after))
         records: list[NameRecord] = []
         directory = self._dir(self.members[0])
-        for name, filename in names[start:]:
+        for name in names[start:]:
             if not name.startswith(prefix) or len(records) >= limit:
                 break
+            filename = hashed.get(name) or _filename(name)
             with contextlib.suppress(FileNotFoundError, ValueError):  # removed since the scan
                 records.append(self._read(os.path.join(directory, filename)))
         return records
 
-    def _names(self) -> list[tuple[str, str]]:
+    def _names(self) -> tuple[list[str], dict[str, str]]:
         directory = self._dir(self.members[0])
         try:
             mtime = os.stat(directory).st_mtime_ns
@@ -98,21 +99,23 @@ class NameStore:
             raise StorageUnavailable(f"name records unreadable: {exc.strerror}") from exc
         with self._index_lock:
             if self._index is not None and self._index[0] == mtime:
-                return self._index[1]
-        entries = []
-        with os.scandir(directory) as scan:
-            for entry in scan:
-                if entry.name.startswith("."):
-                    continue
-                if entry.name.startswith("#"):
-                    with contextlib.suppress(FileNotFoundError, ValueError):
-                        entries.append((self._read(entry.path).path, entry.name))
-                else:
-                    entries.append((unquote(entry.name), entry.name))
-        entries.sort()
+                return self._index[1], self._index[2]
+        names: list[str] = []
+        hashed: dict[str, str] = {}
+        for filename in os.listdir(directory):
+            if filename.startswith("."):
+                continue
+            if filename.startswith("#"):
+                with contextlib.suppress(FileNotFoundError, ValueError):
+                    name = self._read(os.path.join(directory, filename)).path
+                    hashed[name] = filename
+                    names.append(name)
+            else:
+                names.append(_decode(filename))
+        names.sort()
         with self._index_lock:
-            self._index = (mtime, entries)
-        return entries
+            self._index = (mtime, names, hashed)
+        return names, hashed
 
     @staticmethod
     def _read(path: str) -> NameRecord:
@@ -176,10 +179,14 @@ class NameStore:
 
 
 def _filename(name: str) -> str:
-    encoded = quote(name, safe="")
-    if len(encoded) <= _MAX_FILENAME and not encoded.startswith("."):
+    encoded = name.replace("%", "%25").replace("/", "%2F")
+    if len(encoded.encode()) <= _MAX_FILENAME and not encoded.startswith((".", "#")):
         return encoded
     return "#" + hashlib.sha256(name.encode()).hexdigest()
+
+
+def _decode(filename: str) -> str:
+    return filename.replace("%2F", "/").replace("%25", "%")
 
 
 def _fsync_dir(path: str) -> None:
