@@ -11,10 +11,10 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from stor.backends.disk import BlobStat
+from stor.blobs import OpenBlob
 from stor.digest import Sha, repr_digest
 from stor.errors import BadRequest, ClientDisconnected, ClientTimeout, PayloadTooLarge
 from stor.httpsemantics import RangeNotSatisfiable, http_date, not_modified, parse_range, range_applies
-from stor.service import OpenBlob
 
 IMMUTABLE = "public, max-age=31536000, immutable"
 

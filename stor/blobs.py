@@ -1,0 +1,120 @@
+"""A located blob and how its bytes stream: from memory, from a disk copy (optionally verified
+while it streams) or from S3 (always verified). Reads run off the event loop via `Offload`."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from stor.backends.disk import BlobStat, Disk
+from stor.backends.s3 import S3Object
+from stor.digest import Sha, new_hasher
+from stor.errors import TransferAborted
+from stor.metrics import Metrics, NullMetrics
+from stor.offload import Offload
+
+STREAM_CHUNK = 1024 * 1024
+
+
+@dataclass
+class OpenBlob:
+    """A located copy: its bytes when small, else an open fd or S3 stream (caller closes).
+
+    `verify` streams hash the whole copy, whatever range is asked, and hold the last piece
+    back until the hash matches; on a mismatch `on_corrupt` runs (in a worker thread) with
+    the actual digest and the transfer is aborted."""
+
+    sha: Sha
+    stat: BlobStat
+    offload: Offload
+    disk: Disk | None = None
+    data: bytes | None = None
+    fd: int | None = None
+    s3: S3Object | None = None
+    verify: bool = False
+    on_corrupt: Callable[[str, int], None] | None = None
+    metrics: Metrics = field(default_factory=NullMetrics)
+
+    def chunks(self, start: int, end: int) -> AsyncGenerator[bytes, None]:
+        """Bytes [start, end), read off the event loop; closes the source when done."""
+        if self.data is not None:
+            return _slice(self.data, start, end)
+        if self.s3 is not None:
+            source = self.s3.chunks()
+            return _verified(self, start, end, lambda: self.offload.run(next, source, None))
+        if self.verify:
+            return _verified(self, start, end, self._next_disk_chunk())
+        return _disk_range(self, start, end)
+
+    def _next_disk_chunk(self) -> Callable[[], Awaitable[bytes | None]]:
+        offset = 0
+
+        async def read() -> bytes | None:
+            nonlocal offset
+            if self.fd is None or self.disk is None:
+                raise ValueError("blob already closed")
+            began = time.monotonic()
+            chunk = await self.offload.run(self.disk.read_some, self.fd, offset, STREAM_CHUNK)
+            self.metrics.disk_read(self.disk.root, len(chunk), time.monotonic() - began)
+            offset += len(chunk)
+            return chunk or None
+
+        return read
+
+    def close(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+        if self.s3 is not None:
+            self.s3.close()
+
+
+async def _slice(data: bytes, start: int, end: int) -> AsyncGenerator[bytes, None]:
+    yield data[start:end]
+
+
+async def _disk_range(blob: OpenBlob, start: int, end: int) -> AsyncGenerator[bytes, None]:
+    try:
+        if blob.fd is None or blob.disk is None:
+            raise ValueError("blob already closed")
+        offset = start
+        while offset < end:
+            size = min(STREAM_CHUNK, end - offset)
+            began = time.monotonic()
+            chunk = await blob.offload.run(blob.disk.read_at, blob.fd, offset, size)
+            blob.metrics.disk_read(blob.disk.root, size, time.monotonic() - began)
+            yield chunk
+            offset += size
+    finally:
+        blob.close()
+
+
+async def _verified(
+    blob: OpenBlob, start: int, end: int, read: Callable[[], Awaitable[bytes | None]]
+) -> AsyncGenerator[bytes, None]:
+    """Stream the whole source, hashing it, and yield [start, end) of it. The last piece is
+    held back until the hash matches, so a corrupt copy ends in a broken transfer, never in a
+    complete response."""
+    hasher = new_hasher()
+    position = 0
+    held: bytes | None = None
+    try:
+        while (chunk := await read()) is not None:
+            hasher.update(chunk)
+            piece = chunk[max(0, start - position) : max(0, end - position)]
+            position += len(chunk)
+            if piece:
+                if held is not None:
+                    yield held
+                held = piece
+        actual = hasher.hexdigest()
+        if position != blob.stat.size or actual != blob.sha:
+            if blob.on_corrupt is not None:
+                await blob.offload.run(blob.on_corrupt, actual, position)
+            raise TransferAborted(f"the copy of {blob.sha} at {blob.stat.path} is corrupt; transfer aborted")
+        if held is not None:
+            yield held
+    finally:
+        blob.close()
