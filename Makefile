@@ -22,16 +22,20 @@ test: venv ## install what the suite needs (venv, memcached) and run it
 	scripts/test-deps.sh
 	$(BIN)/pytest
 
+bench: venv ## benchmark stor against nginx on the same files; writes docs/benchmarks.md
+	scripts/bench-deps.sh
+	PATH="/usr/sbin:$$PATH" $(BIN)/python bench/run.py
+
 lint: venv ## ruff and mypy (strict)
-	$(BIN)/ruff check stor tests
-	$(BIN)/ruff format --check stor tests
+	$(BIN)/ruff check stor tests bench
+	$(BIN)/ruff format --check stor tests bench
 	$(BIN)/mypy
 
 format: venv ## apply ruff's formatting and import order
-	$(BIN)/ruff check --fix stor tests
-	$(BIN)/ruff format stor tests
+	$(BIN)/ruff check --fix stor tests bench
+	$(BIN)/ruff format stor tests bench
 
 clean: ## remove the venv and caches (keeps ./stor-data)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
 
-.PHONY: help venv run test lint format clean
+.PHONY: help venv run test bench lint format clean
