@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import anyio
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
@@ -83,21 +84,19 @@ def blob_headers(sha: Sha, stat: BlobStat, content_type: str) -> dict[str, str]:
 
 
 def blob_response(
-    request: Request, sha: Sha, stat: BlobStat, blob: OpenBlob | None, content_type: str = "application/octet-stream"
+    asked: Headers, sha: Sha, stat: BlobStat, blob: OpenBlob | None, content_type: str = "application/octet-stream"
 ) -> Response:
     """HEAD (blob is None: a stat was all it took) or GET, with conditional requests and a
     single Range."""
     headers = blob_headers(sha, stat, content_type)
     etag = headers["ETag"]
-    if not_modified(
-        request.headers.get("if-none-match"), request.headers.get("if-modified-since"), etag, stat.mtime_ns
-    ):
+    if not_modified(asked.get("if-none-match"), asked.get("if-modified-since"), etag, stat.mtime_ns):
         _close(blob)
         return Response(status_code=304, headers={k: headers[k] for k in ("ETag", "Last-Modified", "Cache-Control")})
     start, end, code = 0, stat.size, 200
-    if range_applies(request.headers.get("if-range"), etag, stat.mtime_ns):
+    if range_applies(asked.get("if-range"), etag, stat.mtime_ns):
         try:
-            wanted = parse_range(request.headers.get("range"), stat.size)
+            wanted = parse_range(asked.get("range"), stat.size)
         except RangeNotSatisfiable:
             _close(blob)
             return PlainTextResponse(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import functools
 import re
 from dataclasses import dataclass
 
@@ -52,7 +53,12 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
 
 
 def http_date(mtime_ns: int) -> str:
-    return email.utils.formatdate(mtime_ns // 1_000_000_000, usegmt=True)
+    return _http_date(mtime_ns // 1_000_000_000)
+
+
+@functools.lru_cache(maxsize=65536)
+def _http_date(seconds: int) -> str:
+    return email.utils.formatdate(seconds, usegmt=True)
 
 
 def _etag_matches(header: str, etag: str) -> bool:

@@ -48,9 +48,9 @@ def named_routes(
         record = await _names().get(check_name(request.query_params.get("path")))
         content_type = mimetypes.guess_type(record.path)[0] or "application/octet-stream"
         if request.method == "HEAD":
-            return blob_response(request, record.sha, await service.stat(record.sha), None, content_type)
+            return blob_response(request.headers, record.sha, await service.stat(record.sha), None, content_type)
         blob = await service.open(record.sha)
-        return blob_response(request, record.sha, blob.stat, blob, content_type)
+        return blob_response(request.headers, record.sha, blob.stat, blob, content_type)
 
     async def named_delete(request: Request) -> Response:
         authenticator.check(request.headers.get("authorization"))
