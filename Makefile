@@ -19,11 +19,11 @@ run: venv ## serve stor on the embedded default (./stor-data), port 8321
 	$(BIN)/stor serve
 
 test: venv ## install what the suite needs (venv, memcached) and run it
-	scripts/test-deps.sh
+	scripts/debian-deps.sh memcached:memcached
 	$(BIN)/pytest
 
 bench: venv ## benchmark stor against nginx on the same files; writes docs/benchmarks.md
-	scripts/bench-deps.sh
+	scripts/debian-deps.sh wrk:wrk nginx:nginx-light memcached:memcached
 	PATH="/usr/sbin:$$PATH" $(BIN)/python bench/run.py
 
 lint: venv ## ruff and mypy (strict)

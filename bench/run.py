@@ -417,7 +417,7 @@ nginx's URL carries the sha in uppercase (core nginx cannot change case; the fil
 
 ## How to run
 
-`make bench` (installs wrk and nginx from Debian when missing; `BENCH_SECONDS` changes the run length,
+`make bench` (installs wrk, nginx and memcached from Debian when missing; `BENCH_SECONDS` changes the run length,
 `BENCH_DIR` where the corpus is built). It is not part of `make test` and asserts nothing.
 """
     (ROOT / "docs" / "benchmarks.md").write_text(text)

@@ -196,15 +196,7 @@ class StorApp(Starlette):
         started = time.perf_counter()
         method = scope["method"]
         sha = Sha(scope["path"][1:].lower())
-        status, sent = 500, 0
-
-        async def counting_send(message: Message) -> None:
-            nonlocal status, sent
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            else:
-                sent += len(message.get("body", b""))
-            await send(message)
+        counter = SendCounter(send)
 
         try:
             try:
@@ -215,14 +207,31 @@ class StorApp(Starlette):
                     response = blob_response(Headers(scope=scope), sha, blob.stat, blob)
             except StorError as exc:
                 response = error_response(exc, method, scope["path"], {})
-            await response(scope, receive, counting_send)
+            await response(scope, receive, counter.send)
         finally:
-            seconds = time.perf_counter() - started
-            self.service.metrics.request(method, stor_outcome(method, "blob", status), "blob", status, seconds, 0, sent)
+            seconds, status = time.perf_counter() - started, counter.status
+            outcome = stor_outcome(method, "blob", status)
+            self.service.metrics.request(method, outcome, "blob", status, seconds, 0, counter.sent)
 
 
 def _is_sha_path(path: str) -> bool:
     return len(path) == 65 and _HEX.fullmatch(path, 1) is not None
+
+
+class SendCounter:
+    """Wraps an ASGI `send` to note the status and the body bytes that went out."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.status = 500
+        self.sent = 0
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        else:
+            self.sent += len(message.get("body", b""))
+        await self._send(message)
 
 
 class RequestMetrics:
@@ -237,7 +246,8 @@ class RequestMetrics:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status, bytes_in, bytes_out = 500, 0, 0
+        bytes_in = 0
+        counter = SendCounter(send)
 
         async def counting_receive() -> Message:
             nonlocal bytes_in
@@ -245,20 +255,14 @@ class RequestMetrics:
             bytes_in += len(message.get("body", b""))
             return message
 
-        async def counting_send(message: Message) -> None:
-            nonlocal status, bytes_out
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            else:
-                bytes_out += len(message.get("body", b""))
-            await send(message)
-
         try:
-            await self.app(scope, counting_receive, counting_send)
+            await self.app(scope, counting_receive, counter.send)
         finally:
             method, route = scope["method"], route_of(scope["path"])
-            outcome = stor_outcome(method, route, status)
-            self.metrics.request(method, outcome, route, status, time.perf_counter() - started, bytes_in, bytes_out)
+            outcome = stor_outcome(method, route, counter.status)
+            self.metrics.request(
+                method, outcome, route, counter.status, time.perf_counter() - started, bytes_in, counter.sent
+            )
 
 
 def route_of(path: str) -> str:

@@ -484,19 +484,25 @@ class BlobService:
         writer = MirroredWrite(list(pair.members))
         with self.pool.reservation(pair, length or 0):
             try:
-                buffer = bytearray()
-                size = 0
-                async for chunk in body:
-                    buffer += chunk
-                    size += len(chunk)
-                    if len(buffer) >= SPOOL_BYTES:
-                        await self.offload.run(writer.write, buffer)
-                        buffer.clear()
-                sha, result = await self.offload.run(self._finish_content, writer, bytes(buffer))
+                tail, size = await self._spool(writer, body)
+                sha, result = await self.offload.run(self._finish_content, writer, tail)
                 return sha, size, result
             except BaseException:
                 await self.offload.run(writer.abort)
                 raise
+
+    async def _spool(self, writer: MirroredWrite, body: AsyncIterator[bytes]) -> tuple[bytes, int]:
+        """Write the body to the temps a MiB at a time; return what is left (for the last,
+        finishing hop) and the size of the whole body."""
+        buffer = bytearray()
+        size = 0
+        async for chunk in body:
+            buffer += chunk
+            size += len(chunk)
+            if len(buffer) >= SPOOL_BYTES:
+                await self.offload.run(writer.write, buffer)
+                buffer.clear()
+        return bytes(buffer), size
 
     def _finish_content(self, writer: MirroredWrite, tail: bytes) -> tuple[Sha, PutResult]:
         sha = writer.write_last(tail)
@@ -570,13 +576,8 @@ class BlobService:
     ) -> list[str]:
         writer = MirroredWrite(disks)
         try:
-            buffer = bytearray()
-            async for chunk in body:
-                buffer += chunk
-                if len(buffer) >= SPOOL_BYTES:
-                    await self.offload.run(writer.write, buffer)
-                    buffer.clear()
-            return await self.offload.run(self._finish, writer, sha, bytes(buffer), mtime, mirror)
+            tail, _ = await self._spool(writer, body)
+            return await self.offload.run(self._finish, writer, sha, tail, mtime, mirror)
         except BaseException:
             await self.offload.run(writer.abort)  # runs to the end even when cancelled
             raise

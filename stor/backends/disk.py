@@ -60,7 +60,8 @@ def _fail(disk: Disk, action: str, exc: OSError) -> StorageUnavailable | Insuffi
     return StorageUnavailable(message)
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries durable (after a create, rename or unlink in it)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -218,8 +219,8 @@ class Disk:
                 json.dump({**note, "disk": self.root, "path": source, "quarantined_at": time.time()}, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
-            _fsync_dir(directory)
-            _fsync_dir(os.path.dirname(source))
+            fsync_dir(directory)
+            fsync_dir(os.path.dirname(source))
         except OSError as exc:
             raise _fail(self, "quarantine", exc) from exc
         return stem + ".dat"
@@ -321,7 +322,7 @@ class TempFile:
             created = _link_no_replace(self.path, final)
             self.path = ""
             for directory in (os.path.dirname(final), *new_dirs):
-                _fsync_dir(directory)
+                fsync_dir(directory)
         except OSError as exc:
             raise _fail(self.disk, "commit", exc) from exc
         return final, created
@@ -333,7 +334,7 @@ class TempFile:
         try:
             os.replace(self.path, final)
             self.path = ""
-            _fsync_dir(os.path.dirname(final))
+            fsync_dir(os.path.dirname(final))
         except OSError as exc:
             raise _fail(self.disk, "replace", exc) from exc
 

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from stor.backends.disk import Disk, now_ns
+from stor.backends.disk import Disk, fsync_dir, now_ns
 from stor.digest import Sha, parse_sha
 from stor.errors import InvalidDigest, StorageUnavailable
 
@@ -151,7 +151,7 @@ class NameStore:
                     continue
                 except OSError as exc:
                     raise StorageUnavailable(f"{disk.root}: cannot remove name record: {exc.strerror}") from exc
-                _fsync_dir(self._dir(disk))
+                fsync_dir(self._dir(disk))
             return found
 
     def _write(self, disk: Disk, filename: str, data: bytes) -> None:
@@ -187,11 +187,3 @@ def _filename(name: str) -> str:
 
 def _decode(filename: str) -> str:
     return filename.replace("%2F", "/").replace("%25", "%")
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -79,27 +79,24 @@ class S3Store:
         )
 
     def head(self, sha: Sha) -> S3Object | None:
-        try:
-            meta = self._client.head_object(Bucket=self.bucket, Key=s3_key(sha))
-        except ClientError as exc:
-            if _code(exc) in _MISSING:
-                return None
-            raise _unavailable("head", exc) from exc
-        except BotoCoreError as exc:
-            raise _unavailable("head", exc) from exc
-        return S3Object(int(meta["ContentLength"]), int(meta["LastModified"].timestamp()) * 1_000_000_000)
+        meta = self._object_call("head", self._client.head_object, sha)
+        return None if meta is None else S3Object(int(meta["ContentLength"]), _mtime_ns(meta))
 
     def open(self, sha: Sha) -> S3Object | None:
+        reply = self._object_call("get", self._client.get_object, sha)
+        return None if reply is None else S3Object(int(reply["ContentLength"]), _mtime_ns(reply), reply["Body"])
+
+    def _object_call(self, operation: str, call: Any, sha: Sha) -> dict[str, Any] | None:
+        """One call about the object of `sha`: its reply, None when it does not exist."""
         try:
-            reply = self._client.get_object(Bucket=self.bucket, Key=s3_key(sha))
+            reply: dict[str, Any] = call(Bucket=self.bucket, Key=s3_key(sha))
         except ClientError as exc:
             if _code(exc) in _MISSING:
                 return None
-            raise _unavailable("get", exc) from exc
+            raise _unavailable(operation, exc) from exc
         except BotoCoreError as exc:
-            raise _unavailable("get", exc) from exc
-        mtime = int(reply["LastModified"].timestamp()) * 1_000_000_000
-        return S3Object(int(reply["ContentLength"]), mtime, reply["Body"])
+            raise _unavailable(operation, exc) from exc
+        return reply
 
     def put(self, sha: Sha, path: str) -> bool:
         """Mirror the local file at `path`; False when the object was already there.
@@ -131,6 +128,10 @@ class S3Store:
             self._client.head_bucket(Bucket=self.bucket)
         except (ClientError, BotoCoreError) as exc:
             raise _unavailable("head_bucket", exc) from exc
+
+
+def _mtime_ns(reply: dict[str, Any]) -> int:
+    return int(reply["LastModified"].timestamp()) * 1_000_000_000
 
 
 def _file_sha256(path: str) -> bytes:
