@@ -27,10 +27,6 @@ def sha_of(data: bytes) -> Sha:
     return Sha(hashlib.sha256(data).hexdigest())
 
 
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def new_hasher() -> hashlib._Hash:
     return hashlib.sha256()
 

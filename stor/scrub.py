@@ -170,7 +170,7 @@ class Scrubber:
                 report.note(Finding(sha, pair.index, "", "error", f"failed: {exc}"), damage=True)
 
     def _scrub_blob(self, pair: Pair, sha: Sha, report: ScrubReport) -> None:
-        good: list[tuple[Disk, int]] = []  # (disk, mtime_ns)
+        good: list[tuple[Disk, int, int]] = []  # (disk, size, mtime_ns)
         bad: list[tuple[Disk, str, int]] = []  # (disk, problem, size)
         missing: list[Disk] = []
         for disk in pair.members:
@@ -178,14 +178,14 @@ class Scrubber:
             if state is None:
                 missing.append(disk)
             elif state[0] == "ok":
-                good.append((disk, state[2]))
+                good.append((disk, state[1], state[2]))
             else:
                 bad.append((disk, state[0], state[1]))
         if not good and not bad:
             report.vanished += 1  # deleted between the listing and the hash
             return
         report.blobs += 1
-        good_size = next((os.stat(d.blob_path(sha)).st_size for d, _ in good), None)
+        good_size = good[0][1] if good else None
         problems: list[tuple[Disk, str]] = [(d, "missing") for d in missing]
         for disk, problem, size in bad:
             short = problem == "corrupt" and good_size is not None and size < good_size
@@ -203,13 +203,13 @@ class Scrubber:
     def _check_copy(self, disk: Disk, sha: Sha, report: ScrubReport) -> tuple[str, int, int] | None:
         """("ok"|"corrupt"|"unreadable", size, mtime_ns) of the copy on `disk`, or None."""
         try:
-            stat = disk.stat(sha)
             result = disk.hash_copy(sha)
         except StorageUnavailable:
             return ("unreadable", 0, 0)
-        if stat is None or result is None:
+        if result is None:
             return None
-        digest, size = result
+        digest, stat = result
+        size = stat.size
         report.copies += 1
         report.bytes += size
         self.progress(1, size)
@@ -222,7 +222,7 @@ class Scrubber:
         self,
         pair: Pair,
         sha: Sha,
-        good: list[tuple[Disk, int]],
+        good: list[tuple[Disk, int, int]],
         bad: list[tuple[Disk, str, int]],
         problems: list[tuple[Disk, str]],
         report: ScrubReport,
@@ -267,10 +267,10 @@ class Scrubber:
             report.repaired += 1
             report.note(Finding(sha, pair.index, disk.root, problem, action), damage=False)
 
-    def _source(self, sha: Sha, good: list[tuple[Disk, int]]) -> tuple[Iterator[bytes], int] | None:
+    def _source(self, sha: Sha, good: list[tuple[Disk, int, int]]) -> tuple[Iterator[bytes], int] | None:
         """The bytes of a good copy (the partner's, else S3's) and the mtime to give copies."""
         if good:
-            disk, mtime = good[0]
+            disk, _, mtime = good[0]
             return _read_file(disk.blob_path(sha)), mtime
         if self.s3 is None:
             return None

@@ -27,7 +27,7 @@ from stor.backends.pairs import MirroredWrite, Pair, StoragePool
 from stor.backends.s3 import S3Object, S3Store, S3Unavailable
 from stor.backends.s3queue import S3Queue
 from stor.blobs import OpenBlob
-from stor.digest import Sha, sha256_hex
+from stor.digest import Sha, sha_of
 from stor.errors import (
     BlobLost,
     BlobNotFound,
@@ -212,8 +212,7 @@ class BlobService:
         except (BlobNotFound, StorageUnavailable, BlobLost) as miss:
             if self.s3 is None:
                 raise self._counted(miss) from None
-            found = self._s3_call("head", miss, self.s3.store.head, sha)
-            return BlobStat(f"s3://{self.s3.store.bucket}/{sha}", found.size, found.mtime_ns)
+            return self._s3_stat(sha, self._s3_call("head", miss, self.s3.store.head, sha))
 
     def _open(self, sha: Sha) -> OpenBlob:
         try:
@@ -222,11 +221,15 @@ class BlobService:
             if self.s3 is None:
                 raise self._counted(miss) from None
             found = self._s3_call("get", miss, self.s3.store.open, sha)
-            stat = BlobStat(f"s3://{self.s3.store.bucket}/{sha}", found.size, found.mtime_ns)
+            stat = self._s3_stat(sha, found)
             blob = OpenBlob(sha, stat, self.offload, s3=found, on_corrupt=self._s3_corrupt, metrics=self.metrics)
             if found.size <= S3_READ_WHOLE_BYTES:
                 blob.data, blob.s3 = self._read_verified(blob, found), None
             return blob
+
+    def _s3_stat(self, sha: Sha, found: S3Object) -> BlobStat:
+        assert self.s3 is not None
+        return BlobStat(f"s3://{self.s3.store.bucket}/{sha}", found.size, found.mtime_ns)
 
     def _counted(self, miss: Exception) -> Exception:
         if isinstance(miss, BlobLost):
@@ -240,7 +243,7 @@ class BlobService:
             raise StorageUnavailable(str(exc)) from exc
         finally:
             found.close()
-        actual = sha256_hex(data)
+        actual = sha_of(data)
         if len(data) != blob.stat.size or actual != blob.sha:
             self._s3_corrupt(actual, len(data))
             raise CorruptCopy(f"the S3 copy of {blob.sha} is corrupt (its sha256 is {actual})")
@@ -281,7 +284,7 @@ class BlobService:
         finally:
             os.close(fd)
         self.metrics.disk_read(disk.root, st.size, time.monotonic() - began)
-        if self.verify and (actual := sha256_hex(data)) != sha:
+        if self.verify and (actual := sha_of(data)) != sha:
             self._corrupt(disk, sha, st, actual, len(data))
             raise CorruptCopy(f"the copy of {sha} on {disk.root} is corrupt (its sha256 is {actual})")
         return OpenBlob(sha, st, self.offload, disk=disk, data=data, metrics=self.metrics)
@@ -306,14 +309,14 @@ class BlobService:
         good: BlobStat | None = None
         for member in pair.members:
             with contextlib.suppress(StorageUnavailable):
-                st = member.stat(sha)
-                digest = member.hash_copy(sha)
-                if st is None or digest is None:
+                hashed = member.hash_copy(sha)
+                if hashed is None:
                     continue
-                if digest[0] == sha:
+                digest, st = hashed
+                if digest == sha:
                     good = good or st
                 else:
-                    self._corrupt(member, sha, st, *digest)
+                    self._corrupt(member, sha, st, digest, st.size)
         if good is None:
             raise CorruptCopy(f"no copy of {sha} on pair {pair.index} passed verification")
         return good

@@ -180,12 +180,13 @@ class Disk:
         """Up to `size` bytes at `offset`; empty at the end of the file."""
         return self._pread(fd, size, offset)
 
-    def hash_copy(self, sha: Sha) -> tuple[str, int] | None:
-        """(sha256 hex, size) of the bytes of the copy here, or None when there is none."""
+    def hash_copy(self, sha: Sha) -> tuple[str, BlobStat] | None:
+        """(sha256 hex, stat) of the copy here, or None when there is none. The stat's size is
+        the number of bytes actually read and hashed."""
         opened = self.open(sha)
         if opened is None:
             return None
-        fd, _ = opened
+        fd, stat = opened
         hasher = new_hasher()
         offset = 0
         try:
@@ -194,7 +195,7 @@ class Disk:
                 offset += len(chunk)
         finally:
             os.close(fd)
-        return hasher.hexdigest(), offset
+        return hasher.hexdigest(), BlobStat(stat.path, offset, stat.mtime_ns)
 
     def _pread(self, fd: int, size: int, offset: int) -> bytes:
         try:
