@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 .DEFAULT_GOAL := help
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	scripts/venv.sh $(VENV)
@@ -18,9 +18,15 @@ venv: $(STAMP) ## create .venv with stor and its test and lint tools
 run: venv ## serve stor on the embedded default (./stor-data), port 8321
 	$(BIN)/stor serve
 
-test: venv ## install what the suite needs (venv, memcached) and run it
+test: venv test-deps ## install what the suite needs (venv, memcached, fault tools) and run it
+	scripts/private-mounts.sh $(BIN)/pytest
+
+test-faults: venv test-deps ## only the reliability suite (tests/faults; mounts need root)
+	scripts/private-mounts.sh $(BIN)/pytest -m faults
+
+test-deps:
 	scripts/debian-deps.sh memcached:memcached
-	$(BIN)/pytest
+	if [ "$$(id -u)" = 0 ]; then scripts/debian-deps.sh fusermount3:fuse3 strace:strace mkfs.ext4:e2fsprogs; fi
 
 bench: venv ## benchmark stor against nginx on the same files; writes docs/benchmarks.md
 	scripts/debian-deps.sh wrk:wrk nginx:nginx-light memcached:memcached
@@ -38,4 +44,4 @@ format: venv ## apply ruff's formatting and import order
 clean: ## remove the venv and caches (keeps ./stor-data)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
 
-.PHONY: help venv run test bench lint format clean
+.PHONY: help venv run test test-faults test-deps bench lint format clean

@@ -98,13 +98,15 @@ class app_client:
 class StorProcess:
     """`stor serve` in a subprocess on a free port, logging into the test's temp dir."""
 
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], cwd: Path, env: dict[str, str] | None = None, *, wrapper: list[str] | None = None
+    ) -> None:
         self.log_path = cwd / f"stor-{time.monotonic_ns()}.log"
         self._log = self.log_path.open("wb")
         inherited = {k: v for k, v in os.environ.items() if k not in ("CONFIG_FILE", "STOR_BASIC_AUTH")}
         full_env = {**inherited, **(env or {})}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stor", "serve", "--host", "127.0.0.1", "--port", "0", *args],
+            [*(wrapper or []), sys.executable, "-m", "stor", "serve", "--host", "127.0.0.1", "--port", "0", *args],
             cwd=cwd,
             env=full_env,
             stdout=self._log,

@@ -8,7 +8,7 @@ import pytest
 
 from stor.backends.disk import Disk
 from stor.backends.pairs import Candidate, Pair, StoragePool, pick_pair
-from stor.errors import InsufficientStorage
+from stor.errors import InsufficientStorage, StorageUnavailable
 
 GiB = 1024**3
 
@@ -93,5 +93,7 @@ def test_unhealthy_and_unwritable_pairs_take_no_writes(tmp_path: Path) -> None:
     readonly = StoragePool([pool.pairs[0], Pair(1, pool.pairs[1].members, False)], placement_threshold=0)
     for _ in range(20):
         assert readonly.choose_pair(1, lambda pair: True) is readonly.pairs[0]
-    with pytest.raises(InsufficientStorage):
+    with pytest.raises(StorageUnavailable, match="unhealthy"):  # down, not full: worth a retry
         readonly.choose_pair(1, healthy_only_1)
+    with pytest.raises(InsufficientStorage):
+        readonly.choose_pair(1 << 60, lambda pair: True)

@@ -168,7 +168,7 @@ class NameStore:
         stripe = hashlib.sha256(name.encode()).digest()[0] % _LOCKS
         path = os.path.join(self._dir(self.members[0]), ".locks", f"{stripe:02x}")
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise StorageUnavailable(f"name records not writable: {exc.strerror}") from exc
         try:

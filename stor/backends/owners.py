@@ -29,7 +29,9 @@ class OwnedDir:
         """Create the directory and take its lock (again, after the disk came back)."""
         self.release()
         os.makedirs(self.path, exist_ok=True)
-        fd = os.open(os.path.join(self.path, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Read-only: flock needs no write access, and a file held open for writing would make
+        # the disk refuse an administrator's `mount -o remount,ro` (EBUSY) while stor runs.
+        fd = os.open(os.path.join(self.path, LOCK_NAME), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -56,7 +58,7 @@ def dead_owner_dirs(parent: str) -> Iterator[str]:
 
 def _alive(owner_dir: str) -> bool:
     try:
-        fd = os.open(os.path.join(owner_dir, LOCK_NAME), os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(os.path.join(owner_dir, LOCK_NAME), os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     try:

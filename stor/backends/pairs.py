@@ -79,18 +79,31 @@ class StoragePool:
         return firsts + partners
 
     def choose_pair(self, size: int, healthy: Callable[[Pair], bool]) -> Pair:
+        """The pair for a new blob of `size` bytes (see `pick_pair`). When none has room and
+        some writable pair was skipped because it is down, the answer is "unavailable" (503,
+        worth retrying), not "full" (507)."""
         candidates = []
+        down: list[str] = []
         for pair in self.pairs:
-            if not pair.writable or not healthy(pair):
+            if not pair.writable:
+                continue
+            if not healthy(pair):
+                down.append(f"pair {pair.index} is unhealthy")
                 continue
             try:
                 free = min(disk.free_bytes() for disk in pair.members)
-            except StorageUnavailable:
+            except StorageUnavailable as exc:
+                down.append(str(exc))
                 continue
             with self._lock:
                 free -= self._reserved[pair.index]
             candidates.append(Candidate(pair, free))
-        return pick_pair(candidates, size, self.placement_threshold, self._rng)
+        try:
+            return pick_pair(candidates, size, self.placement_threshold, self._rng)
+        except InsufficientStorage as full:
+            if down:
+                raise StorageUnavailable(f"{full}; {'; '.join(down)}") from None
+            raise
 
     @contextmanager
     def reservation(self, pair: Pair, size: int) -> Iterator[None]:

@@ -1,0 +1,176 @@
+"""Disk faults on real filesystems: full (bytes, inodes), read-only, unmounted, renamed away."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import Storage
+from tests.faults.conftest import Mounts, Servers, fault_config, post, run, status, wait_for
+from tests.faults.invariants import Ledger
+from tests.helpers import AUTH, layout_path, sha256
+
+MiB = 1024 * 1024
+
+
+def chunks(data: bytes, size: int = 256 * 1024) -> Iterator[bytes]:
+    """A body without Content-Length (chunked), so placement cannot see its size coming."""
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+def test_disk_full_mid_upload_gives_507_and_leaves_nothing(
+    mounts: Mounts, servers: Servers, build: Callable[[list[list[Path]]], Storage], ledger: Ledger
+) -> None:
+    small, roomy = mounts.tmpfs("a1", size="8m"), mounts.tmpfs("a2", size="64m")
+    storage = build([[small, roomy]])
+    server = servers.start(fault_config(storage))
+    before = post(server, os.urandom(4096), ledger)
+    assert before.status_code == 201
+
+    big = os.urandom(12 * MiB)
+    response = httpx.post(f"{server.url}/{sha256(big)}", content=chunks(big), auth=AUTH, timeout=20)
+    assert response.status_code == 507, response.text
+    assert storage.copies(sha256(big)) == [] and storage.temps() == []
+
+    after = post(server, os.urandom(4096), ledger)
+    assert after.status_code == 201
+
+
+def test_inodes_exhausted_gives_507_then_recovers(
+    mounts: Mounts, servers: Servers, build: Callable[[list[list[Path]]], Storage], ledger: Ledger
+) -> None:
+    first, second = mounts.tmpfs("a1", size="64m", inodes=64), mounts.tmpfs("a2")
+    storage = build([[first, second]])
+    server = servers.start(fault_config(storage))
+    filler = first / "filler"
+    filler.mkdir()
+    made = 0
+    try:
+        while True:
+            (filler / str(made)).touch()
+            made += 1
+    except OSError:
+        pass
+    data = os.urandom(4096)
+    response = post(server, data, ledger)
+    assert response.status_code == 507, response.text
+    assert storage.copies(sha256(data)) == [] and storage.temps() == []
+
+    for name in os.listdir(filler):
+        (filler / name).unlink()
+    filler.rmdir()
+    assert post(server, data, ledger).status_code == 201
+
+
+def test_placement_sends_large_uploads_to_the_pair_with_room(
+    mounts: Mounts, servers: Servers, build: Callable[[list[list[Path]]], Storage], ledger: Ledger
+) -> None:
+    tight = [mounts.tmpfs("a1", size="8m"), mounts.tmpfs("a2", size="64m")]
+    roomy = [mounts.tmpfs("b1", size="64m"), mounts.tmpfs("b2", size="64m")]
+    storage = build([tight, roomy])
+    server = servers.start(fault_config(storage, placement_threshold=1 << 30))
+    for _ in range(5):
+        data = os.urandom(12 * MiB)
+        assert post(server, data, ledger).status_code == 201
+        assert {p.parent.parent.parent.parent for p in storage.copies(sha256(data))} == set(roomy)
+
+
+def test_read_only_member_stops_writes_not_reads(
+    mounts: Mounts, servers: Servers, build: Callable[[list[list[Path]]], Storage], ledger: Ledger
+) -> None:
+    pair_a = [mounts.tmpfs("a1"), mounts.tmpfs("a2")]
+    pair_b = [mounts.tmpfs("b1"), mounts.tmpfs("b2")]
+    storage = build([pair_a, pair_b])
+    server = servers.start(fault_config(storage))
+    on_a: list[bytes] = []
+    while len(on_a) < 3:
+        data = os.urandom(4096)
+        assert post(server, data, ledger).status_code == 201
+        if layout_path(pair_a[0], sha256(data)).exists():
+            on_a.append(data)
+
+    mounts.remount(pair_a[0], "ro")
+    assert wait_for(lambda: status(server).status_code == 503)
+    report = status(server).json()
+    broken = next(d for d in report["disks"] if d["path"] == str(pair_a[0]))
+    assert not broken["writable"] and "Read-only" in broken["error"]
+
+    for data in on_a:
+        got = httpx.get(f"{server.url}/{sha256(data)}")
+        assert got.status_code == 200 and got.content == data
+    for _ in range(10):
+        data = os.urandom(4096)
+        assert post(server, data, ledger).status_code == 201
+        assert set(storage.copies(sha256(data))) == {layout_path(m, sha256(data)) for m in pair_b}
+
+    mounts.remount(pair_a[0], "rw")
+    assert wait_for(lambda: status(server).status_code == 200)
+
+
+def test_unmounted_member_gets_no_bytes_and_comes_back_without_a_restart(
+    mounts: Mounts, servers: Servers, build: Callable[[list[list[Path]]], Storage], ledger: Ledger
+) -> None:
+    backing = mounts.tmpfs("backing")
+    members = []
+    for name in ("a1", "a2", "b1", "b2"):
+        (backing / name).mkdir()
+        members.append(mounts.base / name)
+        members[-1].mkdir()
+        run("mount", "--bind", str(backing / name), str(members[-1]))
+        mounts.mounted.append(members[-1])
+    a1 = members[0]
+    storage = build([members[:2], members[2:]])
+    server = servers.start(fault_config(storage))
+    on_a: list[bytes] = []
+    while len(on_a) < 3:
+        data = os.urandom(4096)
+        assert post(server, data, ledger).status_code == 201
+        if layout_path(a1, sha256(data)).exists():
+            on_a.append(data)
+
+    run("umount", "-l", str(a1))
+    assert wait_for(lambda: status(server).status_code == 503)
+    for data in on_a:
+        got = httpx.get(f"{server.url}/{sha256(data)}")
+        assert got.status_code == 200 and got.content == data
+    for _ in range(10):
+        data = os.urandom(4096)
+        assert post(server, data, ledger).status_code in (201, 503)
+    assert httpx.get(f"{server.url}/{'0' * 64}").status_code in (404, 503)
+    assert list(a1.iterdir()) == [], "bytes landed on the bare mountpoint"
+
+    run("mount", "--bind", str(backing / "a1"), str(a1))
+    assert wait_for(lambda: status(server).status_code == 200)
+    data = os.urandom(4096)
+    for _ in range(20):  # until placement picks the pair that came back
+        assert post(server, data, ledger).status_code == 201
+        if layout_path(a1, sha256(data)).exists():
+            break
+        data = os.urandom(4096)
+    assert layout_path(a1, sha256(data)).exists()
+
+
+def test_member_renamed_away_answers_503_and_recovers(
+    tmp_path: Path, servers: Servers, build: Callable[[list[list[Path]]], Storage], ledger: Ledger
+) -> None:
+    members = [tmp_path / name for name in ("a1", "a2")]
+    for member in members:
+        member.mkdir()
+    storage = build([members])
+    server = servers.start(fault_config(storage, check_mountpoints=False))
+    data = os.urandom(4096)
+    assert post(server, data, ledger).status_code == 201
+
+    members[0].rename(tmp_path / "away")
+    assert wait_for(lambda: status(server).status_code == 503)
+    assert httpx.get(f"{server.url}/{sha256(data)}").content == data
+    assert post(server, os.urandom(4096), ledger).status_code == 503
+    assert not members[0].exists(), "stor created a storage root"
+
+    (tmp_path / "away").rename(members[0])
+    assert wait_for(lambda: status(server).status_code == 200)
+    assert post(server, os.urandom(4096), ledger).status_code == 201
