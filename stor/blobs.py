@@ -11,11 +11,14 @@ from dataclasses import dataclass, field
 from stor.backends.disk import BlobStat, Disk
 from stor.backends.s3 import S3Object
 from stor.digest import Sha, new_hasher
-from stor.errors import TransferAborted
+from stor.errors import StorageUnavailable, TransferAborted
 from stor.metrics import Metrics, NullMetrics
 from stor.offload import Offload
 
 STREAM_CHUNK = 1024 * 1024
+
+Reopen = Callable[[set[str]], tuple[Disk, int, BlobStat] | None]
+"""Another copy of the same blob, not on the given disk roots: (disk, open fd, stat), or None."""
 
 
 @dataclass
@@ -24,7 +27,11 @@ class OpenBlob:
 
     `verify` streams hash the whole copy, whatever range is asked, and hold the last piece
     back until the hash matches; on a mismatch `on_corrupt` runs (in a worker thread) with
-    the actual digest and the transfer is aborted."""
+    the actual digest and the transfer is aborted.
+
+    When a disk read fails mid-stream, `reopen` (in a worker thread) is asked for another
+    copy, not on the disks that failed, and the stream carries on from it at the same offset:
+    the copies hold the same bytes, so the client sees one unbroken response."""
 
     sha: Sha
     stat: BlobStat
@@ -36,6 +43,8 @@ class OpenBlob:
     verify: bool = False
     on_corrupt: Callable[[str, int], None] | None = None
     metrics: Metrics = field(default_factory=NullMetrics)
+    reopen: Reopen | None = None
+    _failed: set[str] = field(default_factory=set, init=False)
 
     def chunks(self, start: int, end: int) -> AsyncGenerator[bytes, None]:
         """Bytes [start, end), read off the event loop; closes the source when done."""
@@ -53,15 +62,40 @@ class OpenBlob:
 
         async def read() -> bytes | None:
             nonlocal offset
-            if self.fd is None or self.disk is None:
-                raise ValueError("blob already closed")
-            began = time.monotonic()
-            chunk = await self.offload.run(self.disk.read_some, self.fd, offset, STREAM_CHUNK)
-            self.metrics.disk_read(self.disk.root, len(chunk), time.monotonic() - began)
+            chunk = await self.read_disk(offset, STREAM_CHUNK, exact=False)
             offset += len(chunk)
             return chunk or None
 
         return read
+
+    async def read_disk(self, offset: int, size: int, *, exact: bool) -> bytes:
+        """`size` bytes at `offset` (fewer at the end unless `exact`), moving to another copy
+        when this one fails."""
+        while True:
+            if self.fd is None or self.disk is None:
+                raise ValueError("blob already closed")
+            disk, fd, began = self.disk, self.fd, time.monotonic()
+            try:
+                chunk = await self.offload.run(disk.read_at if exact else disk.read_some, fd, offset, size)
+            except StorageUnavailable:
+                if not await self.offload.run(self._switch_copy):
+                    raise
+                continue
+            self.metrics.disk_read(disk.root, len(chunk), time.monotonic() - began)
+            return chunk
+
+    def _switch_copy(self) -> bool:
+        if self.reopen is None or self.disk is None:
+            return False
+        self._failed.add(self.disk.root)
+        other = self.reopen(self._failed)
+        if other is None or other[2].size != self.stat.size:
+            if other is not None:
+                os.close(other[1])
+            return False
+        self.close()
+        self.disk, self.fd, _ = other
+        return True
 
     def close(self) -> None:
         if self.fd is not None:
@@ -82,10 +116,7 @@ async def _disk_range(blob: OpenBlob, start: int, end: int) -> AsyncGenerator[by
         offset = start
         while offset < end:
             size = min(STREAM_CHUNK, end - offset)
-            began = time.monotonic()
-            chunk = await blob.offload.run(blob.disk.read_at, blob.fd, offset, size)
-            blob.metrics.disk_read(blob.disk.root, size, time.monotonic() - began)
-            yield chunk
+            yield await blob.read_disk(offset, size, exact=True)
             offset += size
     finally:
         blob.close()

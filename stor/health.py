@@ -3,6 +3,11 @@
 Each disk has at most one probe in flight: a hung disk ties up one thread, never more, and
 its probe counts as failed once the deadline passes. When the hung probe finally returns, its
 result is recorded like any other.
+
+A disk whose probe outran the deadline, or on which a request's operation has run for
+`STALLED_AFTER`, is not `responsive`: lookups skip it (answering 503 rather than a false 404
+when the blob is nowhere else) and placement gives it no writes, so requests for healthy
+pairs are not queued behind it. `Disk.inflight` bounds the threads it can hold meanwhile.
 """
 
 from __future__ import annotations
@@ -15,6 +20,11 @@ from dataclasses import replace
 
 from stor.backends.disk import Disk, DiskHealth
 from stor.backends.pairs import Pair
+
+STALLED_AFTER = 10.0
+"""A request's disk operation running this long marks the disk as not responding. Longer than
+the probe deadline: a real operation (the fsync of a large file on a busy disk) may take
+seconds without the disk being hung."""
 
 
 class HealthMonitor:
@@ -34,8 +44,18 @@ class HealthMonitor:
         return [self._result(disk, fut) for disk, fut in zip(self.disks, futures, strict=True)]
 
     def healthy(self, disk: Disk) -> bool:
+        """Fit for writes: the last probe passed and nothing is stuck on the disk now."""
         last = self._last.get(disk.root)
-        return last is None or last.ok
+        return (last is None or last.ok) and self.responsive(disk)
+
+    def responsive(self, disk: Disk) -> bool:
+        """Fit to be asked at all: no operation on it, probe or request, has outrun the
+        deadline. A read-only or full disk is unhealthy but still responsive."""
+        if disk.stalled(STALLED_AFTER):
+            return False
+        probe = self._inflight.get(disk.root)
+        started = self._started.get(disk.root, 0.0)
+        return probe is None or probe.done() or time.monotonic() - started <= self.timeout
 
     def pair_healthy(self, pair: Pair) -> bool:
         return all(self.healthy(disk) for disk in pair.members)
@@ -74,8 +94,8 @@ class HealthMonitor:
         if future.done():
             error = f"health check failed: {future.exception()!r}"
         previous = self._last.get(disk.root)
-        hung = DiskHealth(disk.root, False, False, False, 0, 0, error)
+        hung = DiskHealth(disk.root, False, False, False, 0, 0, error, disk.io_errors)
         if previous is not None:
-            hung = replace(previous, ok=False, writable=False, error=error)
+            hung = replace(previous, ok=False, writable=False, error=error, io_errors=disk.io_errors)
         self._last[disk.root] = hung
         return hung

@@ -276,8 +276,17 @@ class BlobService:
         fd, st = opened
         if st.size > self._read_whole:
             on_corrupt = functools.partial(self._corrupt, disk, sha, st)
+            reopen = functools.partial(self._other_copy, sha)
             return OpenBlob(
-                sha, st, self.offload, disk=disk, fd=fd, verify=self.verify, on_corrupt=on_corrupt, metrics=self.metrics
+                sha,
+                st,
+                self.offload,
+                disk=disk,
+                fd=fd,
+                verify=self.verify,
+                on_corrupt=on_corrupt,
+                metrics=self.metrics,
+                reopen=reopen,
             )
         try:
             data = disk.read_at(fd, 0, st.size)
@@ -288,6 +297,18 @@ class BlobService:
             self._corrupt(disk, sha, st, actual, len(data))
             raise CorruptCopy(f"the copy of {sha} on {disk.root} is corrupt (its sha256 is {actual})")
         return OpenBlob(sha, st, self.offload, disk=disk, data=data, metrics=self.metrics)
+
+    def _other_copy(self, sha: Sha, failed: set[str]) -> tuple[Disk, int, BlobStat] | None:
+        """A copy of `sha` on a responsive disk not in `failed`, opened (for a stream whose
+        disk failed mid-way)."""
+        for disk in self.pool.probe_order():
+            if disk.root in failed or not self.monitor.responsive(disk):
+                continue
+            with contextlib.suppress(StorageUnavailable):
+                opened = disk.open(sha)
+                if opened is not None:
+                    return disk, *opened
+        return None
 
     def _stat_checked(self, disk: Disk, sha: Sha) -> BlobStat | None:
         """A stat, compared with the partners' sizes where that is cheap (one more stat each).
@@ -356,24 +377,17 @@ class BlobService:
             raise BlobNotFound(sha)
         corrupt: list[str] = []  # copies seen bad: if nothing good turns up, the blob is lost
         if hint is not None:
-            cached = self._disk_by_root.get(hint)
-            try:
-                found = probe(cached, sha) if cached is not None else None
-            except CorruptCopy as exc:
-                corrupt.append(str(exc))
-                found = None
-            except StorageUnavailable:
-                found = None
+            found = self._probe_hint(sha, hint, probe, corrupt)
             if found is not None:
-                self._near.remember(sha, hint)  # a no-op refresh when it came from there
                 return found
-            self.metrics.cache("stale", 0.0)
-            self._near.forget(sha)
-            self._cache_do(self.locations.forget, sha)
         started = time.monotonic()
         unreachable: list[str] = []
+        missed: set[str] = set()
         attempts = 0
         for disk in self.pool.probe_order():
+            if not self.monitor.responsive(disk):
+                unreachable.append(f"{disk.root}: not responding (hung?)")
+                continue
             attempts += 1
             try:
                 found = probe(disk, sha)
@@ -386,7 +400,9 @@ class BlobService:
             if found is not None:
                 self.metrics.lookup(time.monotonic() - started, attempts)
                 self._remember(sha, disk.root)
+                self._check_partners(disk, sha, missed)
                 return found
+            missed.add(disk.root)
         self.metrics.lookup(time.monotonic() - started, attempts)
         if unreachable:
             detail = "; ".join(unreachable + corrupt)
@@ -395,6 +411,44 @@ class BlobService:
             raise BlobLost(f"blob {sha} is lost: no copy passed verification ({'; '.join(corrupt)})")
         self._cache_do(self.locations.remember_absent, sha)
         raise BlobNotFound(sha)
+
+    def _probe_hint(self, sha: Sha, hint: str, probe: Callable[[Disk, Sha], T | None], corrupt: list[str]) -> T | None:
+        """The copy at the cached location, or None (and the stale entry dropped)."""
+        cached = self._disk_by_root.get(hint)
+        found = None
+        if cached is not None and self.monitor.responsive(cached):
+            try:
+                found = probe(cached, sha)
+            except CorruptCopy as exc:
+                corrupt.append(str(exc))
+            except StorageUnavailable:
+                pass
+        if found is not None:
+            self._near.remember(sha, hint)  # a no-op refresh when it came from there
+            return found
+        self.metrics.cache("stale", 0.0)
+        self._near.forget(sha)
+        self._cache_do(self.locations.forget, sha)
+        return None
+
+    def _check_partners(self, disk: Disk, sha: Sha, missed: set[str]) -> None:
+        """After a lookup found `sha` on `disk` the slow way (first read in this process), make
+        sure its partners hold it too: a crash between the copies of an upload, or a copy
+        removed by hand, leaves a one-copy blob that is healed here. One `stat` per partner
+        the lookup has not already asked."""
+        for partner in self.pool.pair_of[disk.root].members:
+            if partner is disk or not self.monitor.responsive(partner):
+                continue
+            absent = partner.root in missed
+            if not absent:
+                with contextlib.suppress(StorageUnavailable):
+                    absent = partner.stat(sha) is None
+            if absent:
+                log.warning("%s has a copy on %s but none on %s: healing", sha, disk.root, partner.root)
+                self.metrics.integrity("missing_copy")
+                if not self.healer.request(sha):
+                    self.metrics.integrity("heal_dropped")
+                return
 
     def _cache_get(self, sha: Sha) -> str | None:
         near = self._near.get(sha)

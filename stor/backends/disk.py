@@ -16,15 +16,16 @@ Contract:
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import json
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 
+from stor.backends.inflight import InflightOps, guarded
 from stor.backends.owners import OwnedDir, dead_owner_dirs
 from stor.digest import Sha, blob_relpath, new_hasher
 from stor.errors import InsufficientStorage, StorageUnavailable
@@ -51,9 +52,11 @@ class DiskHealth:
     free_bytes: int
     total_bytes: int
     error: str | None
+    io_errors: int = 0  # failed operations since start-up
 
 
 def _fail(disk: Disk, action: str, exc: OSError) -> StorageUnavailable | InsufficientStorage:
+    disk.count_error()
     message = f"{disk.root}: {action}: {exc.strerror or exc}"
     if exc.errno in _NO_SPACE:
         return InsufficientStorage(message)
@@ -70,15 +73,48 @@ def fsync_dir(path: str) -> None:
 
 
 class Disk:
-    def __init__(self, root: str, *, require_mount: bool) -> None:
+    def __init__(self, root: str, *, require_mount: bool, max_inflight: int = 16) -> None:
         self.root = root
         self.require_mount = require_mount
+        self.inflight = InflightOps(root, max_inflight)
+        self._errors = 0
+        self._orphans: set[str] = set()  # temps that could not be removed (disk read-only?)
+        self._lock = threading.Lock()
         self.tmp_root = os.path.join(root, TMP_DIR)
         self._owner = OwnedDir(self.tmp_root)
         self._counter = itertools.count()
 
     def __repr__(self) -> str:
         return f"Disk({self.root!r})"
+
+    @property
+    def io_errors(self) -> int:
+        """Failed operations on this disk since start-up (misses are not failures)."""
+        return self._errors
+
+    def count_error(self) -> None:
+        with self._lock:
+            self._errors += 1
+
+    def orphan(self, path: str) -> None:
+        """A temp of ours that could not be removed: the next good health probe retries."""
+        with self._lock:
+            self._orphans.add(path)
+
+    def _remove_orphans(self) -> None:
+        with self._lock:
+            orphans, self._orphans = self._orphans, set()
+        for path in orphans:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                self.orphan(path)
+
+    def stalled(self, after: float) -> bool:
+        """An operation has been running on this disk for longer than `after` seconds."""
+        return self.inflight.oldest() > after
 
     def blob_path(self, sha: Sha) -> str:
         return os.path.join(self.root, blob_relpath(sha))
@@ -125,6 +161,7 @@ class Disk:
 
     # -- reads -----------------------------------------------------------------------------
 
+    @guarded
     def stat(self, sha: Sha) -> BlobStat | None:
         """Size and mtime of the copy of `sha` here, or None when this disk has none."""
         path = self.blob_path(sha)
@@ -144,6 +181,7 @@ class Disk:
         except OSError as exc:
             raise StorageUnavailable(f"{self.root}: storage not available ({exc.strerror})") from exc
 
+    @guarded
     def open(self, sha: Sha) -> tuple[int, BlobStat] | None:
         """Open the copy of `sha` for reading: (fd, stat of that open file), or None."""
         path = self.blob_path(sha)
@@ -161,6 +199,7 @@ class Disk:
             raise _fail(self, "fstat", exc) from exc
         return fd, BlobStat(path, st.st_size, st.st_mtime_ns)
 
+    @guarded
     def read_at(self, fd: int, offset: int, size: int) -> bytes:
         """Exactly `size` bytes at `offset`; a short file is an error, never short data."""
         parts: list[bytes] = []
@@ -176,10 +215,12 @@ class Disk:
             size -= len(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    @guarded
     def read_some(self, fd: int, offset: int, size: int) -> bytes:
         """Up to `size` bytes at `offset`; empty at the end of the file."""
         return self._pread(fd, size, offset)
 
+    @guarded
     def hash_copy(self, sha: Sha) -> tuple[str, BlobStat] | None:
         """(sha256 hex, stat) of the copy here, or None when there is none. The stat's size is
         the number of bytes actually read and hashed."""
@@ -203,6 +244,7 @@ class Disk:
         except OSError as exc:
             raise _fail(self, "read", exc) from exc
 
+    @guarded
     def quarantine(self, sha: Sha, note: dict[str, object]) -> str | None:
         """Move the copy of `sha` out of the layout into `<root>/.stor-quarantine/`, with a
         JSON note beside it. Returns the new path, or None if the copy was already gone."""
@@ -228,6 +270,7 @@ class Disk:
 
     # -- writes ----------------------------------------------------------------------------
 
+    @guarded
     def new_temp(self) -> TempFile:
         name = f"{next(self._counter)}.tmp"
         path = os.path.join(self._owner.path, name)
@@ -237,6 +280,7 @@ class Disk:
             raise _fail(self, "creating a temp file", exc) from exc
         return TempFile(self, path, fd)
 
+    @guarded
     def free_bytes(self) -> int:
         try:
             st = os.statvfs(self.root)
@@ -262,11 +306,12 @@ class Disk:
             self._recover_temp_dir()
             self._write_probe()
             writable = True
+            self._remove_orphans()
         except StorageUnavailable as exc:
             error = str(exc)
         except OSError as exc:
             error = f"{exc.strerror or exc}"
-        return DiskHealth(self.root, error is None, mounted, writable, free, total, error)
+        return DiskHealth(self.root, error is None, mounted, writable, free, total, error, self.io_errors)
 
     def _recover_temp_dir(self) -> None:
         """After a disk comes back (remounted, replaced), claim a temp directory on it again."""
@@ -289,9 +334,11 @@ class TempFile:
 
     def __init__(self, disk: Disk, path: str, fd: int) -> None:
         self.disk = disk
+        self.inflight = disk.inflight
         self.path = path
         self._fd: int | None = fd
 
+    @guarded
     def write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         while view:
@@ -301,6 +348,7 @@ class TempFile:
                 raise _fail(self.disk, "write", exc) from exc
             view = view[written:]  # a short write happens just before ENOSPC
 
+    @guarded
     def sync(self, mtime_ns: int) -> None:
         """Give the file its final mtime and make its bytes durable."""
         fd = self._require_fd()
@@ -310,6 +358,7 @@ class TempFile:
         except OSError as exc:
             raise _fail(self.disk, "fsync", exc) from exc
 
+    @guarded
     def commit(self, sha: Sha) -> tuple[str, bool]:
         """Link the synced file to its blob name: (final path, True if this call created it).
 
@@ -328,6 +377,7 @@ class TempFile:
             raise _fail(self.disk, "commit", exc) from exc
         return final, created
 
+    @guarded
     def replace(self, final: str) -> None:
         """Rename the synced file over `final`, replacing it, and fsync its directory: for small
         mutable records (blob copies use `commit`, which never replaces)."""
@@ -343,8 +393,12 @@ class TempFile:
         """Remove the temp file; safe to call at any point, more than once."""
         self._close()
         if self.path:
-            with contextlib.suppress(OSError):  # if it stays, the next start-up sweeps it
+            try:
                 os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            except OSError:  # read-only now? retried once the disk takes writes again
+                self.disk.orphan(self.path)
             self.path = ""
 
     def _require_fd(self) -> int:

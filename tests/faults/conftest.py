@@ -8,6 +8,7 @@ lifts every fault, sweeps temps like a restart would, and walks each storage roo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -60,18 +61,30 @@ class FuseDisk:
         self.source = source
         self.control = source.parent / f"{mountpoint.name}.mode"
         self.set("ok")
-        self.log = (source.parent / f"{mountpoint.name}.faultfs.log").open("wb")
+        self.log = (source.parent / f"{mountpoint.name}.faultfs.log").open("ab")
+        self.start()
+
+    def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.faults.faultfs", str(source), str(mountpoint), str(self.control)],
+            [sys.executable, "-m", "tests.faults.faultfs", str(self.source), str(self.path), str(self.control)],
             cwd=ROOT_DIR,
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 10
-        while not os.path.ismount(mountpoint):
+        while not self._mounted():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"faultfs did not mount {mountpoint}")
+                raise RuntimeError(f"faultfs did not mount {self.path}")
             time.sleep(0.02)
+
+    def _mounted(self) -> bool:
+        with open("/proc/self/mountinfo") as info:
+            return any(line.split()[4] == str(self.path) and " - fuse" in line for line in info)
+
+    def restart(self) -> None:
+        """After `kill`: the dead mount is detached and a new daemon serves the same files."""
+        run("umount", "-l", str(self.path))
+        self.start()
 
     def set(self, mode: str) -> None:
         tmp = self.control.with_suffix(".new")
@@ -120,7 +133,7 @@ class Mounts:
 
     def fuse(self, name: str) -> FuseDisk:
         source = self.base / f"{name}.source"
-        source.mkdir()
+        source.mkdir(parents=True)
         disk = FuseDisk(self._mountpoint(name), source)
         self.fuses.append(disk)
         self.mounted.append(disk.path)
@@ -166,8 +179,8 @@ def mounts(tmp_path: Path, servers: Servers, ledger: Ledger) -> Iterator[Mounts]
     found = Mounts(tmp_path / "mnt")
     try:
         yield found
+        found.lift_faults()  # first: a server blocked on a hung disk cannot even be killed
         servers.stop_all()
-        found.lift_faults()
         verify(ledger)
     finally:
         found.cleanup()
@@ -198,7 +211,8 @@ class Servers:
         return server
 
     def kill9(self, server: StorProcess) -> None:
-        os.killpg(server.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.proc.pid, signal.SIGKILL)
         server.proc.wait()
         server.stop()
 
