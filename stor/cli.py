@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging.config
 import os
@@ -23,6 +24,7 @@ from stor.client import ClientError, StorClient, hash_file
 from stor.config import ENV_BASIC_AUTH, ENV_CONFIG_FILE, Config, load_config
 from stor.digest import Sha, parse_sha
 from stor.errors import ConfigError, InvalidDigest, StorError
+from stor.httpserver import GuardedHttpToolsProtocol
 from stor.metrics.prometheus import ENV_MULTIPROC
 from stor.scrub import Scrubber, ScrubReport
 from stor.wiring import ENV_DATA_DIR, build_service, embedded_config, preflight
@@ -101,23 +103,23 @@ def serve(config_path: str | None, host: str, port: int, workers: int, data_dir:
     """Serve the HTTP API."""
     logging.config.dictConfig(_logging_config(log_level.upper()))
     if config_path:
-        _validated(config_path)
+        config = _validated(config_path)
         os.environ[ENV_CONFIG_FILE] = os.path.abspath(config_path)
     else:
-        _prepare_embedded(Path(data_dir).absolute())
+        config = _prepare_embedded(Path(data_dir).absolute())
     multiproc = None
     if workers > 1 and not os.environ.get(ENV_MULTIPROC):
         # each worker counts into files here; /metrics sums them
         multiproc = tempfile.mkdtemp(prefix="stor-metrics-")
         os.environ[ENV_MULTIPROC] = multiproc
     try:
-        _serve(host, port, workers, log_level)
+        _serve(host, port, workers, log_level, config.body_idle_timeout)
     finally:
         if multiproc:
             shutil.rmtree(multiproc, ignore_errors=True)
 
 
-def _serve(host: str, port: int, workers: int, log_level: str) -> None:
+def _serve(host: str, port: int, workers: int, log_level: str, head_timeout: float) -> None:
     uvicorn.run(
         "stor.wiring:app_from_environment",
         factory=True,
@@ -125,7 +127,7 @@ def _serve(host: str, port: int, workers: int, log_level: str) -> None:
         port=port,
         workers=workers,
         loop="uvloop",
-        http="httptools",
+        http=functools.partial(GuardedHttpToolsProtocol, head_timeout=head_timeout),  # type: ignore[arg-type]  # called like the class
         log_config=_logging_config(log_level.upper()),
         server_header=False,
     )
@@ -158,7 +160,7 @@ def _validated(path: str) -> Config:
     return config
 
 
-def _prepare_embedded(data_dir: Path) -> None:
+def _prepare_embedded(data_dir: Path) -> Config:
     """Create the embedded default's directories and writer credentials, and say so once."""
     for disk in ("disk1", "disk2"):
         (data_dir / disk).mkdir(parents=True, exist_ok=True)
@@ -168,11 +170,12 @@ def _prepare_embedded(data_dir: Path) -> None:
     else:
         credentials = _embedded_credentials(data_dir / "credentials")
         os.environ[ENV_BASIC_AUTH] = credentials
-    embedded_config(str(data_dir), os.environ)  # validate now, before the workers start
+    config = embedded_config(str(data_dir), os.environ)  # validate now, before the workers start
     click.echo(
         f"stor: no config given; serving the embedded default from {data_dir} (one pair: disk1 + disk2)", err=True
     )
     click.echo(f"stor: writer credentials: {credentials}", err=True)
+    return config
 
 
 def _embedded_credentials(path: Path) -> str:
