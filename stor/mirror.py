@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 60.0
 CHECK_INTERVAL = 10.0
+BACKLOG_INTERVAL = 1.0
+"""While the worker is busy, how often the backlog is counted (when idle, at every wait)."""
 NOT_STORED_ATTEMPTS = 6
 """A marker is written before its blob's copies are linked, so a worker can find a marker
 whose blob is not visible yet. Only after this many attempts (about a minute) is it dropped."""
@@ -61,6 +63,7 @@ class S3Mirror:
         self.reachable: bool | None = None
         self.last_error: str | None = None
         self.backlog = 0
+        self._backlog_at = 0.0
 
     def notify(self) -> None:
         """A marker was just enqueued: start on it now rather than at the next poll."""
@@ -80,6 +83,8 @@ class S3Mirror:
                     self._pending.setdefault(claim.sha, _Pending(claim))
             due = [p for p in self._pending.values() if p.due <= time.monotonic()]
             if due:
+                if time.monotonic() - self._backlog_at >= BACKLOG_INTERVAL:  # busy (S3 slow or down?)
+                    await self._count_backlog()
                 semaphore = asyncio.Semaphore(self._concurrency)
                 await asyncio.gather(*(self._upload(p, semaphore) for p in due))
                 continue
@@ -95,9 +100,13 @@ class S3Mirror:
             raise
         self._succeeded(started)
 
-    async def _idle(self) -> None:
+    async def _count_backlog(self) -> None:
         self.backlog = await self._offload.run(self.queue.backlog)
+        self._backlog_at = time.monotonic()
         self._metrics.s3_backlog(self.backlog)
+
+    async def _idle(self) -> None:
+        await self._count_backlog()
         earliest = min((p.due for p in self._pending.values()), default=time.monotonic() + 1.0)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, min(1.0, earliest - time.monotonic())))
