@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Final, Protocol
 
 from pymemcache.client.hash import HashClient
-from pymemcache.exceptions import MemcacheError
 
 from stor.digest import Sha
 
@@ -148,7 +147,7 @@ class MemcachedLocations:
         and closes the breaker when it answers: recovery is noticed at the next check."""
         try:
             self._client.get("stor-status-probe")
-        except (MemcacheError, OSError):
+        except Exception:  # see _call
             return False
         self.breaker.close()
         return True
@@ -161,7 +160,10 @@ class MemcachedLocations:
             raise CacheUnavailable("memcached circuit breaker is open")
         try:
             result = method(*args)
-        except (MemcacheError, OSError) as exc:  # a dead server raises either
+        except Exception as exc:
+            # A dead server raises MemcacheError or OSError. HashClient's bookkeeping of dead
+            # servers is not thread-safe either: two threads failing at once can raise
+            # KeyError from inside it. The cache is a hint, so any failure is just a miss.
             self.breaker.failure()
             raise CacheUnavailable(f"memcached: {exc!r}") from exc
         self.breaker.success()
