@@ -133,7 +133,7 @@ class BlobService:
         s3: S3Settings | None = None,
         metrics: Metrics | None = None,
         names: NameStore | None = None,
-        threads: int = 32,
+        threads: int = 64,
     ) -> None:
         self.pool = pool
         self.monitor = monitor

@@ -38,6 +38,12 @@ from stor.service import BlobService, S3Settings
 
 log = logging.getLogger(__name__)
 
+IO_THREADS = 64
+"""Threads for blocking disk and network calls, per worker process."""
+DISK_OPS_LIMIT = IO_THREADS // 2
+"""Operations one disk may have in flight: a hung disk holds at most half the threads, and a
+busy healthy one (every upload fsyncing on the only pair) still gets as many as before."""
+
 ENV_DATA_DIR = "STOR_DATA_DIR"
 """Where the embedded default keeps its pair; set by `stor serve` for its workers."""
 
@@ -47,7 +53,7 @@ def build_service(config: Config, metrics: Metrics | None = None) -> BlobService
     pairs = [
         Pair(
             index,
-            tuple(Disk(root, require_mount=require_mount) for root in members),
+            tuple(Disk(root, require_mount=require_mount, max_inflight=DISK_OPS_LIMIT) for root in members),
             config.pair_writable_by_regex(members),
         )
         for index, members in enumerate(config.storage_pairs)
@@ -64,6 +70,7 @@ def build_service(config: Config, metrics: Metrics | None = None) -> BlobService
         verify_on_read_max=config.verify_on_read_max,
         s3=_s3(config, pool),
         metrics=metrics,
+        threads=IO_THREADS,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
@@ -9,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from stor.backends.disk import Disk
+from stor.backends.inflight import InflightOps
 from stor.backends.pairs import MirroredWrite
 from stor.digest import Sha, sha_of
 from stor.errors import DigestMismatch, StorageUnavailable
+from stor.wiring import DISK_OPS_LIMIT, IO_THREADS
 from tests.helpers import layout_path, temp_files
 
 DATA = b"x" * 10_000
@@ -179,3 +182,18 @@ def test_commit_works_where_hard_links_are_refused(disks: list[Disk], monkeypatc
     again = MirroredWrite(disks).finish(SHA, MTIME + 10**9, DATA)  # exists: kept, not replaced
     assert [os.stat(p).st_mtime_ns for p in again] == [MTIME, MTIME]
     assert [temp_files(Path(d.root)) for d in disks] == [[], []]
+
+
+def test_a_disk_admits_half_the_io_threads_then_refuses_at_once() -> None:
+    """A hung disk may hold half the threads, never all; a busy healthy one (every upload
+    fsyncing on the only pair) gets as many operations as there are uploads in flight."""
+    limit = DISK_OPS_LIMIT
+    assert limit == IO_THREADS // 2 >= 32
+    ops = InflightOps("/disk", limit)
+    with contextlib.ExitStack() as held:
+        for _ in range(limit):
+            held.enter_context(ops.op())
+        assert ops.count() == limit
+        with pytest.raises(StorageUnavailable, match="already waiting"), ops.op():
+            pass
+    assert ops.count() == 0 and ops.oldest() == 0.0

@@ -73,7 +73,7 @@ def fsync_dir(path: str) -> None:
 
 
 class Disk:
-    def __init__(self, root: str, *, require_mount: bool, max_inflight: int = 16) -> None:
+    def __init__(self, root: str, *, require_mount: bool, max_inflight: int = 32) -> None:
         self.root = root
         self.require_mount = require_mount
         self.inflight = InflightOps(root, max_inflight)
