@@ -95,6 +95,7 @@ class OpenBlob:
             return False
         self.close()
         self.disk, self.fd, _ = other
+        self.on_corrupt = None  # it names the first copy; a mismatch now only aborts the transfer
         return True
 
     def close(self) -> None:

@@ -48,8 +48,8 @@ class InflightOps:
 
     def oldest(self) -> float:
         """How long the oldest operation still running has run (0 when none is)."""
-        with self._lock:
-            first = min(self._started.values(), default=None)
+        with self._lock:  # keys only grow and dicts keep insertion order: the first is the oldest
+            first = next(iter(self._started.values()), None)
         return 0.0 if first is None else time.monotonic() - first
 
     def count(self) -> int:
