@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 USER, PASSWORD = "writer", "s3cret-pass"
@@ -38,3 +40,13 @@ def debris(base: Path) -> list[Path]:
     return [p for p in files if p.suffix not in (".json", ".log")] + [
         p for p in base.rglob(".stor-tmp/**/*.tmp") if p.is_file()
     ]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll `predicate` until it holds or `timeout` passes; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()

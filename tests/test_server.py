@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import Storage, StorProcess
-from tests.helpers import AUTH, AUTH_HEADER, debris, layout_path, sha256, temp_files
+from tests.helpers import AUTH, AUTH_HEADER, debris, layout_path, sha256, temp_files, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -55,15 +55,6 @@ def read_response(sock: socket.socket, timeout: float = 10.0) -> bytes:
 
 def status_of(response: bytes) -> int:
     return int(response.split(b" ", 2)[1])
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_post_writes_both_copies_durably_and_get_reads_them(server: StorProcess, storage: Storage) -> None:
@@ -130,11 +121,11 @@ def test_a_stalled_upload_is_dropped_and_its_temp_removed(server: StorProcess, s
             request_head("POST", f"/{BIG_SHA}", {"Authorization": AUTH_HEADER, "Content-Length": str(len(BIG))})
         )
         sock.sendall(BIG[: 1200 * 1024])  # then silence
-        assert wait_until(lambda: len(storage.temps()) == 2, timeout=5)
+        assert wait_for(lambda: len(storage.temps()) == 2, timeout=5)
         response = read_response(sock, timeout=10)  # body_idle_timeout is 1 s in this fixture
     assert status_of(response) == 408
     assert b"connection: close" in response.lower()
-    assert wait_until(lambda: storage.temps() == [], timeout=5)
+    assert wait_for(lambda: storage.temps() == [], timeout=5)
     assert storage.copies(BIG_SHA) == []
     assert httpx.post(f"{server.url}/{BIG_SHA}", content=BIG, auth=AUTH).status_code == 201
 
@@ -145,8 +136,8 @@ def test_a_client_that_disconnects_mid_body_leaves_nothing(server: StorProcess, 
             request_head("POST", f"/{BIG_SHA}", {"Authorization": AUTH_HEADER, "Content-Length": str(len(BIG))})
         )
         sock.sendall(BIG[: 1200 * 1024])
-        assert wait_until(lambda: len(storage.temps()) == 2, timeout=5)
-    assert wait_until(lambda: storage.temps() == [], timeout=5)
+        assert wait_for(lambda: len(storage.temps()) == 2, timeout=5)
+    assert wait_for(lambda: storage.temps() == [], timeout=5)
     assert storage.copies(BIG_SHA) == []
     assert httpx.get(f"{server.url}/").status_code == 200
 
@@ -170,7 +161,7 @@ def test_a_chunked_body_growing_past_the_limit_is_413_mid_stream(
         status = 413
     assert status == 413
     assert sent < 40 * 100_000 or status == 413
-    assert wait_until(lambda: storage.temps() == [], timeout=5)
+    assert wait_for(lambda: storage.temps() == [], timeout=5)
     assert storage.copies(BIG_SHA) == []
 
 
@@ -239,7 +230,7 @@ def test_status_turns_503_when_a_directory_disappears(server: StorProcess, stora
     assert response.status_code == 503
     assert str(storage.pairs[0][0]) in response.text
     (storage.base / "unplugged").rename(storage.pairs[0][0])
-    assert wait_until(lambda: httpx.get(f"{server.url}/status").status_code == 200, timeout=5)
+    assert wait_for(lambda: httpx.get(f"{server.url}/status").status_code == 200, timeout=5)
 
 
 def test_a_missing_directory_stops_start_up(storage: Storage, tmp_path: Path) -> None:

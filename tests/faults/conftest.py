@@ -267,15 +267,6 @@ def post(server: StorProcess, data: bytes, ledger: Ledger, **kwargs: Any) -> htt
     return response
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 def sweep(roots: list[Path]) -> None:
     """What a restart does to temps: remove those of processes that are gone."""
     for root in roots:

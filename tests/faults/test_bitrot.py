@@ -12,9 +12,9 @@ import httpx
 import pytest
 
 from tests.conftest import Storage, StorProcess
-from tests.faults.conftest import Mounts, Servers, fault_config, post, wait_for
+from tests.faults.conftest import Mounts, Servers, fault_config, post
 from tests.faults.invariants import Ledger
-from tests.helpers import layout_path, sha256
+from tests.helpers import layout_path, sha256, wait_for
 
 MiB = 1024 * 1024
 Build = Callable[[list[list[Path]]], Storage]

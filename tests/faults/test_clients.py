@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import Storage, StorProcess
-from tests.faults.conftest import Servers, fault_config, post, wait_for
+from tests.faults.conftest import Servers, fault_config, post
 from tests.faults.invariants import Ledger
-from tests.helpers import AUTH_HEADER, PASSWORD, USER, sha256
+from tests.helpers import AUTH_HEADER, PASSWORD, USER, sha256, wait_for
 
 IDLE = 1.0  # body_idle_timeout, and the deadline for a request's head
 

@@ -18,9 +18,9 @@ import httpx
 import pytest
 
 from tests.conftest import Storage, StorProcess
-from tests.faults.conftest import Mounts, Servers, fault_config, post, run, wait_for
+from tests.faults.conftest import Mounts, Servers, fault_config, post, run
 from tests.faults.invariants import Ledger, check_invariants
-from tests.helpers import AUTH_HEADER, layout_path, sha256
+from tests.helpers import AUTH_HEADER, layout_path, sha256, wait_for
 
 MiB = 1024 * 1024
 Build = Callable[[list[list[Path]]], Storage]

@@ -11,8 +11,9 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import Storage, StorProcess
-from tests.faults.conftest import Servers, fault_config, post, status, wait_for
+from tests.faults.conftest import Servers, fault_config, post, status
 from tests.faults.invariants import Ledger
+from tests.helpers import wait_for
 from tests.services import Memcached, MotoS3
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import Storage
-from tests.faults.conftest import Mounts, Servers, fault_config, post, run, status, wait_for
+from tests.faults.conftest import Mounts, Servers, fault_config, post, run, status
 from tests.faults.invariants import Ledger
-from tests.helpers import AUTH, layout_path, sha256
+from tests.helpers import AUTH, layout_path, sha256, wait_for
 
 MiB = 1024 * 1024
 

@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 from tests.conftest import Storage, StorProcess
-from tests.faults.conftest import Mounts, Servers, fault_config, post, status, wait_for
+from tests.faults.conftest import FuseDisk, Mounts, Servers, fault_config, post, status
 from tests.faults.invariants import Ledger
-from tests.helpers import AUTH, layout_path, sha256
+from tests.helpers import AUTH, layout_path, sha256, wait_for
 
 pytestmark = pytest.mark.usefixtures("need_fuse")
 
@@ -28,6 +28,13 @@ def disk_report(server: StorProcess, root: Path) -> dict[str, object]:
     report = status(server).json()
     found: dict[str, object] = next(d for d in report["disks"] if d["path"] == str(root))
     return found
+
+
+def fuse_pair_and_spare(mounts: Mounts, build: Build) -> tuple[FuseDisk, list[Path], Storage]:
+    """Pair A: a faultfs member and a tmpfs; pair B: two tmpfs, to take what A cannot."""
+    faulty = mounts.fuse("a1")
+    spare = [mounts.tmpfs("b1"), mounts.tmpfs("b2")]
+    return faulty, spare, build([[faulty.path, mounts.tmpfs("a2")], spare])
 
 
 def upload_until(server: StorProcess, ledger: Ledger, member: Path, count: int) -> list[bytes]:
@@ -90,9 +97,7 @@ def test_read_errors_on_one_copy_are_served_from_the_other(
 def test_a_read_only_member_mid_upload_sends_later_writes_elsewhere(
     mounts: Mounts, servers: Servers, build: Build, ledger: Ledger
 ) -> None:
-    faulty = mounts.fuse("a1")
-    pair_b = [mounts.tmpfs("b1"), mounts.tmpfs("b2")]
-    storage = build([[faulty.path, mounts.tmpfs("a2")], pair_b])
+    faulty, pair_b, storage = fuse_pair_and_spare(mounts, build)
     server = servers.start(fault_config(storage))
     on_a = upload_until(server, ledger, faulty.path, 2)
     faulty.set("erofs")
@@ -109,9 +114,7 @@ def test_a_read_only_member_mid_upload_sends_later_writes_elsewhere(
 def test_a_killed_fuse_daemon_is_survived_and_recovered_without_a_restart(
     mounts: Mounts, servers: Servers, build: Build, ledger: Ledger
 ) -> None:
-    faulty = mounts.fuse("a1")
-    pair_b = [mounts.tmpfs("b1"), mounts.tmpfs("b2")]
-    storage = build([[faulty.path, mounts.tmpfs("a2")], pair_b])
+    faulty, pair_b, storage = fuse_pair_and_spare(mounts, build)
     server = servers.start(fault_config(storage))
     on_a = upload_until(server, ledger, faulty.path, 3)
 
@@ -134,9 +137,7 @@ def test_a_killed_fuse_daemon_is_survived_and_recovered_without_a_restart(
 def test_a_hung_disk_holds_no_request_for_healthy_pairs(
     mounts: Mounts, servers: Servers, build: Build, ledger: Ledger
 ) -> None:
-    hung = mounts.fuse("a1")
-    pair_b = [mounts.tmpfs("b1"), mounts.tmpfs("b2")]
-    storage = build([[hung.path, mounts.tmpfs("a2")], pair_b])
+    hung, pair_b, storage = fuse_pair_and_spare(mounts, build)
     config = fault_config(storage)
     first = servers.start(config)
     on_b = upload_until(first, ledger, pair_b[0], 10)

@@ -18,9 +18,9 @@ import httpx
 import pytest
 
 from tests.conftest import Storage, StorProcess
-from tests.faults.conftest import FuseDisk, Mounts, Servers, fault_config, wait_for
+from tests.faults.conftest import FuseDisk, Mounts, Servers, fault_config
 from tests.faults.invariants import Ledger
-from tests.helpers import AUTH, sha256
+from tests.helpers import AUTH, sha256, wait_for
 
 pytestmark = pytest.mark.usefixtures("need_fuse")
 
