@@ -41,7 +41,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._head_timer is None and (self.cycle is None or self.cycle.response_complete):
-            self._arm()  # the first bytes of the next request on a kept-alive connection
+            # the first bytes of the next request on a kept-alive connection (between requests
+            # uvicorn's keep-alive timer watches the idle connection)
+            self._arm()
         super().data_received(data)
 
     def on_message_begin(self) -> None:
@@ -59,10 +61,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         super().on_headers_complete()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        # the keep-alive timer now watches the idle connection; ours starts with its next bytes
 
     def send_400_response(self, msg: str) -> None:
         if self._head_too_large:

@@ -14,7 +14,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -298,11 +298,16 @@ class BlobService:
             raise CorruptCopy(f"the copy of {sha} on {disk.root} is corrupt (its sha256 is {actual})")
         return OpenBlob(sha, st, self.offload, disk=disk, data=data, metrics=self.metrics)
 
+    def _answering(self, disks: Iterable[Disk]) -> list[Disk]:
+        """The disks worth asking: not hung (see `HealthMonitor.responsive`). Every loop over
+        disks on the request path goes through here, so none waits on a hung disk."""
+        return [disk for disk in disks if self.monitor.responsive(disk)]
+
     def _other_copy(self, sha: Sha, failed: set[str]) -> tuple[Disk, int, BlobStat] | None:
         """A copy of `sha` on a responsive disk not in `failed`, opened (for a stream whose
         disk failed mid-way)."""
-        for disk in self.pool.probe_order():
-            if disk.root in failed or not self.monitor.responsive(disk):
+        for disk in self._answering(self.pool.probe_order()):
+            if disk.root in failed:
                 continue
             with contextlib.suppress(StorageUnavailable):
                 opened = disk.open(sha)
@@ -317,7 +322,7 @@ class BlobService:
         if found is None or not self.verify:
             return found
         pair = self.pool.pair_of[disk.root]
-        for partner in pair.members:
+        for partner in self._answering(pair.members):
             if partner is disk:
                 continue
             with contextlib.suppress(StorageUnavailable):
@@ -328,7 +333,7 @@ class BlobService:
 
     def _settle_sizes(self, pair: Pair, sha: Sha) -> BlobStat:
         good: BlobStat | None = None
-        for member in pair.members:
+        for member in self._answering(pair.members):
             with contextlib.suppress(StorageUnavailable):
                 hashed = member.hash_copy(sha)
                 if hashed is None:
@@ -436,8 +441,8 @@ class BlobService:
         sure its partners hold it too: a crash between the copies of an upload, or a copy
         removed by hand, leaves a one-copy blob that is healed here. One `stat` per partner
         the lookup has not already asked."""
-        for partner in self.pool.pair_of[disk.root].members:
-            if partner is disk or not self.monitor.responsive(partner):
+        for partner in self._answering(self.pool.pair_of[disk.root].members):
+            if partner is disk:
                 continue
             absent = partner.root in missed
             if not absent:
@@ -608,7 +613,7 @@ class BlobService:
 
     def _copies(self, sha: Sha) -> _Copies | None:
         """Which members of which pair hold `sha`; unreachable disks count as not holding it."""
-        for disk in self.pool.probe_order():
+        for disk in self._answering(self.pool.probe_order()):
             try:
                 found = disk.stat(sha)
             except StorageUnavailable:
@@ -617,7 +622,7 @@ class BlobService:
                 continue
             pair = self.pool.pair_of[disk.root]
             present = {disk.root: found}
-            for partner in pair.members:
+            for partner in self._answering(pair.members):
                 if partner is not disk:
                     try:
                         other = partner.stat(sha)

@@ -25,7 +25,7 @@ import pytest
 from stor.backends.disk import Disk
 from tests.conftest import Storage, StorProcess
 from tests.faults.invariants import Ledger, check_invariants
-from tests.helpers import AUTH, sha256
+from tests.helpers import AUTH, layout_path, sha256
 
 ROOT_DIR = Path(__file__).resolve().parents[2]
 
@@ -265,6 +265,24 @@ def post(server: StorProcess, data: bytes, ledger: Ledger, **kwargs: Any) -> htt
     if response.status_code == 201:
         ledger.acked[sha] = data
     return response
+
+
+def reads_back(server: StorProcess, blobs: list[bytes]) -> None:
+    for data in blobs:
+        got = httpx.get(f"{server.url}/{sha256(data)}", timeout=20)
+        assert got.status_code == 200 and got.content == data
+
+
+def writes_land_on(server: StorProcess, ledger: Ledger, pair: list[Path], count: int, storage: Storage | None) -> None:
+    """`count` new uploads all succeed, with both copies on `pair` (and, given `storage`, nowhere
+    else: without it, other members are not looked at, for when one cannot be read at all)."""
+    for _ in range(count):
+        data = os.urandom(4096)
+        sha = sha256(data)
+        assert post(server, data, ledger).status_code == 201
+        assert all(layout_path(member, sha).exists() for member in pair)
+        if storage is not None:
+            assert set(storage.copies(sha)) == {layout_path(member, sha) for member in pair}
 
 
 def sweep(roots: list[Path]) -> None:

@@ -5,11 +5,9 @@ right after a 201 (a copy of the ext4 image, mounted)."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -200,5 +198,3 @@ def test_every_acknowledged_blob_survives_power_loss(
             copy = layout_path(mountpoint, sha)
             assert copy.is_file(), f"acknowledged {sha} is missing after power loss"
             assert copy.read_bytes() == data
-    assert shutil.disk_usage(survived[0]).used > 0
-    time.sleep(0)  # keep the snapshot mounts until teardown

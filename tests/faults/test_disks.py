@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import Storage
-from tests.faults.conftest import Mounts, Servers, fault_config, post, run, status
+from tests.faults.conftest import Mounts, Servers, fault_config, post, reads_back, run, status, writes_land_on
 from tests.faults.invariants import Ledger
 from tests.helpers import AUTH, layout_path, sha256, wait_for
 
@@ -99,13 +99,8 @@ def test_read_only_member_stops_writes_not_reads(
     broken = next(d for d in report["disks"] if d["path"] == str(pair_a[0]))
     assert not broken["writable"] and "Read-only" in broken["error"]
 
-    for data in on_a:
-        got = httpx.get(f"{server.url}/{sha256(data)}")
-        assert got.status_code == 200 and got.content == data
-    for _ in range(10):
-        data = os.urandom(4096)
-        assert post(server, data, ledger).status_code == 201
-        assert set(storage.copies(sha256(data))) == {layout_path(m, sha256(data)) for m in pair_b}
+    reads_back(server, on_a)
+    writes_land_on(server, ledger, pair_b, 10, storage)
 
     mounts.remount(pair_a[0], "rw")
     assert wait_for(lambda: status(server).status_code == 200)
@@ -134,9 +129,7 @@ def test_unmounted_member_gets_no_bytes_and_comes_back_without_a_restart(
 
     run("umount", "-l", str(a1))
     assert wait_for(lambda: status(server).status_code == 503)
-    for data in on_a:
-        got = httpx.get(f"{server.url}/{sha256(data)}")
-        assert got.status_code == 200 and got.content == data
+    reads_back(server, on_a)
     for _ in range(10):
         data = os.urandom(4096)
         assert post(server, data, ledger).status_code in (201, 503)

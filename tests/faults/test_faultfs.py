@@ -14,7 +14,16 @@ import httpx
 import pytest
 
 from tests.conftest import Storage, StorProcess
-from tests.faults.conftest import FuseDisk, Mounts, Servers, fault_config, post, status
+from tests.faults.conftest import (
+    FuseDisk,
+    Mounts,
+    Servers,
+    fault_config,
+    post,
+    reads_back,
+    status,
+    writes_land_on,
+)
 from tests.faults.invariants import Ledger
 from tests.helpers import AUTH, layout_path, sha256, wait_for
 
@@ -103,12 +112,8 @@ def test_a_read_only_member_mid_upload_sends_later_writes_elsewhere(
     faulty.set("erofs")
     assert wait_for(lambda: status(server).status_code == 503)
     assert disk_report(server, faulty.path)["writable"] is False
-    for data in on_a:
-        assert httpx.get(f"{server.url}/{sha256(data)}").content == data
-    for _ in range(10):
-        data = os.urandom(4096)
-        assert post(server, data, ledger).status_code == 201
-        assert set(storage.copies(sha256(data))) == {layout_path(m, sha256(data)) for m in pair_b}
+    reads_back(server, on_a)
+    writes_land_on(server, ledger, pair_b, 10, storage)
 
 
 def test_a_killed_fuse_daemon_is_survived_and_recovered_without_a_restart(
@@ -120,13 +125,8 @@ def test_a_killed_fuse_daemon_is_survived_and_recovered_without_a_restart(
 
     faulty.kill()
     assert wait_for(lambda: status(server).status_code == 503)
-    for data in on_a:
-        got = httpx.get(f"{server.url}/{sha256(data)}")
-        assert got.status_code == 200 and got.content == data
-    for _ in range(5):
-        data = os.urandom(4096)
-        assert post(server, data, ledger).status_code == 201
-        assert all(layout_path(m, sha256(data)).exists() for m in pair_b)
+    reads_back(server, on_a)
+    writes_land_on(server, ledger, pair_b, 5, None)  # the dead member cannot even be listed
     assert httpx.get(f"{server.url}/{'0' * 64}").status_code == 503  # not a false 404
 
     faulty.restart()
