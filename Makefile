@@ -19,7 +19,8 @@ run: venv ## serve stor on the embedded default (./stor-data), port 8321
 	$(BIN)/stor serve
 
 test: venv test-deps ## install what the suite needs (venv, memcached, fault tools) and run it
-	scripts/private-mounts.sh $(BIN)/pytest
+	scripts/private-mounts.sh $(BIN)/pytest -m "not faults"
+	scripts/private-mounts.sh $(BIN)/pytest -m faults
 
 test-faults: venv test-deps ## only the reliability suite (tests/faults; mounts need root)
 	scripts/private-mounts.sh $(BIN)/pytest -m faults
