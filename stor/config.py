@@ -78,6 +78,7 @@ class Config:
     memcached_ttl: int = 86400
     memcached_negative_ttl: int = 0
     location_cache_size: int = 100_000
+    open_file_cache_size: int = 32_768
     verify_on_read: bool = True
     verify_on_read_max: int = 4 * 1024 * 1024
     statsite: StatsiteSettings | None = None
@@ -144,6 +145,7 @@ def config_from_mapping(raw: object, env: Mapping[str, str]) -> Config:
         memcached_ttl=_int(raw, "memcached_ttl", 86400, minimum=0),
         memcached_negative_ttl=_int(raw, "memcached_negative_ttl", 0, minimum=0),
         location_cache_size=_int(raw, "location_cache_size", 100_000, minimum=0),
+        open_file_cache_size=_int(raw, "open_file_cache_size", 32_768, minimum=0),
         verify_on_read=_bool(raw, "verify_on_read", True),
         verify_on_read_max=_int(raw, "verify_on_read_max", 4 * 1024 * 1024, minimum=0),
         statsite=_statsite(raw.get("statsite")),
@@ -175,6 +177,7 @@ _KNOWN_KEYS = frozenset(
         "memcached_ttl",
         "memcached_negative_ttl",
         "location_cache_size",
+        "open_file_cache_size",
         "verify_on_read",
         "verify_on_read_max",
         "statsite",

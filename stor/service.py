@@ -23,6 +23,7 @@ from stor import __version__
 from stor.backends.disk import BlobStat, Disk, DiskHealth, now_ns
 from stor.backends.locations import ABSENT, CacheUnavailable, LocationCache, NoLocations
 from stor.backends.namestore import NameStore
+from stor.backends.openfiles import OpenFiles
 from stor.backends.pairs import MirroredWrite, Pair, StoragePool
 from stor.backends.s3 import S3Object, S3Store, S3Unavailable
 from stor.backends.s3queue import S3Queue
@@ -51,6 +52,9 @@ SPOOL_BYTES = 1024 * 1024
 READ_WHOLE_BYTES = 1024 * 1024
 """Blobs up to this size are read in the same thread hop as the lookup."""
 
+KEEP_OPEN_BYTES = 256 * 1024
+"""Copies up to this size are kept open for reads on the event loop (see `OpenFiles`); a
+bigger one would hold the loop while it is copied and hashed."""
 S3_READ_WHOLE_BYTES = 4 * 1024 * 1024
 """S3 blobs up to this size are read and verified before the first header is sent."""
 
@@ -128,6 +132,7 @@ class BlobService:
         *,
         locations: LocationCache | None = None,
         near_cache_size: int = 100_000,
+        open_files: OpenFiles | None = None,
         verify_on_read: bool = True,
         verify_on_read_max: int = 4 * 1024 * 1024,
         s3: S3Settings | None = None,
@@ -140,6 +145,7 @@ class BlobService:
         self.locations: LocationCache = locations or NoLocations()
         self._cache_enabled = locations is not None
         self._near = NearCache(near_cache_size)
+        self.open_files = open_files if open_files is not None else OpenFiles(0, ttl=0.0)
         self.metrics: Metrics = metrics or NullMetrics()
         self.offload = Offload(threads)
         self.s3 = s3
@@ -181,16 +187,25 @@ class BlobService:
     async def _health_loop(self, interval: float) -> None:
         while True:
             await self.monitor.check()
+            await self.offload.run(self._drop_unhealthy_open_files)
             if self.s3 is not None:
                 await self.offload.run(self.s3.queue.prepare)  # a disk that came back gets a queue again
             await self._check_cache()
             self.scrub_runs = await self.offload.run(last_runs, self.pool.pairs)
             await asyncio.sleep(interval)
 
+    def _drop_unhealthy_open_files(self) -> None:
+        for disk in self.pool.disks:
+            last = self.monitor.last(disk)
+            if last is None or not last.ok:
+                self.open_files.forget_disk(disk.root)
+        self.open_files.close_dropped()
+
     def close(self) -> None:
         for task in self._fills.values():
             task.cancel()
         self.offload.close()
+        self.open_files.close()
         self.monitor.close()
         self.locations.close()
         self.metrics.close()
@@ -198,13 +213,34 @@ class BlobService:
     # -- reads -----------------------------------------------------------------------------
 
     async def stat(self, sha: Sha) -> BlobStat:
+        kept = self.open_files.get(sha)
+        if kept is not None and self.monitor.responsive(kept.disk):
+            return kept.stat
         return await self.offload.run(self._stat, sha)
 
     async def open(self, sha: Sha) -> OpenBlob:
+        blob = self._open_kept(sha)
+        if blob is not None:
+            return blob
         blob = await self.offload.run(self._open, sha)
         if blob.disk is None and self.s3 is not None and self.s3.fill_local:
             self._fill_later(sha, blob.data, blob.stat.size)
         return blob
+
+    def _open_kept(self, sha: Sha) -> OpenBlob | None:
+        """A small blob read on the event loop from a kept-open copy, when the page cache has
+        it (see `OpenFiles`); None sends the caller down the thread path."""
+        kept = self.open_files.get(sha)
+        if kept is None or not self.monitor.responsive(kept.disk):
+            return None
+        data = self.open_files.read(sha, kept)
+        if data is None:
+            return None
+        if self.verify and sha_of(data) != sha:
+            self.open_files.forget(sha)  # the thread path reads it again and quarantines it
+            return None
+        self.metrics.disk_read(kept.disk.root, len(data), 0.0)
+        return OpenBlob(sha, kept.stat, self.offload, disk=kept.disk, data=data, metrics=self.metrics)
 
     def _stat(self, sha: Sha) -> BlobStat:
         try:
@@ -290,12 +326,18 @@ class BlobService:
             )
         try:
             data = disk.read_at(fd, 0, st.size)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
         self.metrics.disk_read(disk.root, st.size, time.monotonic() - began)
         if self.verify and (actual := sha_of(data)) != sha:
+            os.close(fd)
             self._corrupt(disk, sha, st, actual, len(data))
             raise CorruptCopy(f"the copy of {sha} on {disk.root} is corrupt (its sha256 is {actual})")
+        if st.size <= KEEP_OPEN_BYTES:
+            self.open_files.put(sha, disk, fd, st)
+        else:
+            os.close(fd)
         return OpenBlob(sha, st, self.offload, disk=disk, data=data, metrics=self.metrics)
 
     def _answering(self, disks: Iterable[Disk]) -> list[Disk]:
@@ -359,6 +401,7 @@ class BlobService:
         else:
             log.error("corrupt copy %s (sha256 %s, %d bytes) quarantined to %s", stat.path, actual, size, moved)
         self._near.forget(sha)
+        self.open_files.forget(sha)
         if not self.healer.request(sha):
             self.metrics.integrity("heal_dropped")
 

@@ -17,6 +17,7 @@ from stor.auth import Authenticator
 from stor.backends.disk import Disk
 from stor.backends.locations import LocationCache, MemcachedLocations
 from stor.backends.namestore import NameStore
+from stor.backends.openfiles import OpenFiles, fd_budget
 from stor.backends.pairs import Pair, StoragePool
 from stor.backends.s3 import S3Store
 from stor.backends.s3queue import S3Queue
@@ -44,6 +45,10 @@ DISK_OPS_LIMIT = IO_THREADS // 2
 """Operations one disk may have in flight: a hung disk holds at most half the threads, and a
 busy healthy one (every upload fsyncing on the only pair) still gets as many as before."""
 
+OPEN_FILE_TTL = 30.0
+"""Seconds a kept-open copy serves reads before it is opened again: how long a copy removed
+by hand may still be served."""
+
 ENV_DATA_DIR = "STOR_DATA_DIR"
 """Where the embedded default keeps its pair; set by `stor serve` for its workers."""
 
@@ -66,6 +71,7 @@ def build_service(config: Config, metrics: Metrics | None = None) -> BlobService
         locations=_locations(config),
         names=NameStore(pool.pairs[0].members),
         near_cache_size=config.location_cache_size,
+        open_files=OpenFiles(fd_budget(config.open_file_cache_size), ttl=OPEN_FILE_TTL),
         verify_on_read=config.verify_on_read,
         verify_on_read_max=config.verify_on_read_max,
         s3=_s3(config, pool),

@@ -23,7 +23,7 @@ def cache_config(
     storage: Storage, memcached: Memcached, sink: StatsdSink | None = None, **extra: object
 ) -> dict[str, object]:
     """memcached alone: the in-process LRU in front of it is off unless a test turns it on."""
-    raw = storage.config(memcached_servers=[memcached.address], location_cache_size=0)
+    raw = storage.config(memcached_servers=[memcached.address], location_cache_size=0, open_file_cache_size=0)
     raw.update(extra)
     if sink is not None:
         raw["statsite"] = {"host": "127.0.0.1", "port": sink.port, "prefix": "stor"}
@@ -122,7 +122,8 @@ def test_two_processes_share_disks_and_cache(
 @pytest.mark.anyio
 async def test_memcached_down_at_start_up_then_back(storage: Storage) -> None:
     port = free_port()
-    async with app_client(storage.config(memcached_servers=[f"127.0.0.1:{port}"], location_cache_size=0)) as http:
+    raw = storage.config(memcached_servers=[f"127.0.0.1:{port}"], location_cache_size=0, open_file_cache_size=0)
+    async with app_client(raw) as http:
         assert (await http.post(f"/{SHA}", content=DATA, auth=AUTH)).status_code == 201
         assert (await http.get(f"/{SHA}")).content == DATA
         detail = (await http.get("/status?format=json")).json()
@@ -165,7 +166,7 @@ async def test_a_memcached_hit_fills_the_in_process_lru(
     storage: Storage, memcached: Memcached, statsd_sink: StatsdSink
 ) -> None:
     """Another node stored the blob: the first GET here asks memcached, the next ones don't."""
-    async with app_client(cache_config(storage, memcached, location_cache_size=0)) as writer:
+    async with app_client(cache_config(storage, memcached, location_cache_size=0, open_file_cache_size=0)) as writer:
         assert (await writer.post(f"/{SHA}", content=DATA, auth=AUTH)).status_code == 201
     async with app_client(cache_config(storage, memcached, statsd_sink, location_cache_size=1000)) as reader:
         for _ in range(3):
@@ -178,7 +179,9 @@ async def test_a_memcached_hit_fills_the_in_process_lru(
 async def test_locations_are_hashed_across_several_servers(storage: Storage) -> None:
     servers = [Memcached(), Memcached()]
     try:
-        raw = storage.config(memcached_servers=[s.address for s in servers], location_cache_size=0)
+        raw = storage.config(
+            memcached_servers=[s.address for s in servers], location_cache_size=0, open_file_cache_size=0
+        )
         async with app_client(raw) as http:
             shas = []
             for n in range(40):

@@ -85,6 +85,7 @@ class PrometheusMetrics:
             "stor_s3_queue_blobs", "Blobs waiting to be mirrored to S3", registry=r, multiprocess_mode="livemax"
         )
         self._children: dict[tuple[str, str, int], tuple[Any, Any, Any, Any]] = {}
+        self._labelled: dict[tuple[int, str], Any] = {}
         self._integrity = Counter("stor_integrity_events", "Corrupt or lost copies found", ["event"], registry=r)
 
     def request(
@@ -111,14 +112,21 @@ class PrometheusMetrics:
             sent.inc(bytes_out)
 
     def cache(self, result: str, seconds: float) -> None:
-        self._cache.labels(result).inc()
+        self._child(self._cache, result).inc()
 
     def lookup(self, seconds: float, attempts: int) -> None:
         self._lookup.observe(seconds)
         self._attempts.inc(attempts)
 
     def disk_read(self, disk: str, size: int, seconds: float) -> None:
-        self._disk_read.labels(disk).inc(size)
+        self._child(self._disk_read, disk).inc(size)
+
+    def _child(self, family: Any, label: str) -> Any:
+        """`family.labels(label)`, looked up once: labels() validates and locks every call."""
+        child = self._labelled.get((id(family), label))
+        if child is None:
+            child = self._labelled.setdefault((id(family), label), family.labels(label))
+        return child
 
     def healthcheck(self) -> None:
         self._health.inc()

@@ -1,0 +1,214 @@
+"""Kept-open copies: hot small blobs are read on the event loop, never stale, never corrupt."""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stor.backends.disk import BlobStat, Disk
+from stor.backends.openfiles import OpenFiles, fd_budget
+from stor.digest import Sha
+from stor.service import BlobService
+from tests.conftest import Storage, app_client
+from tests.helpers import AUTH, sha256
+
+DATA = os.urandom(5000)
+SHA = sha256(DATA)
+
+
+def takes_nowait(directory: Path) -> bool:
+    probe = directory / ".nowait-probe"
+    probe.write_bytes(b"x")
+    fd = os.open(probe, os.O_RDONLY)
+    try:
+        os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return False
+        raise
+    finally:
+        os.close(fd)
+        probe.unlink()
+    return True
+
+
+@pytest.fixture
+def nowait_storage(storage: Storage) -> Storage:
+    if not takes_nowait(storage.base):
+        pytest.skip(f"{storage.base} is on a filesystem without RWF_NOWAIT: nothing is kept open there")
+    return storage
+
+
+def fd_is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def service_of(client: app_client) -> BlobService:
+    service: BlobService = client.app.service  # type: ignore[attr-defined]
+    return service
+
+
+def count_thread_hops(service: BlobService) -> list[str]:
+    """Record the name of every call handed to a worker thread."""
+    calls: list[str] = []
+    run = service.offload.run
+
+    async def counted(func: Callable[..., Any], *args: Any) -> Any:
+        calls.append(getattr(func, "__name__", repr(func)))
+        return await run(func, *args)
+
+    service.offload.run = counted  # type: ignore[method-assign,assignment]
+    return calls
+
+
+# -- OpenFiles on its own ---------------------------------------------------------------------
+
+
+def kept(tmp_path: Path, name: str, data: bytes = DATA) -> tuple[Disk, int, BlobStat]:
+    path = tmp_path / name
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    st = os.fstat(fd)
+    return Disk(str(tmp_path), require_mount=False), fd, BlobStat(str(path), st.st_size, st.st_mtime_ns)
+
+
+def test_a_kept_copy_is_read_whole_from_the_page_cache(tmp_path: Path) -> None:
+    if not takes_nowait(tmp_path):
+        pytest.skip("no RWF_NOWAIT here")
+    files = OpenFiles(4, ttl=60)
+    disk, fd, stat = kept(tmp_path, "a")
+    files.put(Sha("a" * 64), disk, fd, stat)
+    entry = files.get(Sha("a" * 64))
+    assert entry is not None and entry.fd == fd
+    assert files.read(Sha("a" * 64), entry) == DATA
+    files.close()
+    assert not fd_is_open(fd)
+
+
+def test_the_least_recently_used_copy_is_closed_past_capacity(tmp_path: Path) -> None:
+    if not takes_nowait(tmp_path):
+        pytest.skip("no RWF_NOWAIT here")
+    files = OpenFiles(2, ttl=60)
+    fds = []
+    for name in "abc":
+        disk, fd, stat = kept(tmp_path, name)
+        files.put(Sha(name * 64), disk, fd, stat)
+        fds.append(fd)
+        if name == "b":
+            assert files.get(Sha("a" * 64)) is not None  # a is now more recent than b
+    assert files.held == 2
+    assert files.get(Sha("b" * 64)) is None and not fd_is_open(fds[1])
+    assert fd_is_open(fds[0]) and fd_is_open(fds[2])
+    files.close()
+
+
+def test_an_expired_removed_or_truncated_copy_is_not_used(tmp_path: Path) -> None:
+    if not takes_nowait(tmp_path):
+        pytest.skip("no RWF_NOWAIT here")
+    expiring = OpenFiles(4, ttl=0.0)
+    disk, fd, stat = kept(tmp_path, "a")
+    expiring.put(Sha("a" * 64), disk, fd, stat)
+    assert expiring.get(Sha("a" * 64)) is None
+    expiring.close_dropped()
+    assert not fd_is_open(fd)
+
+    files = OpenFiles(4, ttl=60)
+    disk, removed_fd, stat = kept(tmp_path, "b")
+    files.put(Sha("b" * 64), disk, removed_fd, stat)
+    disk, truncated_fd, truncated_stat = kept(tmp_path, "c")
+    files.put(Sha("c" * 64), disk, truncated_fd, truncated_stat)
+    (tmp_path / "b").unlink()
+    os.truncate(tmp_path / "c", 10)
+    assert files.get(Sha("b" * 64)) is None and files.get(Sha("c" * 64)) is None
+    files.close_dropped()
+    assert not fd_is_open(removed_fd) and not fd_is_open(truncated_fd)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting tmpfs needs root")
+def test_a_filesystem_without_nowait_keeps_nothing_open(tmp_path: Path) -> None:
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=False)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount tmpfs here")
+    try:
+        if takes_nowait(mount):
+            pytest.skip("this kernel's tmpfs takes RWF_NOWAIT")
+        files = OpenFiles(4, ttl=60)
+        disk, fd, stat = kept(mount, "a")
+        files.put(Sha("a" * 64), disk, fd, stat)
+        assert files.held == 0 and not files.accepts(disk) and not fd_is_open(fd)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_the_fd_budget_leaves_three_quarters_of_the_open_file_limit() -> None:
+    assert fd_budget(0) == 0
+    assert fd_budget(10) == min(10, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4)
+    assert fd_budget(10**9) == resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4
+
+
+# -- through the service ------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_hot_blob_is_read_and_stated_without_a_thread_hop(nowait_storage: Storage) -> None:
+    client = app_client(nowait_storage.config())
+    async with client as http:
+        assert (await http.post(f"/{SHA}", content=DATA, auth=AUTH)).status_code == 201
+        assert (await http.get(f"/{SHA}")).content == DATA  # opened in a worker thread, kept open
+        hops = count_thread_hops(service_of(client))
+        for _ in range(3):
+            response = await http.get(f"/{SHA}")
+            assert response.status_code == 200 and response.content == DATA
+        ranged = await http.get(f"/{SHA}", headers={"Range": "bytes=10-19"})
+        assert ranged.status_code == 206 and ranged.content == DATA[10:20]
+        head = await http.head(f"/{SHA}")
+        assert head.status_code == 200 and head.headers["content-length"] == str(len(DATA))
+        assert hops == []
+
+
+@pytest.mark.anyio
+async def test_a_copy_removed_by_hand_is_not_served_from_its_open_fd(nowait_storage: Storage) -> None:
+    async with app_client(nowait_storage.config()) as http:
+        assert (await http.post(f"/{SHA}", content=DATA, auth=AUTH)).status_code == 201
+        assert (await http.get(f"/{SHA}")).status_code == 200
+        for copy in nowait_storage.copies(SHA):
+            copy.unlink()
+        assert (await http.head(f"/{SHA}")).status_code == 404
+        assert (await http.get(f"/{SHA}")).status_code == 404
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["in place", "replaced"])
+async def test_a_kept_copy_damaged_later_is_never_served(nowait_storage: Storage, how: str) -> None:
+    client = app_client(nowait_storage.config())
+    async with client as http:
+        response = await http.post(f"/{SHA}", content=DATA, auth=AUTH)
+        first = Path(response.json()[0])
+        assert (await http.get(f"/{SHA}")).content == DATA
+        [entry] = [service_of(client).open_files.get(Sha(SHA))]
+        assert entry is not None and entry.stat.path == str(first)
+        damaged = bytes([DATA[0] ^ 1]) + DATA[1:]
+        if how == "in place":  # the same inode: the open fd now reads bad bytes
+            with first.open("r+b") as f:
+                f.write(damaged[:1])
+        else:  # a new file in its place: the open fd still reads the good one
+            replacement = first.with_suffix(".new")
+            replacement.write_bytes(damaged)
+            replacement.replace(first)
+        response = await http.get(f"/{SHA}")
+        assert response.status_code == 200 and response.content == DATA  # from the partner
+        quarantine = first.parents[3] / ".stor-quarantine"
+        assert len(list(quarantine.glob("*.dat"))) == 1
