@@ -30,7 +30,7 @@ test-deps:
 	if [ "$$(id -u)" = 0 ]; then scripts/debian-deps.sh fusermount3:fuse3 strace:strace mkfs.ext4:e2fsprogs; fi
 
 bench: venv ## benchmark stor against nginx on the same files; writes docs/benchmarks.md
-	scripts/debian-deps.sh wrk:wrk nginx:nginx-light memcached:memcached
+	scripts/debian-deps.sh wrk:wrk hey:hey nginx:nginx-light memcached:memcached
 	PATH="/usr/sbin:$$PATH" $(BIN)/python bench/run.py
 
 lint: venv ## ruff and mypy (strict)

@@ -8,11 +8,13 @@ nothing here asserts a time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -34,6 +36,7 @@ from stor.digest import Sha
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = {"4k": (4096, 20_000), "64k": (65536, 2_000), "8m": (8 * 1024 * 1024, 20)}
+FD_LIMIT = 131_072
 DURATION = int(os.environ.get("BENCH_SECONDS", "8"))
 AUTH = ("bench", "bench-pass")
 
@@ -130,6 +133,36 @@ def wrk(url: str, script: Path, label: str, rss_of: list[int] | None = None) -> 
         int(errors.group(1)) if errors else 0,
         rss(rss_of) if rss_of else 0.0,
     )
+
+
+def hey(url: str, method: str, label: str, rss_of: list[int] | None = None) -> Result:
+    """One URL with `hey` (wrk cannot measure HEAD: it waits for a body that never comes)."""
+    args = ["hey", "-m", method, "-c", "64", "-disable-compression"]
+    subprocess.run([*args, "-z", "2s", url], capture_output=True, check=False)  # warm
+    out = subprocess.run([*args, "-z", f"{DURATION}s", url], capture_output=True, text=True, check=False).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = re.search(r"50%+ in ([\d.]+) secs", out)
+    p99 = re.search(r"99%+ in ([\d.]+) secs", out)
+    statuses = {int(code): int(n) for code, n in re.findall(r"\[(\d+)\]\s+(\d+) responses", out)}
+    return Result(
+        label,
+        rps,
+        f"{float(p50.group(1)) * 1000:.2f}ms" if p50 else "?",
+        f"{float(p99.group(1)) * 1000:.2f}ms" if p99 else "?",
+        0.0,
+        sum(n for code, n in statuses.items() if not 200 <= code < 400),
+        rss(rss_of) if rss_of else 0.0,
+    )
+
+
+def raise_fd_limit() -> None:
+    """Let stor (a child: it inherits the limit) keep the whole small-blob corpus open
+    (open_file_cache_size, a quarter of the limit): what an operator sets with systemd's
+    LimitNOFILE. Root may raise the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = FD_LIMIT if os.geteuid() == 0 else hard
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), max(hard, wanted)))
 
 
 def rss(pids: list[int]) -> float:
@@ -288,6 +321,7 @@ def big_transfer_rss(stor: Stor) -> tuple[float, float]:
 
 def main() -> None:  # noqa: PLR0915 - one linear script, read top to bottom
     started = time.time()
+    raise_fd_limit()
     work = Path(tempfile.mkdtemp(prefix="stor-bench-", dir=os.environ.get("BENCH_DIR")))
     work.chmod(0o755)  # nginx's workers run unprivileged: 0700 would make every answer a 403
     try:
@@ -312,7 +346,6 @@ def main() -> None:  # noqa: PLR0915 - one linear script, read top to bottom
         results: list[tuple[Result, Result | None]] = []
         try:
             for name in ("4k", "64k", "8m"):
-                # HEAD is not measured here: wrk does not know a HEAD response has no body, and stalls
                 script = lua_get(scripts / f"{name}.lua", shas[name])
                 ours = wrk(stor.url, script, f"GET {name}", stor.pids())
                 theirs = wrk(nginx.url, lua_get(scripts / f"{name}-up.lua", shas[name], upper=True), "nginx")
@@ -320,6 +353,13 @@ def main() -> None:  # noqa: PLR0915 - one linear script, read top to bottom
                     print(f"  warning: nginx answered {theirs.errors} errors for {name}", flush=True)
                 results.append((ours, theirs))
                 print(f"  {ours.workload}: stor {ours.rps:,.0f}/s vs nginx {theirs.rps:,.0f}/s", flush=True)
+            for name in ("4k", "64k", "8m"):
+                sha = shas[name][0]
+                for method in ("HEAD", "GET"):
+                    ours = hey(f"{stor.url}/{sha}", method, f"{method} {name}, one blob (hey)", stor.pids())
+                    theirs = hey(f"{nginx.url}/{sha.upper()}", method, "nginx")
+                    results.append((ours, theirs))
+                    print(f"  {ours.workload}: stor {ours.rps:,.0f}/s vs nginx {theirs.rps:,.0f}/s", flush=True)
             missing = [hashlib.sha256(os.urandom(8)).hexdigest() for _ in range(1000)]
             ours = wrk(stor.url, lua_get(scripts / "404.lua", missing), "GET 404", stor.pids())
             theirs = wrk(nginx.url, lua_get(scripts / "404-up.lua", missing, upper=True), "nginx")
@@ -399,8 +439,12 @@ Written by `make bench` ({when}, {seconds:.0f} s). Machine: {os.cpu_count()} cor
 ({cpu}), {platform.system()} {platform.release()}, Python {platform.python_version()}. stor runs with 2 workers and
 the default config (every GET verified) on one pair of plain directories; nginx (2 workers, sendfile) serves the
 same files from the same directory. wrk: 2 threads, 64 connections, {DURATION} s after a 2 s warm-up, random shas
-from the corpus ({", ".join(f"{c:,} x {s // 1024} KiB" for s, c in CORPUS.values())}). wrk, stor and nginx share
-the 2 cores, so every figure is CPU-bound on this machine; compare ratios, not absolutes.
+from the corpus ({", ".join(f"{c:,} x {s // 1024} KiB" for s, c in CORPUS.values())}). The "one blob (hey)" rows
+ask for one blob over and over with `hey` (64 connections), because wrk cannot measure HEAD (it waits for a body
+that never comes); their GET is there to compare HEAD with GET under the same client. wrk or hey, stor and nginx
+share the 2 cores, so every figure is CPU-bound on this machine; compare ratios, not absolutes. stor runs with an
+open-file limit of {FD_LIMIT:,} (an operator's `LimitNOFILE`), so that its open-file cache, a quarter of the limit,
+holds every small blob of the corpus.
 
 | workload | stor req/s | p50 | p99 | MB/s | nginx req/s | stor/nginx | stor RSS MiB | non-2xx |
 |---|---|---|---|---|---|---|---|---|
@@ -417,7 +461,7 @@ nginx's URL carries the sha in uppercase (core nginx cannot change case; the fil
 
 ## How to run
 
-`make bench` (installs wrk, nginx and memcached from Debian when missing; `BENCH_SECONDS` changes the run length,
+`make bench` (installs wrk, hey, nginx and memcached from Debian when missing; `BENCH_SECONDS` changes the run length,
 `BENCH_DIR` where the corpus is built). It is not part of `make test` and asserts nothing.
 """
     (ROOT / "docs" / "benchmarks.md").write_text(text)

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from stor import __version__
+from stor.backends import nowait
 from stor.backends.disk import BlobStat, Disk, DiskHealth, now_ns
 from stor.backends.locations import ABSENT, CacheUnavailable, LocationCache, NoLocations
 from stor.backends.namestore import NameStore
-from stor.backends.openfiles import OpenFiles
+from stor.backends.openfiles import OpenCopy, OpenFiles
 from stor.backends.pairs import MirroredWrite, Pair, StoragePool
 from stor.backends.s3 import S3Object, S3Store, S3Unavailable
 from stor.backends.s3queue import S3Queue
@@ -52,9 +53,6 @@ SPOOL_BYTES = 1024 * 1024
 READ_WHOLE_BYTES = 1024 * 1024
 """Blobs up to this size are read in the same thread hop as the lookup."""
 
-KEEP_OPEN_BYTES = 256 * 1024
-"""Copies up to this size are kept open for reads on the event loop (see `OpenFiles`); a
-bigger one would hold the loop while it is copied and hashed."""
 S3_READ_WHOLE_BYTES = 4 * 1024 * 1024
 """S3 blobs up to this size are read and verified before the first header is sent."""
 
@@ -146,6 +144,8 @@ class BlobService:
         self._cache_enabled = locations is not None
         self._near = NearCache(near_cache_size)
         self.open_files = open_files if open_files is not None else OpenFiles(0, ttl=0.0)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing: asyncio.Task[None] | None = None
         self.metrics: Metrics = metrics or NullMetrics()
         self.offload = Offload(threads)
         self.s3 = s3
@@ -202,7 +202,7 @@ class BlobService:
         self.open_files.close_dropped()
 
     def close(self) -> None:
-        for task in self._fills.values():
+        for task in [*self._fills.values(), *self._tasks]:
             task.cancel()
         self.offload.close()
         self.open_files.close()
@@ -213,8 +213,8 @@ class BlobService:
     # -- reads -----------------------------------------------------------------------------
 
     async def stat(self, sha: Sha) -> BlobStat:
-        kept = self.open_files.get(sha)
-        if kept is not None and self.monitor.responsive(kept.disk):
+        kept = self._kept(sha)
+        if kept is not None:
             return kept.stat
         return await self.offload.run(self._stat, sha)
 
@@ -230,8 +230,8 @@ class BlobService:
     def _open_kept(self, sha: Sha) -> OpenBlob | None:
         """A small blob read on the event loop from a kept-open copy, when the page cache has
         it (see `OpenFiles`); None sends the caller down the thread path."""
-        kept = self.open_files.get(sha)
-        if kept is None or not self.monitor.responsive(kept.disk):
+        kept = self._kept(sha)
+        if kept is None:
             return None
         data = self.open_files.read(sha, kept)
         if data is None:
@@ -241,6 +241,71 @@ class BlobService:
             return None
         self.metrics.disk_read(kept.disk.root, len(data), 0.0)
         return OpenBlob(sha, kept.stat, self.offload, disk=kept.disk, data=data, metrics=self.metrics)
+
+    def _kept(self, sha: Sha) -> OpenCopy | None:
+        """The kept-open copy of `sha`, or one opened now on the event loop from the kernel's
+        caches alone (the near cache's disk first, then Stor's order). On the event loop."""
+        kept = self.open_files.get(sha)
+        if kept is not None:
+            return kept if self.monitor.responsive(kept.disk) else None
+        hint = self._near.get(sha)
+        disks = self.pool.probe_order()
+        if hint is not None and (first := self._disk_by_root.get(hint)) is not None:
+            disks.insert(0, first)
+        for disk in disks:
+            if not self.open_files.usable(disk) or not self.monitor.responsive(disk):
+                continue
+            kept = self.open_files.open(sha, disk)
+            if kept is not None:
+                if self.open_files.closing_due:
+                    self._close_dropped_later()
+                if not self._partners_agree(disk, sha, kept.stat.size):
+                    self.open_files.forget(sha)  # the thread path settles it (`_stat_checked`)
+                    return None
+                return kept
+        return None
+
+    def _partners_agree(self, disk: Disk, sha: Sha, size: int) -> bool:
+        """`_check_partners` and the size check of `_stat_checked`, for a copy opened on the
+        event loop: the partners are looked up in the dentry cache (an O_PATH open and an
+        `fstat`); only when that cannot tell does a thread look, in the background."""
+        for partner in self._answering(self.pool.pair_of[disk.root].members):
+            if partner is disk:
+                continue
+            if not partner.takes_nowait:  # its fstat might wait (FUSE, NFS): a thread looks
+                self._background(self._check_partners, disk, sha, set())
+                continue
+            try:
+                fd = nowait.open_cached(partner.blob_path(sha), path_only=True)
+            except FileNotFoundError:
+                self._heal_missing_copy(disk, partner, sha)
+                continue
+            if fd is None:
+                self._background(self._check_partners, disk, sha, set())
+                continue
+            try:
+                other = os.fstat(fd).st_size
+            finally:
+                os.close(fd)  # an O_PATH fd: closing it touches no filesystem
+            if other != size:
+                return False
+        return True
+
+    def _close_dropped_later(self) -> None:
+        if self._closing is None or self._closing.done():
+            self._closing = self._background(self.open_files.close_dropped)
+
+    def _background(self, call: Callable[..., None], *args: object) -> asyncio.Task[None]:
+        """Run a blocking call in a worker thread without waiting for it (nor failing with it)."""
+        task = asyncio.get_running_loop().create_task(self.offload.run(call, *args))
+        self._tasks.add(task)
+        task.add_done_callback(self._background_done)
+        return task
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background disk call failed: %s", task.exception())
 
     def _stat(self, sha: Sha) -> BlobStat:
         try:
@@ -334,10 +399,7 @@ class BlobService:
             os.close(fd)
             self._corrupt(disk, sha, st, actual, len(data))
             raise CorruptCopy(f"the copy of {sha} on {disk.root} is corrupt (its sha256 is {actual})")
-        if st.size <= KEEP_OPEN_BYTES:
-            self.open_files.put(sha, disk, fd, st)
-        else:
-            os.close(fd)
+        self.open_files.put(sha, disk, fd, st)
         return OpenBlob(sha, st, self.offload, disk=disk, data=data, metrics=self.metrics)
 
     def _answering(self, disks: Iterable[Disk]) -> list[Disk]:
@@ -492,11 +554,14 @@ class BlobService:
                 with contextlib.suppress(StorageUnavailable):
                     absent = partner.stat(sha) is None
             if absent:
-                log.warning("%s has a copy on %s but none on %s: healing", sha, disk.root, partner.root)
-                self.metrics.integrity("missing_copy")
-                if not self.healer.request(sha):
-                    self.metrics.integrity("heal_dropped")
+                self._heal_missing_copy(disk, partner, sha)
                 return
+
+    def _heal_missing_copy(self, disk: Disk, partner: Disk, sha: Sha) -> None:
+        log.warning("%s has a copy on %s but none on %s: healing", sha, disk.root, partner.root)
+        self.metrics.integrity("missing_copy")
+        if not self.healer.request(sha):
+            self.metrics.integrity("heal_dropped")
 
     def _cache_get(self, sha: Sha) -> str | None:
         near = self._near.get(sha)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import resource
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,13 @@ def nowait_storage(storage: Storage) -> Storage:
     return storage
 
 
+async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
 def fd_is_open(fd: int) -> bool:
     try:
         os.fstat(fd)
@@ -80,7 +89,10 @@ def kept(tmp_path: Path, name: str, data: bytes = DATA) -> tuple[Disk, int, Blob
     path.write_bytes(data)
     fd = os.open(path, os.O_RDONLY)
     st = os.fstat(fd)
-    return Disk(str(tmp_path), require_mount=False), fd, BlobStat(str(path), st.st_size, st.st_mtime_ns)
+    disk = Disk(str(tmp_path), require_mount=False)
+    disk.prepare()
+    disk.probe_health()  # learns whether the filesystem takes RWF_NOWAIT
+    return disk, fd, BlobStat(str(path), st.st_size, st.st_mtime_ns)
 
 
 def test_a_kept_copy_is_read_whole_from_the_page_cache(tmp_path: Path) -> None:
@@ -148,9 +160,26 @@ def test_a_filesystem_without_nowait_keeps_nothing_open(tmp_path: Path) -> None:
         files = OpenFiles(4, ttl=60)
         disk, fd, stat = kept(mount, "a")
         files.put(Sha("a" * 64), disk, fd, stat)
-        assert files.held == 0 and not files.accepts(disk) and not fd_is_open(fd)
+        assert files.held == 0 and not files.usable(disk) and not fd_is_open(fd)
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_cached_path_is_opened_without_a_thread(tmp_path: Path) -> None:
+    if not takes_nowait(tmp_path):
+        pytest.skip("no RWF_NOWAIT here")
+    files = OpenFiles(4, ttl=60)
+    disk, fd, stat = kept(tmp_path, "a")
+    files.put(Sha("a" * 64), disk, fd, stat)
+    other = os.urandom(100)
+    sha = Sha(sha256(other))
+    path = Path(disk.blob_path(sha))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(other)  # its path is now in the dentry cache
+    entry = files.open(sha, disk)
+    assert entry is not None and entry.stat.size == 100 and files.read(sha, entry) == other
+    assert files.open(Sha("c" * 64), disk) is None
+    files.close()
 
 
 def test_the_fd_budget_leaves_three_quarters_of_the_open_file_limit() -> None:
@@ -177,6 +206,36 @@ async def test_a_hot_blob_is_read_and_stated_without_a_thread_hop(nowait_storage
         head = await http.head(f"/{SHA}")
         assert head.status_code == 200 and head.headers["content-length"] == str(len(DATA))
         assert hops == []
+
+
+@pytest.mark.anyio
+async def test_a_blob_never_read_is_opened_on_the_event_loop(nowait_storage: Storage) -> None:
+    client = app_client(nowait_storage.config())
+    other = os.urandom(300)
+    async with client as http:
+        for data in (DATA, other):
+            assert (await http.post(f"/{sha256(data)}", content=data, auth=AUTH)).status_code == 201
+        hops = count_thread_hops(service_of(client))
+        response = await http.get(f"/{SHA}")
+        assert response.status_code == 200 and response.content == DATA
+        assert hops == []
+
+
+@pytest.mark.anyio
+async def test_a_missing_partner_is_noticed_on_the_event_loop(nowait_storage: Storage) -> None:
+    client = app_client(nowait_storage.config(location_cache_size=0))
+    other = os.urandom(300)
+    async with client as http:
+        for data in (DATA, other):
+            assert (await http.post(f"/{sha256(data)}", content=data, auth=AUTH)).status_code == 201
+        first, partner = nowait_storage.copies(SHA)
+        partner.unlink()
+        hops = count_thread_hops(service_of(client))
+        response = await http.get(f"/{SHA}")  # whichever copy is asked first, the gap is seen
+        assert response.status_code == 200 and response.content == DATA
+        await eventually(lambda: len(nowait_storage.copies(SHA)) == 2)
+        assert "_check_partners" not in hops  # the dentry cache knew the partner was gone
+        assert partner.read_bytes() == DATA and first.read_bytes() == DATA
 
 
 @pytest.mark.anyio

@@ -25,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from stor.backends import nowait
 from stor.backends.inflight import InflightOps, guarded
 from stor.backends.owners import OwnedDir, dead_owner_dirs
 from stor.digest import Sha, blob_relpath, new_hasher
@@ -83,6 +84,8 @@ class Disk:
         self.tmp_root = os.path.join(root, TMP_DIR)
         self._owner = OwnedDir(self.tmp_root)
         self._counter = itertools.count()
+        self.takes_nowait = False
+        """Its filesystem answers RWF_NOWAIT reads (see `nowait`); learned by health probes."""
 
     def __repr__(self) -> str:
         return f"Disk({self.root!r})"
@@ -321,9 +324,10 @@ class Disk:
 
     def _write_probe(self) -> None:
         path = os.path.join(self._owner.path, f"probe-{next(self._counter)}")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, b"stor")
+            self.takes_nowait = nowait.supported(fd)
         finally:
             os.close(fd)
             os.unlink(path)

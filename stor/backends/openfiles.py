@@ -2,20 +2,21 @@
 
 Handing a call to a worker thread costs far more CPU than reading a small file (about 90 µs
 against 10 µs measured here: the GIL changes hands around every syscall the thread makes).
-So a worker thread that opened and read a small copy leaves its fd here, with the stat of
-that open file, and the next read of the same blob happens on the event loop with
-`preadv2(RWF_NOWAIT)`: the kernel answers from the page cache or fails with EAGAIN at once,
-never waiting for the disk. Anything but a full read (a miss, EAGAIN, a short read, a
-filesystem without RWF_NOWAIT such as FUSE, an error) sends the request down the thread path,
-which does the real work and its error handling. Nothing here can block the event loop: it
-never opens, stats or closes a file there.
+So small copies are kept open here, with the stat of the open file, and read on the event loop
+with `nowait.read_cached`, which answers from the page cache or not at all. A copy gets here
+two ways: a worker thread that opened and read it leaves its fd (`put`), or the event loop
+opens it itself with `nowait.open_cached` when its path is in the dentry cache (`open`).
+Anything short of a full answer (a miss, EAGAIN, a short read, an error) sends the request
+down the thread path, which does the real work and its error handling. Only disks whose
+filesystem takes RWF_NOWAIT are used (`usable`, learned by the disk's health probe); nothing
+here ever waits on a disk.
 
 A blob's bytes never change, so an open fd holds the right ones (and reads are still verified
 by the caller). Each use checks with `fstat` that the file is still linked and whole, so a copy
 removed or replaced by hand stops being served at once; entries also expire after `ttl`
 seconds, and are dropped when a copy is found corrupt or its disk stops answering. The fds of
-dropped entries are closed by the next `put` (always called in a worker thread: the last close
-of a file can do I/O) or by `close_dropped`.
+dropped entries are closed off the event loop (the last close of a file can do I/O): by the
+next `put`, or by `close_dropped` when `closing_due` says enough have piled up.
 
 Thread-safe; one instance per worker process. `capacity` is bounded by the process's open
 file limit (see `fd_budget`).
@@ -24,7 +25,6 @@ file limit (see `fd_budget`).
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import resource
 import threading
@@ -32,10 +32,15 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from stor.backends import nowait
 from stor.backends.disk import BlobStat, Disk
 from stor.digest import Sha
 
-_NOT_NOW = {errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL}
+KEEP_OPEN_BYTES = 256 * 1024
+"""Copies up to this size are kept open; a bigger one would hold the event loop while it is
+copied and hashed."""
+CLOSE_BATCH = 64
+"""Dropped fds that may wait for a worker thread to close them."""
 
 
 @dataclass(frozen=True)
@@ -52,18 +57,16 @@ class OpenFiles:
         self.ttl = ttl
         self._entries: OrderedDict[Sha, OpenCopy] = OrderedDict()
         self._dropped: list[int] = []
-        self._no_nowait: set[str] = set()  # disk roots whose filesystem refuses RWF_NOWAIT
-        self._probed: set[str] = set()
         self._lock = threading.Lock()
 
-    @property
-    def enabled(self) -> bool:
-        return self.capacity > 0
+    def usable(self, disk: Disk) -> bool:
+        """Whether copies on `disk` may be kept open: its filesystem takes RWF_NOWAIT."""
+        return self.capacity > 0 and disk.takes_nowait
 
     def get(self, sha: Sha) -> OpenCopy | None:
         """The open copy of `sha`, checked with one `fstat` (in memory on the filesystems
-        that take RWF_NOWAIT): None when there is none, it expired, or the file was removed,
-        replaced or truncated since it was opened."""
+        used here): None when there is none, it expired, or the file was removed, replaced
+        or truncated since it was opened."""
         with self._lock:
             entry = self._entries.get(sha)
             if entry is None:
@@ -80,41 +83,56 @@ class OpenFiles:
             self._entries.move_to_end(sha)
             return entry
 
-    def accepts(self, disk: Disk) -> bool:
-        return self.capacity > 0 and disk.root not in self._no_nowait
+    def open(self, sha: Sha, disk: Disk) -> OpenCopy | None:
+        """Open the copy of `sha` on `disk` from the kernel's caches alone and keep it; None
+        when that cannot be done without waiting (or the copy is absent). Safe on the loop."""
+        if not self.usable(disk):
+            return None
+        path = disk.blob_path(sha)
+        with contextlib.suppress(FileNotFoundError):
+            fd = nowait.open_cached(path)
+            if fd is not None:
+                try:
+                    st = os.fstat(fd)
+                except OSError:
+                    st = None
+                if st is None or st.st_size > KEEP_OPEN_BYTES:
+                    self._drop(fd)
+                    return None
+                return self._keep(sha, disk, fd, BlobStat(path, st.st_size, st.st_mtime_ns))
+        return None
 
     def put(self, sha: Sha, disk: Disk, fd: int, stat: BlobStat) -> None:
-        """Keep `fd` (ownership passes here, taken or not). Call from a worker thread."""
-        if disk.root not in self._probed:
-            self._probe(disk, fd)
-        with self._lock:
-            if self.accepts(disk) and sha not in self._entries:
-                self._entries[sha] = OpenCopy(disk, fd, stat, time.monotonic() + self.ttl)
-                while len(self._entries) > self.capacity:
-                    self._dropped.append(self._entries.popitem(last=False)[1].fd)
-            else:
-                self._dropped.append(fd)
+        """Keep `fd`, opened by a worker thread (ownership passes here, kept or not). Call
+        from a worker thread: it closes what was dropped."""
+        if self.usable(disk) and stat.size <= KEEP_OPEN_BYTES:
+            self._keep(sha, disk, fd, stat)
+        else:
+            self._drop(fd)
         self.close_dropped()
 
+    def _keep(self, sha: Sha, disk: Disk, fd: int, stat: BlobStat) -> OpenCopy:
+        entry = OpenCopy(disk, fd, stat, time.monotonic() + self.ttl)
+        with self._lock:
+            old = self._entries.pop(sha, None)
+            if old is not None:
+                self._dropped.append(old.fd)
+            self._entries[sha] = entry
+            while len(self._entries) > self.capacity:
+                self._dropped.append(self._entries.popitem(last=False)[1].fd)
+        return entry
+
+    def _drop(self, fd: int) -> None:
+        with self._lock:
+            self._dropped.append(fd)
+
     def read(self, sha: Sha, entry: OpenCopy) -> bytes | None:
-        """The whole copy from the page cache, or None when that would mean waiting (or any
-        error: the thread path finds out what is wrong). Safe on the event loop."""
-        size = entry.stat.size
-        buffer = bytearray(size)
-        try:
-            got = os.preadv(entry.fd, [buffer], 0, os.RWF_NOWAIT) if size else 0
-        except OSError as exc:
-            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                self._refuse(entry.disk.root)
-            elif exc.errno not in _NOT_NOW:
-                self.forget(sha)
-            return None
-        if got != size:
-            return None
-        return bytes(buffer)
+        """The whole copy from the page cache, or None when that would mean waiting or fails
+        (the thread path finds out what is wrong). Safe on the event loop."""
+        return nowait.read_cached(entry.fd, entry.stat.size)
 
     def forget(self, sha: Sha) -> None:
-        """Drop the entry of `sha`: a copy was found corrupt, or a read of it failed."""
+        """Drop the entry of `sha`: a copy was found corrupt."""
         with self._lock:
             entry = self._entries.pop(sha, None)
             if entry is not None:
@@ -128,19 +146,10 @@ class OpenFiles:
                     del self._entries[sha]
                     self._dropped.append(entry.fd)
 
-    def _probe(self, disk: Disk, fd: int) -> None:
-        """Learn once per disk whether its filesystem takes RWF_NOWAIT (tmpfs and FUSE do not)."""
-        try:
-            os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
-        except OSError as exc:
-            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                self._refuse(disk.root)
-        self._probed.add(disk.root)
-
-    def _refuse(self, root: str) -> None:
-        with self._lock:
-            self._no_nowait.add(root)
-        self.forget_disk(root)
+    @property
+    def closing_due(self) -> bool:
+        """Enough dropped fds wait that a worker thread should run `close_dropped`."""
+        return len(self._dropped) >= CLOSE_BATCH
 
     def close_dropped(self) -> None:
         """Close the fds of dropped entries. Blocking: call from a worker thread."""

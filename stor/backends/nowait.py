@@ -1,0 +1,73 @@
+"""File calls that never wait for a disk: they answer from the kernel's caches or fail at once.
+
+Linux has two: `openat2(RESOLVE_CACHED)` opens a file only when every component of its path
+is in the dentry cache (io_uring's non-blocking open), and `preadv2(RWF_NOWAIT)` reads only
+what is in the page cache. Both fail with EAGAIN rather than start I/O, so they are safe on
+the event loop. They are only used on filesystems that take RWF_NOWAIT (ext4, xfs, btrfs):
+there, opening for reading and `fstat` work from memory once the path is cached. tmpfs, FUSE
+and NFS refuse RWF_NOWAIT (`supported` says so), and FUSE or NFS could block in `open` itself.
+
+The only module that calls libc through ctypes (Python has no `openat2`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+_SYS_OPENAT2 = {"x86_64": 437, "aarch64": 437}.get(os.uname().machine)
+_RESOLVE_CACHED = 0x20
+_AT_FDCWD = -100
+_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+REFUSED = (errno.EOPNOTSUPP, errno.EINVAL)
+"""What a filesystem (or kernel) without the facility answers."""
+
+
+def open_cached(path: str, *, path_only: bool = False) -> int | None:
+    """An fd of `path` for reading (or an O_PATH fd, which only proves the file exists), when
+    its whole path is in the dentry cache; None when that would need I/O or anything fails.
+    A cached negative entry raises FileNotFoundError: the file is known to be absent."""
+    if _SYS_OPENAT2 is None:
+        return None
+    how = _OpenHow(os.O_PATH | os.O_CLOEXEC if path_only else _READ_FLAGS, 0, _RESOLVE_CACHED)
+    fd = int(_syscall(_SYS_OPENAT2, _AT_FDCWD, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how)))
+    if fd >= 0:
+        return fd
+    if ctypes.get_errno() == errno.ENOENT:
+        raise FileNotFoundError(errno.ENOENT, "absent", path)
+    return None
+
+
+def read_cached(fd: int, size: int) -> bytes | None:
+    """The first `size` bytes of `fd` from the page cache; None when any of them is not there
+    (or the read fails: the caller's slow path finds out why)."""
+    if size == 0:
+        return b""
+    buffer = bytearray(size)
+    try:
+        got = os.preadv(fd, [buffer], 0, os.RWF_NOWAIT)
+    except OSError:
+        return None
+    return bytes(buffer) if got == size else None
+
+
+def supported(fd: int) -> bool:
+    """Whether the filesystem of `fd` takes RWF_NOWAIT (and so everything in this module)."""
+    if _SYS_OPENAT2 is None:
+        return False
+    try:
+        os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+    except OSError as exc:
+        return exc.errno not in REFUSED
+    return True
