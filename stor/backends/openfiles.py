@@ -36,9 +36,9 @@ from stor.backends import nowait
 from stor.backends.disk import BlobStat, Disk
 from stor.digest import Sha
 
-KEEP_OPEN_BYTES = 256 * 1024
-"""Copies up to this size are kept open; a bigger one would hold the event loop while it is
-copied and hashed."""
+READ_ON_LOOP_BYTES = 256 * 1024
+"""Copies up to this size are read on the event loop; a bigger one would hold the loop while
+it is copied and hashed (bigger copies are still kept open: a HEAD needs only their stat)."""
 CLOSE_BATCH = 64
 """Dropped fds that may wait for a worker thread to close them."""
 
@@ -96,7 +96,7 @@ class OpenFiles:
                     st = os.fstat(fd)
                 except OSError:
                     st = None
-                if st is None or st.st_size > KEEP_OPEN_BYTES:
+                if st is None:
                     self._drop(fd)
                     return None
                 return self._keep(sha, disk, fd, BlobStat(path, st.st_size, st.st_mtime_ns))
@@ -105,7 +105,7 @@ class OpenFiles:
     def put(self, sha: Sha, disk: Disk, fd: int, stat: BlobStat) -> None:
         """Keep `fd`, opened by a worker thread (ownership passes here, kept or not). Call
         from a worker thread: it closes what was dropped."""
-        if self.usable(disk) and stat.size <= KEEP_OPEN_BYTES:
+        if self.usable(disk):
             self._keep(sha, disk, fd, stat)
         else:
             self._drop(fd)
@@ -127,8 +127,10 @@ class OpenFiles:
             self._dropped.append(fd)
 
     def read(self, sha: Sha, entry: OpenCopy) -> bytes | None:
-        """The whole copy from the page cache, or None when that would mean waiting or fails
-        (the thread path finds out what is wrong). Safe on the event loop."""
+        """The whole copy from the page cache, or None when it is too big to read on the loop,
+        that would mean waiting, or it fails (the thread path finds out what is wrong)."""
+        if entry.stat.size > READ_ON_LOOP_BYTES:
+            return None
         return nowait.read_cached(entry.fd, entry.stat.size)
 
     def forget(self, sha: Sha) -> None:
