@@ -117,7 +117,10 @@ def wrk(url: str, script: Path, label: str, rss_of: list[int] | None = None) -> 
         text=True,
         check=False,
     ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if found is None:
+        raise RuntimeError(f"wrk against {url} for {label!r} printed no result:\n{out}")
+    rps = float(found.group(1))
     transfer = re.search(r"Transfer/sec:\s+([\d.]+)(\w+)", out)
     unit = {"B": 1e-6, "KB": 1024 / 1e6, "MB": 1024**2 / 1e6, "GB": 1024**3 / 1e6}
     mbs = float(transfer.group(1)) * unit.get(transfer.group(2), 1) if transfer else 0.0
@@ -184,14 +187,14 @@ def tree(pid: int) -> list[int]:
 
 
 class Stor:
-    def __init__(self, work: Path, config: dict[str, object], workers: int = 2) -> None:
+    def __init__(self, work: Path, config: dict[str, object], workers: int = 2, server: str | None = None) -> None:
         self.port = free_port()
         path = work / f"config-{self.port}.json"
         path.write_text(json.dumps(config))
         self.log = (work / f"stor-{self.port}.log").open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "stor", "serve", "--config", str(path), "--port", str(self.port),
-             "--workers", str(workers), "--log-level", "warning"],
+             "--workers", str(workers), "--log-level", "warning", *(["--server", server] if server else [])],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         self.url = f"http://127.0.0.1:{self.port}"
@@ -375,8 +378,10 @@ def main() -> None:  # noqa: PLR0915 - one linear script, read top to bottom
             up, down = big_transfer_rss(stor)
         finally:
             stor.stop()
-        variants = [
-            ("GET 4k, verify_on_read off", {**base_config, "verify_on_read": False}),
+        variants: list[tuple[str, dict[str, object], str | None]] = [
+            ("GET 4k, verify_on_read off", {**base_config, "verify_on_read": False}, None),
+            ("GET 4k, --server granian", base_config, "granian"),
+            ("GET 4k, verify_on_read off, --server granian", {**base_config, "verify_on_read": False}, "granian"),
         ]
         memcached = shutil.which("memcached")
         mc_port = free_port()
@@ -394,11 +399,11 @@ def main() -> None:  # noqa: PLR0915 - one linear script, read top to bottom
                     *(["-u", "root"] if os.geteuid() == 0 else []),
                 ]
             )
-            variants.append(("GET 4k, memcached", {**base_config, "memcached_servers": [f"127.0.0.1:{mc_port}"]}))
+            variants.append(("GET 4k, memcached", {**base_config, "memcached_servers": [f"127.0.0.1:{mc_port}"]}, None))
         try:
             nginx_4k = results[0][1]
-            for label, config in variants:
-                server = Stor(work, config)
+            for label, config, http_server in variants:
+                server = Stor(work, config, server=http_server)
                 try:
                     ours = wrk(server.url, scripts / "4k.lua", label, server.pids())
                 finally:
@@ -436,15 +441,17 @@ def write_report(results: list[tuple[Result, Result | None]], limits: dict[str, 
     text = f"""# Benchmarks
 
 Written by `make bench` ({when}, {seconds:.0f} s). Machine: {os.cpu_count()} cores
-({cpu}), {platform.system()} {platform.release()}, Python {platform.python_version()}. stor runs with 2 workers and
-the default config (every GET verified) on one pair of plain directories; nginx (2 workers, sendfile) serves the
+({cpu}), {platform.system()} {platform.release()}, Python {platform.python_version()}. stor runs with 2 workers under
+its default server (uvicorn; the rows marked `--server granian` under granian) and the default config (every GET
+verified) on one pair of plain directories; nginx (2 workers, sendfile) serves the
 same files from the same directory. wrk: 2 threads, 64 connections, {DURATION} s after a 2 s warm-up, random shas
 from the corpus ({", ".join(f"{c:,} x {s // 1024} KiB" for s, c in CORPUS.values())}). The "one blob (hey)" rows
 ask for one blob over and over with `hey` (64 connections), because wrk cannot measure HEAD (it waits for a body
 that never comes); their GET is there to compare HEAD with GET under the same client. wrk or hey, stor and nginx
 share the 2 cores, so every figure is CPU-bound on this machine; compare ratios, not absolutes. stor runs with an
 open-file limit of {FD_LIMIT:,} (an operator's `LimitNOFILE`), so that its open-file cache, a quarter of the limit,
-holds every small blob of the corpus.
+holds every small blob of the corpus; each worker still opens each blob once during the run (on the event loop when
+the kernel has its path cached, else in a thread).
 
 | workload | stor req/s | p50 | p99 | MB/s | nginx req/s | stor/nginx | stor RSS MiB | non-2xx |
 |---|---|---|---|---|---|---|---|---|

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging.config
 import os
@@ -16,15 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import click
-import uvicorn
 from tqdm import tqdm
 
-from stor import __version__
+from stor import __version__, servers
 from stor.client import ClientError, StorClient, hash_file
 from stor.config import ENV_BASIC_AUTH, ENV_CONFIG_FILE, Config, load_config
 from stor.digest import Sha, parse_sha
 from stor.errors import ConfigError, InvalidDigest, StorError
-from stor.httpserver import GuardedHttpToolsProtocol
 from stor.metrics.prometheus import ENV_MULTIPROC
 from stor.scrub import Scrubber, ScrubReport
 from stor.wiring import ENV_DATA_DIR, build_service, embedded_config, preflight
@@ -50,6 +47,8 @@ def _logging_config(level: str) -> dict[str, Any]:
             "uvicorn": {"handlers": ["stderr"], "level": level, "propagate": False},
             "uvicorn.error": {"level": level},
             "uvicorn.access": {"handlers": ["stdout"], "level": level, "propagate": False},
+            "_granian": {"handlers": ["stderr"], "level": level, "propagate": False},
+            "granian.access": {"handlers": ["stdout"], "level": level, "propagate": False},
         },
     }
 
@@ -99,7 +98,18 @@ def main() -> None:
     type=click.Choice(["debug", "info", "warning", "error"]),
     show_default=True,
 )
-def serve(config_path: str | None, host: str, port: int, workers: int, data_dir: str, log_level: str) -> None:
+@click.option(
+    "--server",
+    envvar="STOR_SERVER",
+    default="uvicorn",
+    type=click.Choice(servers.SERVERS),
+    show_default=True,
+    help="The HTTP server: granian is faster; uvicorn answers slow or huge request heads with 408/431 "
+    "and is what the reliability suite runs (see docs/deployment.md) [env STOR_SERVER].",
+)
+def serve(
+    config_path: str | None, host: str, port: int, workers: int, data_dir: str, log_level: str, server: str
+) -> None:
     """Serve the HTTP API."""
     logging.config.dictConfig(_logging_config(log_level.upper()))
     if config_path:
@@ -113,24 +123,10 @@ def serve(config_path: str | None, host: str, port: int, workers: int, data_dir:
         multiproc = tempfile.mkdtemp(prefix="stor-metrics-")
         os.environ[ENV_MULTIPROC] = multiproc
     try:
-        _serve(host, port, workers, log_level, config.body_idle_timeout)
+        servers.serve(server, host, port, workers, _logging_config(log_level.upper()), config.body_idle_timeout)
     finally:
         if multiproc:
             shutil.rmtree(multiproc, ignore_errors=True)
-
-
-def _serve(host: str, port: int, workers: int, log_level: str, head_timeout: float) -> None:
-    uvicorn.run(
-        "stor.wiring:app_from_environment",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        loop="uvloop",
-        http=functools.partial(GuardedHttpToolsProtocol, head_timeout=head_timeout),  # type: ignore[arg-type]  # called like the class
-        log_config=_logging_config(log_level.upper()),
-        server_header=False,
-    )
 
 
 @main.command("check-config")

@@ -20,7 +20,7 @@ import pytest
 from stor.config import config_from_mapping
 from stor.wiring import build_app
 from tests.helpers import PASSWORD, USER, layout_path, temp_files
-from tests.services import Memcached, MotoS3, StatsdSink
+from tests.services import Memcached, MotoS3, StatsdSink, free_port
 
 
 @dataclass
@@ -95,8 +95,12 @@ class app_client:
         await self._lifespan.__aexit__(None, None, None)
 
 
+_LISTENING = re.compile(rb"(?:Uvicorn running on|Listening at:) (http://[\d.]+:[1-9]\d*)")
+
+
 class StorProcess:
-    """`stor serve` in a subprocess on a free port, logging into the test's temp dir."""
+    """`stor serve` in a subprocess on a free port, logging into the test's temp dir. (A port
+    chosen here, not `--port 0`: granian does not log the port it was given.)"""
 
     def __init__(
         self, args: list[str], cwd: Path, env: dict[str, str] | None = None, *, wrapper: list[str] | None = None
@@ -105,8 +109,9 @@ class StorProcess:
         self._log = self.log_path.open("wb")
         inherited = {k: v for k, v in os.environ.items() if k not in ("CONFIG_FILE", "STOR_BASIC_AUTH")}
         full_env = {**inherited, **(env or {})}
+        command = [sys.executable, "-m", "stor", "serve", "--host", "127.0.0.1", "--port", str(free_port()), *args]
         self.proc = subprocess.Popen(
-            [*(wrapper or []), sys.executable, "-m", "stor", "serve", "--host", "127.0.0.1", "--port", "0", *args],
+            [*(wrapper or []), *command],
             cwd=cwd,
             env=full_env,
             stdout=self._log,
@@ -118,7 +123,7 @@ class StorProcess:
     def _wait_ready(self, timeout: float = 20.0) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            match = re.search(rb"Uvicorn running on (http://[\d.]+:\d+)", self.log_path.read_bytes())
+            match = _LISTENING.search(self.log_path.read_bytes())
             if match and self._answers(match.group(1).decode()):
                 return match.group(1).decode()
             if self.proc.poll() is not None:
@@ -166,9 +171,10 @@ def start_stor(tmp_path: Path) -> Iterator[Callable[..., StorProcess]]:
         server.stop()
 
 
-@pytest.fixture
-def server(storage: Storage, start_stor: Callable[..., StorProcess]) -> StorProcess:
-    return start_stor("--config", str(storage.write_config(body_idle_timeout=1.0)))
+@pytest.fixture(params=["uvicorn", "granian"])
+def server(request: pytest.FixtureRequest, storage: Storage, start_stor: Callable[..., StorProcess]) -> StorProcess:
+    """`stor serve` under each HTTP server it offers."""
+    return start_stor("--config", str(storage.write_config(body_idle_timeout=1.0)), "--server", request.param)
 
 
 @pytest.fixture
