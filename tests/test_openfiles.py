@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from stor.backends import nowait
 from stor.backends.disk import BlobStat, Disk
 from stor.backends.openfiles import OpenFiles, fd_budget
 from stor.digest import Sha
@@ -271,3 +272,19 @@ async def test_a_kept_copy_damaged_later_is_never_served(nowait_storage: Storage
         assert response.status_code == 200 and response.content == DATA  # from the partner
         quarantine = first.parents[3] / ".stor-quarantine"
         assert len(list(quarantine.glob("*.dat"))) == 1
+
+
+def test_a_read_on_the_event_loop_leaves_the_access_time_alone(tmp_path: Path) -> None:
+    """No inode update (a journal write, which can wait) may come from the event loop."""
+    if not takes_nowait(tmp_path):
+        pytest.skip("no RWF_NOWAIT here")
+    path = tmp_path / "blob"
+    path.write_bytes(DATA)
+    os.utime(path, ns=(1_000_000_000, 2_000_000_000))  # atime before mtime: relatime would update it
+    fd = nowait.open_cached(str(path))
+    assert fd is not None
+    try:
+        assert nowait.read_cached(fd, len(DATA)) == DATA
+    finally:
+        os.close(fd)
+    assert path.stat().st_atime_ns == 1_000_000_000

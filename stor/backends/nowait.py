@@ -20,6 +20,7 @@ _SYS_OPENAT2 = {"x86_64": 437, "aarch64": 437}.get(os.uname().machine)
 _RESOLVE_CACHED = 0x20
 _AT_FDCWD = -100
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC
+_noatime = os.O_NOATIME  # a read must not dirty the inode (a journal write) on the event loop
 
 
 class _OpenHow(ctypes.Structure):
@@ -38,15 +39,26 @@ def open_cached(path: str, *, path_only: bool = False) -> int | None:
     """An fd of `path` for reading (or an O_PATH fd, which only proves the file exists), when
     its whole path is in the dentry cache; None when that would need I/O or anything fails.
     A cached negative entry raises FileNotFoundError: the file is known to be absent."""
+    global _noatime  # noqa: PLW0603 - learned once per process
     if _SYS_OPENAT2 is None:
         return None
-    how = _OpenHow(os.O_PATH | os.O_CLOEXEC if path_only else _READ_FLAGS, 0, _RESOLVE_CACHED)
-    fd = int(_syscall(_SYS_OPENAT2, _AT_FDCWD, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how)))
+    flags = os.O_PATH | os.O_CLOEXEC if path_only else _READ_FLAGS | _noatime
+    fd = _openat2(path, flags)
+    if fd == -errno.EPERM and flags & _noatime:  # O_NOATIME needs the file's owner (or root)
+        _noatime = 0
+        fd = _openat2(path, flags & ~os.O_NOATIME)
     if fd >= 0:
         return fd
-    if ctypes.get_errno() == errno.ENOENT:
+    if fd == -errno.ENOENT:
         raise FileNotFoundError(errno.ENOENT, "absent", path)
     return None
+
+
+def _openat2(path: str, flags: int) -> int:
+    """The fd, or minus the errno."""
+    how = _OpenHow(flags, 0, _RESOLVE_CACHED)
+    fd = int(_syscall(_SYS_OPENAT2, _AT_FDCWD, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how)))
+    return fd if fd >= 0 else -ctypes.get_errno()
 
 
 def read_cached(fd: int, size: int) -> bytes | None:
