@@ -233,7 +233,7 @@ class BlobService:
         kept = self._kept(sha)
         if kept is None:
             return None
-        data = self.open_files.read(sha, kept)
+        data = self.open_files.read(kept)
         if data is None:
             return None
         if self.verify and sha_of(data) != sha:

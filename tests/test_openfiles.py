@@ -43,6 +43,13 @@ def takes_nowait(directory: Path) -> bool:
 
 
 @pytest.fixture
+def nowait_dir(tmp_path: Path) -> Path:
+    if not takes_nowait(tmp_path):
+        pytest.skip(f"{tmp_path} is on a filesystem without RWF_NOWAIT: nothing is kept open there")
+    return tmp_path
+
+
+@pytest.fixture
 def nowait_storage(storage: Storage) -> Storage:
     if not takes_nowait(storage.base):
         pytest.skip(f"{storage.base} is on a filesystem without RWF_NOWAIT: nothing is kept open there")
@@ -96,26 +103,22 @@ def kept(tmp_path: Path, name: str, data: bytes = DATA) -> tuple[Disk, int, Blob
     return disk, fd, BlobStat(str(path), st.st_size, st.st_mtime_ns)
 
 
-def test_a_kept_copy_is_read_whole_from_the_page_cache(tmp_path: Path) -> None:
-    if not takes_nowait(tmp_path):
-        pytest.skip("no RWF_NOWAIT here")
+def test_a_kept_copy_is_read_whole_from_the_page_cache(nowait_dir: Path) -> None:
     files = OpenFiles(4, ttl=60)
-    disk, fd, stat = kept(tmp_path, "a")
+    disk, fd, stat = kept(nowait_dir, "a")
     files.put(Sha("a" * 64), disk, fd, stat)
     entry = files.get(Sha("a" * 64))
     assert entry is not None and entry.fd == fd
-    assert files.read(Sha("a" * 64), entry) == DATA
+    assert files.read(entry) == DATA
     files.close()
     assert not fd_is_open(fd)
 
 
-def test_the_least_recently_used_copy_is_closed_past_capacity(tmp_path: Path) -> None:
-    if not takes_nowait(tmp_path):
-        pytest.skip("no RWF_NOWAIT here")
+def test_the_least_recently_used_copy_is_closed_past_capacity(nowait_dir: Path) -> None:
     files = OpenFiles(2, ttl=60)
     fds = []
     for name in "abc":
-        disk, fd, stat = kept(tmp_path, name)
+        disk, fd, stat = kept(nowait_dir, name)
         files.put(Sha(name * 64), disk, fd, stat)
         fds.append(fd)
         if name == "b":
@@ -126,23 +129,21 @@ def test_the_least_recently_used_copy_is_closed_past_capacity(tmp_path: Path) ->
     files.close()
 
 
-def test_an_expired_removed_or_truncated_copy_is_not_used(tmp_path: Path) -> None:
-    if not takes_nowait(tmp_path):
-        pytest.skip("no RWF_NOWAIT here")
+def test_an_expired_removed_or_truncated_copy_is_not_used(nowait_dir: Path) -> None:
     expiring = OpenFiles(4, ttl=0.0)
-    disk, fd, stat = kept(tmp_path, "a")
+    disk, fd, stat = kept(nowait_dir, "a")
     expiring.put(Sha("a" * 64), disk, fd, stat)
     assert expiring.get(Sha("a" * 64)) is None
     expiring.close_dropped()
     assert not fd_is_open(fd)
 
     files = OpenFiles(4, ttl=60)
-    disk, removed_fd, stat = kept(tmp_path, "b")
+    disk, removed_fd, stat = kept(nowait_dir, "b")
     files.put(Sha("b" * 64), disk, removed_fd, stat)
-    disk, truncated_fd, truncated_stat = kept(tmp_path, "c")
+    disk, truncated_fd, truncated_stat = kept(nowait_dir, "c")
     files.put(Sha("c" * 64), disk, truncated_fd, truncated_stat)
-    (tmp_path / "b").unlink()
-    os.truncate(tmp_path / "c", 10)
+    (nowait_dir / "b").unlink()
+    os.truncate(nowait_dir / "c", 10)
     assert files.get(Sha("b" * 64)) is None and files.get(Sha("c" * 64)) is None
     files.close_dropped()
     assert not fd_is_open(removed_fd) and not fd_is_open(truncated_fd)
@@ -166,11 +167,9 @@ def test_a_filesystem_without_nowait_keeps_nothing_open(tmp_path: Path) -> None:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_cached_path_is_opened_without_a_thread(tmp_path: Path) -> None:
-    if not takes_nowait(tmp_path):
-        pytest.skip("no RWF_NOWAIT here")
+def test_a_cached_path_is_opened_without_a_thread(nowait_dir: Path) -> None:
     files = OpenFiles(4, ttl=60)
-    disk, fd, stat = kept(tmp_path, "a")
+    disk, fd, stat = kept(nowait_dir, "a")
     files.put(Sha("a" * 64), disk, fd, stat)
     other = os.urandom(100)
     sha = Sha(sha256(other))
@@ -178,7 +177,7 @@ def test_a_cached_path_is_opened_without_a_thread(tmp_path: Path) -> None:
     path.parent.mkdir(parents=True)
     path.write_bytes(other)  # its path is now in the dentry cache
     entry = files.open(sha, disk)
-    assert entry is not None and entry.stat.size == 100 and files.read(sha, entry) == other
+    assert entry is not None and entry.stat.size == 100 and files.read(entry) == other
     assert files.open(Sha("c" * 64), disk) is None
     files.close()
 
@@ -274,11 +273,9 @@ async def test_a_kept_copy_damaged_later_is_never_served(nowait_storage: Storage
         assert len(list(quarantine.glob("*.dat"))) == 1
 
 
-def test_a_read_on_the_event_loop_leaves_the_access_time_alone(tmp_path: Path) -> None:
+def test_a_read_on_the_event_loop_leaves_the_access_time_alone(nowait_dir: Path) -> None:
     """No inode update (a journal write, which can wait) may come from the event loop."""
-    if not takes_nowait(tmp_path):
-        pytest.skip("no RWF_NOWAIT here")
-    path = tmp_path / "blob"
+    path = nowait_dir / "blob"
     path.write_bytes(DATA)
     os.utime(path, ns=(1_000_000_000, 2_000_000_000))  # atime before mtime: relatime would update it
     fd = nowait.open_cached(str(path))

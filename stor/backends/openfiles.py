@@ -126,7 +126,7 @@ class OpenFiles:
         with self._lock:
             self._dropped.append(fd)
 
-    def read(self, sha: Sha, entry: OpenCopy) -> bytes | None:
+    def read(self, entry: OpenCopy) -> bytes | None:
         """The whole copy from the page cache, or None when it is too big to read on the loop,
         that would mean waiting, or it fails (the thread path finds out what is wrong)."""
         if entry.stat.size > READ_ON_LOOP_BYTES:
