@@ -69,8 +69,8 @@ def test_dependencies_down_hung_or_lying(
         for _, step in steps:
             step()
             traffic(server, ledger)
-        backlog = status(server).json()["s3"]["backlog"]
-        assert backlog > 0  # uploads made while S3 hung wait in the queue
+        # uploads made while S3 hung wait in the queue; /status counts it at least every second
+        assert wait_for(lambda: status(server).json()["s3"]["backlog"] > 0, timeout=5)
 
         s3.kill()
         traffic(server, ledger)
