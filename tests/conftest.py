@@ -152,7 +152,11 @@ class StorProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self.url = self._wait_ready()
+        try:
+            self.url = self._wait_ready()
+        except BaseException:
+            self.stop()  # a server that never answered is still a process (and its workers)
+            raise
 
     def _wait_ready(self, timeout: float = 20.0) -> str:
         deadline = time.monotonic() + timeout
