@@ -81,6 +81,7 @@ class Config:
     open_file_cache_size: int = 32_768
     verify_on_read: bool = True
     verify_on_read_max: int = 4 * 1024 * 1024
+    group_commit: bool = True
     statsite: StatsiteSettings | None = None
     secret: str | None = field(default=None, repr=False)
     # Not a config key: the embedded default creates its own directories.
@@ -148,6 +149,7 @@ def config_from_mapping(raw: object, env: Mapping[str, str]) -> Config:
         open_file_cache_size=_int(raw, "open_file_cache_size", 32_768, minimum=0),
         verify_on_read=_bool(raw, "verify_on_read", True),
         verify_on_read_max=_int(raw, "verify_on_read_max", 4 * 1024 * 1024, minimum=0),
+        group_commit=_bool(raw, "group_commit", True),
         statsite=_statsite(raw.get("statsite")),
         secret=_str(raw, "secret", None),
     )
@@ -180,6 +182,7 @@ _KNOWN_KEYS = frozenset(
         "open_file_cache_size",
         "verify_on_read",
         "verify_on_read_max",
+        "group_commit",
         "statsite",
         "secret",
     }

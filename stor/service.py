@@ -22,10 +22,11 @@ from typing import TypeVar
 from stor import __version__
 from stor.backends import nowait
 from stor.backends.disk import BlobStat, Disk, DiskHealth, now_ns
+from stor.backends.groupcommit import CommitStats, GroupCommits
 from stor.backends.locations import ABSENT, CacheUnavailable, LocationCache, NoLocations
 from stor.backends.namestore import NameStore
 from stor.backends.openfiles import OpenCopy, OpenFiles
-from stor.backends.pairs import MirroredWrite, Pair, StoragePool
+from stor.backends.pairs import MirroredWrite, Pair, StoragePool, settle
 from stor.backends.s3 import S3Object, S3Store, S3Unavailable
 from stor.backends.s3queue import S3Queue
 from stor.blobs import OpenBlob
@@ -43,6 +44,7 @@ from stor.metrics import Metrics, NullMetrics
 from stor.mirror import S3Mirror
 from stor.nearcache import NearCache
 from stor.offload import Offload
+from stor.publish import publish
 from stor.scrubstate import last_runs
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,7 @@ class StatusReport:
     version: str = __version__
     uptime: float = 0.0
     reserved_bytes: dict[int, int] = field(default_factory=dict)
+    group_commit: dict[str, CommitStats] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,7 @@ class BlobService:
         self._closing: asyncio.Task[None] | None = None
         self.metrics: Metrics = metrics or NullMetrics()
         self.offload = Offload(threads)
+        self.commits = GroupCommits()
         self.s3 = s3
         self.names = names
         self.mirror = (
@@ -205,6 +209,7 @@ class BlobService:
         for task in [*self._fills.values(), *self._tasks]:
             task.cancel()
         self.offload.close()
+        self.commits.close()
         self.open_files.close()
         self.monitor.close()
         self.locations.close()
@@ -629,23 +634,76 @@ class BlobService:
 
     # -- writes ----------------------------------------------------------------------------
 
-    async def put(self, sha: Sha, body: AsyncIterator[bytes], length: int | None, *, mirror: bool = True) -> PutResult:
-        """Store the body under `sha`. When every copy already exists the body is not read."""
+    async def put(
+        self,
+        sha: Sha,
+        body: AsyncIterator[bytes],
+        length: int | None,
+        *,
+        mirror: bool = True,
+        early_answer: bool = True,
+    ) -> PutResult:
+        """Store the body under `sha`. When every copy already exists the body is not read,
+        unless `early_answer` is off and `length` is small (up to `SPOOL_BYTES`): the body is
+        then read first (the client has sent it already: nothing is saved by leaving it), so
+        that the check, the placement and the writes take a single thread hop."""
+        mirror = mirror and self.s3 is not None
         async with self._sha_lock(sha):
-            plan = await self.offload.run(self._plan, sha, length or 0)
-            if isinstance(plan, list):
-                return PutResult(False, plan)
-            with self.pool.reservation(plan.pair, length or 0):
-                written = await self._write(sha, plan.disks, body, plan.mtime_ns, mirror and self.s3 is not None)
-        if mirror and self.mirror is not None and self.s3 is not None:
+            if not early_answer and length is not None and length <= SPOOL_BYTES:
+                result = await self._put_small(sha, b"".join([chunk async for chunk in body]), mirror)
+            else:
+                result = await self._put_streamed(sha, body, length, mirror)
+        if result.created and mirror and self.mirror is not None and self.s3 is not None:
             if self.s3.sync_writes:
                 try:
-                    await self.mirror.put_now(sha, written[0])
+                    await self.mirror.put_now(sha, result.paths[0])
                 except S3Unavailable as exc:
                     raise StorageUnavailable(f"stored locally, but not yet in S3 (it stays queued): {exc}") from exc
             else:
                 self.mirror.notify()
+        return result
+
+    async def _put_streamed(self, sha: Sha, body: AsyncIterator[bytes], length: int | None, mirror: bool) -> PutResult:
+        plan = await self.offload.run(self._plan, sha, length or 0)
+        if isinstance(plan, list):
+            return PutResult(False, plan)
+        with self.pool.reservation(plan.pair, length or 0):
+            written = await self._write(sha, plan.disks, body, plan.mtime_ns, mirror)
         return PutResult(True, plan.kept + written)
+
+    async def _put_small(self, sha: Sha, data: bytes, mirror: bool) -> PutResult:
+        staged = await self.offload.run(self._plan_and_stage, sha, data, mirror)
+        if isinstance(staged, PutResult):
+            return staged
+        plan, writer = staged
+        try:
+            paths = await self._publish(writer, sha)
+        except BaseException:
+            await self.offload.run(writer.abort)  # runs to the end even when cancelled
+            raise
+        finally:
+            self.pool.release(plan.pair, len(data))
+        return PutResult(True, plan.kept + paths)
+
+    def _plan_and_stage(self, sha: Sha, data: bytes, mirror: bool) -> PutResult | tuple[_Target, MirroredWrite]:
+        """`_plan`, then `_stage` of the whole body, in one thread hop: the result when the
+        blob was stored already or is now; else the pair (reserved: the caller releases it)
+        and the writer that `publish` finishes."""
+        plan = self._plan(sha, len(data))
+        if isinstance(plan, list):
+            return PutResult(False, plan)
+        self.pool.reserve(plan.pair, len(data))
+        writer = MirroredWrite(plan.disks)
+        try:
+            paths = self._stage(writer, sha, data, plan.mtime_ns, mirror)
+        except BaseException:
+            writer.abort()
+            self.pool.release(plan.pair, len(data))
+            raise
+        if paths is None:
+            return plan, writer
+        self.pool.release(plan.pair, len(data))
+        return PutResult(True, plan.kept + paths)
 
     async def put_content(self, body: AsyncIterator[bytes], length: int | None) -> tuple[Sha, int, PutResult]:
         """Store a body whose sha is not known in advance (named files): it is hashed on the
@@ -655,8 +713,12 @@ class BlobService:
         with self.pool.reservation(pair, length or 0):
             try:
                 tail, size = await self._spool(writer, body)
-                sha, result = await self.offload.run(self._finish_content, writer, tail)
-                return sha, size, result
+                sha, existing = await self.offload.run(self._content_sha, writer, tail)
+                if existing is not None:
+                    await self.offload.run(writer.abort)
+                    return sha, size, PutResult(False, existing)
+                paths = await self._commit(writer, sha, b"", None, self.s3 is not None)
+                return sha, size, PutResult(True, paths)
             except BaseException:
                 await self.offload.run(writer.abort)
                 raise
@@ -674,13 +736,13 @@ class BlobService:
                 buffer.clear()
         return bytes(buffer), size
 
-    def _finish_content(self, writer: MirroredWrite, tail: bytes) -> tuple[Sha, PutResult]:
+    def _content_sha(self, writer: MirroredWrite, tail: bytes) -> tuple[Sha, list[str] | None]:
+        """Spool the last bytes: the body's sha, and the paths of its copies if it is stored."""
         sha = writer.write_last(tail)
         copies = self._copies(sha)
         if copies is not None and copies.complete:
-            writer.abort()
-            return sha, PutResult(False, [copies.present[d.root].path for d in copies.pair.members])
-        return sha, PutResult(True, self._finish(writer, sha, b"", None, self.s3 is not None))
+            return sha, [copies.present[d.root].path for d in copies.pair.members]
+        return sha, None
 
     def store_file(self, sha: Sha, path: str) -> PutResult:
         """Blocking, for tools (`stor import`): store a local file under `sha` through the same
@@ -747,24 +809,58 @@ class BlobService:
         writer = MirroredWrite(disks)
         try:
             tail, _ = await self._spool(writer, body)
-            return await self.offload.run(self._finish, writer, sha, tail, mtime, mirror)
+            return await self._commit(writer, sha, tail, mtime, mirror)
         except BaseException:
             await self.offload.run(writer.abort)  # runs to the end even when cancelled
             raise
 
+    async def _commit(self, writer: MirroredWrite, sha: Sha, tail: bytes, mtime: int | None, mirror: bool) -> list[str]:
+        """Check the digest and make every copy durable and visible: in the thread hop that
+        writes the last bytes when no copy can be group-committed, else through `publish`."""
+        paths = await self.offload.run(self._stage, writer, sha, tail, mtime, mirror)
+        if paths is None:
+            paths = await self._publish(writer, sha)
+        return paths
+
+    async def _publish(self, writer: MirroredWrite, sha: Sha) -> list[str]:
+        paths = await publish(writer, sha, self.commits, self.offload)
+        self._near.remember(sha, writer.disks[0].root)
+        if self._cache_enabled:
+            await self.offload.run(self._cache_do, self.locations.remember, sha, writer.disks[0].root)
+        return paths
+
+    def _stage(self, writer: MirroredWrite, sha: Sha, tail: bytes, mtime: int | None, mirror: bool) -> list[str] | None:
+        """`MirroredWrite.stage`, and the S3 queue marker (made durable before any copy is
+        linked: here, or by the first copy's group commit). When no copy is groupable they are
+        committed here too, and their paths returned; else None (`publish` does the rest)."""
+        writer.stage(sha, now_ns() if mtime is None else mtime, tail, group=True)
+        temps = writer.temps
+        if mirror:
+            self._enqueue(writer.disks[0], sha, durable=not temps[0].groupable)
+        if any(temp.groupable for temp in temps):
+            return None
+        paths = settle([temp.commit(sha) for temp in temps])
+        self._remember(sha, writer.disks[0].root)
+        return paths
+
     def _finish(self, writer: MirroredWrite, sha: Sha, tail: bytes, mtime: int | None, mirror: bool) -> list[str]:
+        """Blocking, for tools: the whole upload in the calling thread, one copy at a time."""
+
         def enqueue() -> None:
-            assert self.s3 is not None
-            try:
-                self.s3.queue.enqueue(writer.disks[0], sha)
-            except OSError as exc:
-                raise StorageUnavailable(f"{writer.disks[0].root}: cannot queue the S3 mirror: {exc.strerror}") from exc
+            self._enqueue(writer.disks[0], sha, durable=True)
 
         paths = writer.finish(
             sha, now_ns() if mtime is None else mtime, tail, before_commit=enqueue if mirror else None
         )
         self._remember(sha, writer.disks[0].root)
         return paths
+
+    def _enqueue(self, disk: Disk, sha: Sha, *, durable: bool) -> None:
+        assert self.s3 is not None
+        try:
+            self.s3.queue.enqueue(disk, sha, durable=durable)
+        except OSError as exc:
+            raise StorageUnavailable(f"{disk.root}: cannot queue the S3 mirror: {exc.strerror}") from exc
 
     def _fill_later(self, sha: Sha, data: bytes | None, size: int) -> None:
         """Write a blob found only in S3 back to a pair, in the background, a few at a time."""
@@ -830,6 +926,7 @@ class BlobService:
             scrub=self.scrub_runs,
             uptime=time.monotonic() - self._started,
             reserved_bytes={p.index: self.pool.reserved(p) for p in self.pool.pairs},
+            group_commit=self.commits.stats(),
         )
 
     async def _check_cache(self) -> None:

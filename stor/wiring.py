@@ -58,7 +58,10 @@ def build_service(config: Config, metrics: Metrics | None = None) -> BlobService
     pairs = [
         Pair(
             index,
-            tuple(Disk(root, require_mount=require_mount, max_inflight=DISK_OPS_LIMIT) for root in members),
+            tuple(
+                Disk(root, require_mount=require_mount, max_inflight=DISK_OPS_LIMIT, group_commit=config.group_commit)
+                for root in members
+            ),
             config.pair_writable_by_regex(members),
         )
         for index, members in enumerate(config.storage_pairs)

@@ -10,12 +10,15 @@ Contract:
 - `<root>/.stor-tmp` doubles as a mount sentinel: stor creates it only on a verified root, so
   a bare mountpoint (disk unmounted) lacks it and every use of that disk fails instead of
   writing onto the wrong filesystem or answering a false "absent".
+- A temp on a filesystem whose `syncfs` is real (`TempFile.groupable`) may instead be made
+  durable and linked by a `GroupCommit` (one `syncfs` for many uploads), in the same order.
 - Every method is safe to call from several threads at once, and blocks: call them from a
   worker thread, never from the event loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import json
@@ -25,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from stor.backends import nowait
+from stor.backends import nowait, syscalls
 from stor.backends.inflight import InflightOps, guarded
 from stor.backends.owners import OwnedDir, dead_owner_dirs
 from stor.digest import Sha, blob_relpath, new_hasher
@@ -35,6 +38,9 @@ TMP_DIR = ".stor-tmp"
 QUARANTINE_DIR = ".stor-quarantine"
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK)
+GROUP_COMMIT_FILESYSTEMS = frozenset({syscalls.EXT4_MAGIC, syscalls.XFS_MAGIC, syscalls.BTRFS_MAGIC})
+"""Filesystems whose `syncfs` writes back every dirty file and commits the journal, reporting
+errors. Not FUSE (its syncfs may do nothing at all), NFS or tmpfs (nothing to make durable)."""
 
 
 @dataclass(frozen=True)
@@ -74,9 +80,11 @@ def fsync_dir(path: str) -> None:
 
 
 class Disk:
-    def __init__(self, root: str, *, require_mount: bool, max_inflight: int = 32) -> None:
+    def __init__(self, root: str, *, require_mount: bool, max_inflight: int = 32, group_commit: bool = True) -> None:
         self.root = root
         self.require_mount = require_mount
+        self.group_commit = group_commit
+        """Its temps may be group-committed, where their filesystem allows (`TempFile.groupable`)."""
         self.inflight = InflightOps(root, max_inflight)
         self._errors = 0
         self._orphans: set[str] = set()  # temps that could not be removed (disk read-only?)
@@ -281,7 +289,15 @@ class Disk:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise _fail(self, "creating a temp file", exc) from exc
-        return TempFile(self, path, fd)
+        try:
+            device = os.fstat(fd).st_dev
+        except OSError as exc:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise _fail(self, "fstat of a temp file", exc) from exc
+        groupable = self.group_commit and syscalls.fs_magic(fd) in GROUP_COMMIT_FILESYSTEMS
+        return TempFile(self, path, fd, device, groupable)
 
     @guarded
     def free_bytes(self) -> int:
@@ -334,13 +350,27 @@ class Disk:
 
 
 class TempFile:
-    """A temp file on one disk that becomes a blob copy with `commit`, or vanishes with `discard`."""
+    """A temp file on one disk that becomes a blob copy, or vanishes with `discard`.
 
-    def __init__(self, disk: Disk, path: str, fd: int) -> None:
+    Alone: `sync`, then `commit`. Group-committed (see `groupcommit`): `set_mtime`, a `syncfs`
+    of its filesystem, `check_written`, `link`, another `syncfs`, `discard` (which then only
+    closes the fd)."""
+
+    def __init__(self, disk: Disk, path: str, fd: int, device: int, groupable: bool) -> None:
         self.disk = disk
         self.inflight = disk.inflight
         self.path = path
+        self.device = device
+        """`st_dev` of its filesystem: which `GroupCommit` it belongs to."""
+        self.groupable = groupable
+        """Its filesystem's `syncfs` can make it durable (see `GROUP_COMMIT_FILESYSTEMS`)."""
+        self.created = time.monotonic_ns()
         self._fd: int | None = fd
+
+    @property
+    def fd(self) -> int:
+        """The open fd (a `syncfs` called on it reports writeback errors since it was opened)."""
+        return self._require_fd()
 
     @guarded
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -355,12 +385,38 @@ class TempFile:
     @guarded
     def sync(self, mtime_ns: int) -> None:
         """Give the file its final mtime and make its bytes durable."""
-        fd = self._require_fd()
+        self.set_mtime(mtime_ns)
         try:
-            os.utime(fd, ns=(mtime_ns, mtime_ns))
-            os.fsync(fd)  # a failed fsync is final: the caller fails the request, never retries
+            os.fsync(self._require_fd())  # a failed fsync is final: the caller fails the request, never retries
         except OSError as exc:
             raise _fail(self.disk, "fsync", exc) from exc
+
+    def set_mtime(self, mtime_ns: int) -> None:
+        try:
+            os.utime(self._require_fd(), ns=(mtime_ns, mtime_ns))
+        except OSError as exc:
+            raise _fail(self.disk, "utime", exc) from exc
+
+    def start_writeback(self) -> None:
+        """Start writing the dirty pages out without waiting (a large upload calls this as it
+        spools, so the `syncfs` that later commits it has little left to write)."""
+        try:
+            syscalls.sync_file_range(self._require_fd(), syscalls.SYNC_FILE_RANGE_WRITE)
+        except OSError as exc:
+            raise _fail(self.disk, "write", exc) from exc
+
+    @guarded
+    def check_written(self) -> None:
+        """After a `syncfs` wrote this file out: raise if any of its writeback failed since it
+        was opened. `sync_file_range` with WAIT_AFTER reports the file's own writeback errors
+        (once, to this fd) without another journal commit."""
+        flags = (
+            syscalls.SYNC_FILE_RANGE_WAIT_BEFORE | syscalls.SYNC_FILE_RANGE_WRITE | syscalls.SYNC_FILE_RANGE_WAIT_AFTER
+        )
+        try:
+            syscalls.sync_file_range(self._require_fd(), flags)
+        except OSError as exc:
+            raise _fail(self.disk, "writeback", exc) from exc
 
     @guarded
     def commit(self, sha: Sha) -> tuple[str, bool]:
@@ -372,14 +428,29 @@ class TempFile:
         self._close()
         final = self.disk.blob_path(sha)
         try:
-            new_dirs = _make_parents(self.disk.root, os.path.dirname(final))
-            created = _link_no_replace(self.path, final)
-            self.path = ""
+            created, new_dirs = self._link(final)
             for directory in (os.path.dirname(final), *new_dirs):
                 fsync_dir(directory)
         except OSError as exc:
             raise _fail(self.disk, "commit", exc) from exc
         return final, created
+
+    @guarded
+    def link(self, sha: Sha) -> tuple[str, bool]:
+        """`commit` without the fsyncs, for a group commit whose next `syncfs` makes the new
+        name (and any new directory) durable. The fd stays open for that `syncfs`."""
+        final = self.disk.blob_path(sha)
+        try:
+            created, _ = self._link(final)
+        except OSError as exc:
+            raise _fail(self.disk, "commit", exc) from exc
+        return final, created
+
+    def _link(self, final: str) -> tuple[bool, list[str]]:
+        new_dirs = _make_parents(self.disk.root, os.path.dirname(final))
+        created = _link_no_replace(self.path, final)
+        self.path = ""
+        return created, new_dirs
 
     @guarded
     def replace(self, final: str) -> None:

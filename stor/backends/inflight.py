@@ -32,9 +32,11 @@ class InflightOps:
         self._ids = itertools.count()
 
     @contextmanager
-    def op(self) -> Iterator[None]:
+    def op(self, *, bounded: bool = True) -> Iterator[None]:
+        """One operation, timed; refused when `limit` are running already, unless not
+        `bounded` (a thread of its own, such as a group commit's, holds no pool thread)."""
         with self._lock:
-            if len(self._started) >= self.limit:
+            if bounded and len(self._started) >= self.limit:
                 raise StorageUnavailable(
                     f"{self.root}: {len(self._started)} operations already waiting on this disk (hung?)"
                 )

@@ -6,30 +6,17 @@ what is in the page cache. Both fail with EAGAIN rather than start I/O, so they 
 the event loop. They are only used on filesystems that take RWF_NOWAIT (ext4, xfs, btrfs):
 there, opening for reading and `fstat` work from memory once the path is cached. tmpfs, FUSE
 and NFS refuse RWF_NOWAIT (`supported` says so), and FUSE or NFS could block in `open` itself.
-
-The only module that calls libc through ctypes (Python has no `openat2`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 
-_SYS_OPENAT2 = {"x86_64": 437, "aarch64": 437}.get(os.uname().machine)
-_RESOLVE_CACHED = 0x20
-_AT_FDCWD = -100
+from stor.backends import syscalls
+
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC
 _noatime = os.O_NOATIME  # a read must not dirty the inode (a journal write) on the event loop
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
 
 REFUSED = (errno.EOPNOTSUPP, errno.EINVAL)
 """What a filesystem (or kernel) without the facility answers."""
@@ -40,25 +27,18 @@ def open_cached(path: str, *, path_only: bool = False) -> int | None:
     its whole path is in the dentry cache; None when that would need I/O or anything fails.
     A cached negative entry raises FileNotFoundError: the file is known to be absent."""
     global _noatime  # noqa: PLW0603 - learned once per process
-    if _SYS_OPENAT2 is None:
+    if not syscalls.openat2_available():
         return None
     flags = os.O_PATH | os.O_CLOEXEC if path_only else _READ_FLAGS | _noatime
-    fd = _openat2(path, flags)
+    fd = syscalls.openat2(path, flags, syscalls.RESOLVE_CACHED)
     if fd == -errno.EPERM and flags & _noatime:  # O_NOATIME needs the file's owner (or root)
         _noatime = 0
-        fd = _openat2(path, flags & ~os.O_NOATIME)
+        fd = syscalls.openat2(path, flags & ~os.O_NOATIME, syscalls.RESOLVE_CACHED)
     if fd >= 0:
         return fd
     if fd == -errno.ENOENT:
         raise FileNotFoundError(errno.ENOENT, "absent", path)
     return None
-
-
-def _openat2(path: str, flags: int) -> int:
-    """The fd, or minus the errno."""
-    how = _OpenHow(flags, 0, _RESOLVE_CACHED)
-    fd = int(_syscall(_SYS_OPENAT2, _AT_FDCWD, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how)))
-    return fd if fd >= 0 else -ctypes.get_errno()
 
 
 def read_cached(fd: int, size: int) -> bytes | None:
@@ -76,7 +56,7 @@ def read_cached(fd: int, size: int) -> bytes | None:
 
 def supported(fd: int) -> bool:
     """Whether the filesystem of `fd` takes RWF_NOWAIT (and so everything in this module)."""
-    if _SYS_OPENAT2 is None:
+    if not syscalls.openat2_available():
         return False
     try:
         os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)

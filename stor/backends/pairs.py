@@ -6,7 +6,8 @@ Contract:
 - `StoragePool.choose_pair` raises `InsufficientStorage` when no writable, healthy pair has
   room for the blob once the bytes reserved by uploads in flight are counted.
 - `MirroredWrite` streams one body into a temp file on every member, hashing once; `finish`
-  makes every copy durable or raises, leaving no temp behind.
+  makes every copy durable or raises, leaving no temp behind. `stage` stops before that, for
+  a caller that group-commits the temps (see `groupcommit`) and calls `abort` in the end.
 - All methods block; they are safe to call from several threads.
 """
 
@@ -108,13 +109,20 @@ class StoragePool:
     @contextmanager
     def reservation(self, pair: Pair, size: int) -> Iterator[None]:
         """Count `size` bytes as used on `pair` while an upload to it is in flight."""
-        with self._lock:
-            self._reserved[pair.index] += size
+        self.reserve(pair, size)
         try:
             yield
         finally:
-            with self._lock:
-                self._reserved[pair.index] -= size
+            self.release(pair, size)
+
+    def reserve(self, pair: Pair, size: int) -> None:
+        """`reservation` for callers whose upload outlives a `with` block: `release` after."""
+        with self._lock:
+            self._reserved[pair.index] += size
+
+    def release(self, pair: Pair, size: int) -> None:
+        with self._lock:
+            self._reserved[pair.index] -= size
 
     def reserved(self, pair: Pair) -> int:
         with self._lock:
@@ -129,6 +137,10 @@ class MirroredWrite:
         self._temps: list[TempFile] = []
         self._hasher = new_hasher()
 
+    @property
+    def temps(self) -> list[TempFile]:
+        return list(self._temps)
+
     def write(self, data: bytes | bytearray) -> None:
         """Spool a part of the body (not the last) to every member."""
         try:
@@ -136,6 +148,8 @@ class MirroredWrite:
             self._hasher.update(data)
             for temp in self._temps:
                 temp.write(data)
+                if temp.groupable:  # so the group's syncfs finds little of it left to write
+                    temp.start_writeback()
         except BaseException:
             self.abort()
             raise
@@ -151,23 +165,28 @@ class MirroredWrite:
         nothing was spooled before, a mismatching body never touches the disks at all.
         """
         try:
-            self._hasher.update(tail)
-            actual = self._hasher.hexdigest()
-            if actual != sha:
-                raise DigestMismatch(sha, actual)
-            self._open_temps()
-            for temp in self._temps:
-                temp.write(tail)
-                temp.sync(mtime_ns)
+            self.stage(sha, mtime_ns, tail, group=False)
             if before_commit is not None:
                 before_commit()
-            commits = [temp.commit(sha) for temp in self._temps]
-            paths = [path for path, _ in commits]
-            if not all(created for _, created in commits):
-                _align_mtimes(paths)  # another process won a race for some copy
-            return paths
+            return settle([temp.commit(sha) for temp in self._temps])
         finally:
             self.abort()
+
+    def stage(self, sha: Sha, mtime_ns: int, tail: bytes = b"", *, group: bool) -> None:
+        """`finish` up to the point where every temp is complete, with its mtime, and nothing
+        is visible yet. Temps that are not to be group-committed (all of them, without
+        `group`) are fsynced here; the `groupable` ones are left to a `GroupCommit`."""
+        self._hasher.update(tail)
+        actual = self._hasher.hexdigest()
+        if actual != sha:
+            raise DigestMismatch(sha, actual)
+        self._open_temps()
+        for temp in self._temps:
+            temp.write(tail)
+            if group and temp.groupable:
+                temp.set_mtime(mtime_ns)
+            else:
+                temp.sync(mtime_ns)
 
     def write_last(self, tail: bytes) -> Sha:
         """Spool the last part of a body whose sha was not known in advance, and return it;
@@ -185,9 +204,17 @@ class MirroredWrite:
             temp.discard()
 
 
+def settle(commits: list[tuple[str, bool]]) -> list[str]:
+    """The paths of an upload's copies, given (path, created by this upload) for each: when
+    another process won a race for some copy, every copy gets the oldest mtime among them,
+    so `Last-Modified` is the same whichever copy answers."""
+    paths = [path for path, _ in commits]
+    if not all(created for _, created in commits):
+        _align_mtimes(paths)
+    return paths
+
+
 def _align_mtimes(paths: list[str]) -> None:
-    """Give every copy the oldest mtime among them, so `Last-Modified` is the same whichever
-    copy answers."""
     try:
         oldest = min(os.stat(path).st_mtime_ns for path in paths)
         for path in paths:

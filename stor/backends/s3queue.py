@@ -17,7 +17,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 
-from stor.backends.disk import Disk
+from stor.backends.disk import Disk, fsync_dir
 from stor.backends.owners import OwnedDir, dead_owner_dirs
 from stor.digest import Sha, parse_sha
 from stor.errors import InvalidDigest
@@ -61,16 +61,15 @@ class S3Queue:
             owner.claim()
         return returned
 
-    def enqueue(self, disk: Disk, sha: Sha) -> None:
-        """Durably record that `sha` must be mirrored (call before its copies are linked)."""
+    def enqueue(self, disk: Disk, sha: Sha, *, durable: bool = True) -> None:
+        """Record that `sha` must be mirrored (call before its copies are linked). Not
+        `durable`: the caller makes it so with the next `syncfs` of the disk (a group commit)
+        before any copy is linked."""
         queue = self._dir(disk)
         fd = os.open(os.path.join(queue, sha), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         os.close(fd)
-        dir_fd = os.open(queue, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        if durable:
+            fsync_dir(queue)
 
     def claim(self, limit: int) -> list[Claim]:
         """Take up to `limit` markers for this process."""

@@ -198,3 +198,99 @@ def test_every_acknowledged_blob_survives_power_loss(
             copy = layout_path(mountpoint, sha)
             assert copy.is_file(), f"acknowledged {sha} is missing after power loss"
             assert copy.read_bytes() == data
+
+
+# strace counts calls per thread, and each filesystem's commit thread calls syncfs once per
+# phase of an upload: when=1 is the first phase (the data), when=2 the second (the names).
+@pytest.mark.usefixtures("need_strace")
+@pytest.mark.parametrize(
+    "injection",
+    [
+        "syncfs:error=EIO:when=1",  # the first phase: the copies' data, before any name exists
+        "syncfs:error=EIO:when=2",  # the second phase: the names are linked, their syncfs fails
+        "sync_file_range:error=EIO:when=1",  # a copy's own writeback is reported failed
+    ],
+)
+def test_a_failed_group_commit_is_never_acknowledged(
+    injection: str, mounts: Mounts, servers: Servers, build: Build, ledger: Ledger
+) -> None:
+    storage = build([[mounts.ext4("a1"), mounts.ext4("a2")]])  # ext4: small uploads are group-committed
+    server = servers.start(quiet_config(storage))
+    data = os.urandom(4096)
+    sha = sha256(data)
+    with strace(server, injection):
+        response = httpx.post(f"{server.url}/{sha}", content=data, headers={"Authorization": AUTH_HEADER}, timeout=20)
+    assert response.status_code == 503, response.text
+    assert storage.temps() == []
+    if "when=2" not in injection:
+        assert storage.copies(sha) == []
+    assert post(server, data, ledger).status_code in (200, 201)
+
+
+@pytest.mark.usefixtures("need_strace")
+@pytest.mark.parametrize("when", [1, 2])  # the first phase's syncfs (no name yet), the second's
+def test_sigkill_in_a_group_commit_leaves_valid_blobs_or_nothing(
+    when: int, mounts: Mounts, servers: Servers, build: Build, ledger: Ledger
+) -> None:
+    storage = build([[mounts.ext4("a1"), mounts.ext4("a2")]])
+    config = quiet_config(storage)
+    server = servers.start(config)
+    data = os.urandom(4096)
+    sha = sha256(data)
+    with strace(server, f"syncfs:signal=SIGKILL:when={when}"):
+        with pytest.raises(httpx.TransportError):
+            httpx.post(f"{server.url}/{sha}", content=data, headers={"Authorization": AUTH_HEADER}, timeout=20)
+    assert server.proc.wait(timeout=10) != 0
+    servers.kill9(server)
+
+    assert check_invariants(Ledger(pairs=ledger.pairs, acked=ledger.acked)) == []
+    if when == 1:
+        assert storage.copies(sha) == []
+    restarted = servers.start(config)
+    assert storage.temps() == []
+    got = httpx.get(f"{restarted.url}/{sha}")
+    assert got.status_code in (200, 404) and (got.status_code == 404 or got.content == data)
+    assert post(restarted, data, ledger).status_code in (200, 201)
+
+
+def test_every_acknowledged_blob_of_concurrent_uploads_survives_power_loss(
+    mounts: Mounts, servers: Servers, build: Build, ledger: Ledger
+) -> None:
+    """Many uploads at once, so they share group commits; then the power goes off."""
+    members = [mounts.ext4("a1"), mounts.ext4("a2")]
+    storage = build([members])
+    server = servers.start(fault_config(storage))
+    blobs = [os.urandom(4096 if n % 8 else 1_200_000) for n in range(48)]
+    codes: list[int] = []
+
+    def upload(part: list[bytes]) -> None:
+        with httpx.Client(timeout=30) as http:
+            for data in part:
+                response = http.post(
+                    f"{server.url}/{sha256(data)}", content=data, headers={"Authorization": AUTH_HEADER}
+                )
+                codes.append(response.status_code)
+                if response.status_code == 201:
+                    ledger.acked[sha256(data)] = data
+
+    threads = [threading.Thread(target=upload, args=(blobs[n::12],)) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert codes == [201] * len(blobs)
+    commits = httpx.get(f"{server.url}/status?format=json").json()["group_commit"]
+    assert any(c["largest"] > 2 for c in commits.values())  # uploads did share cycles
+    snapshots = [mounts.base / f"snap-{member.name}.img" for member in members]
+    for member, snapshot in zip(members, snapshots, strict=True):  # the power goes off now
+        run("cp", "--sparse=always", str(mounts.image_of(member)), str(snapshot))
+
+    for snapshot in snapshots:
+        mountpoint = mounts.base / f"after-{snapshot.stem}"
+        mountpoint.mkdir()
+        run("mount", "-o", "loop", str(snapshot), str(mountpoint))  # replays the journal
+        mounts.mounted.append(mountpoint)
+        for sha, data in ledger.acked.items():
+            copy = layout_path(mountpoint, sha)
+            assert copy.is_file(), f"acknowledged {sha} is missing after power loss"
+            assert copy.read_bytes() == data
