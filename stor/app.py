@@ -10,7 +10,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -98,7 +98,8 @@ def create_app(
         if length is not None and length > max_upload_size:
             raise PayloadTooLarge(max_upload_size, mid_stream=False)
         body = request_body(request, max_upload_size, body_idle_timeout)
-        result = await service.put(sha, body, length)
+        early = "100-continue" in request.headers.get("expect", "").lower()  # such a client waits for our word
+        result = await service.put(sha, body, length, early_answer=early)
         headers = close_if_body_unread(request)
         return JSONResponse(result.paths, status_code=201 if result.created else 200, headers=headers)
 
@@ -132,6 +133,7 @@ def create_app(
     ]
     return StorApp(
         service,
+        write_blob,
         routes=routes,
         exception_handlers={StorError: stor_error},
         middleware=[Middleware(RequestMetrics, metrics=service.metrics)],
@@ -177,20 +179,44 @@ def error_response(exc: StorError, method: str, path: str, headers: dict[str, st
 
 
 class StorApp(Starlette):
-    """Starlette, with the hot path in front of it: GET and HEAD of `/<sha>` are answered
-    here, without the router and middleware layers (which cost about as much CPU as the read
-    itself for a small blob). Everything else goes through the ordinary stack."""
+    """Starlette, with the hot paths in front of it: GET, HEAD, POST and PUT of `/<sha>` are
+    answered here, without the router and middleware layers (which cost about as much CPU as
+    the read itself for a small blob). Everything else goes through the ordinary stack."""
 
-    def __init__(self, service: BlobService, **kwargs: Any) -> None:
+    def __init__(self, service: BlobService, write: Callable[[Request], Awaitable[Response]], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.service = service
+        self.write = write
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD") and _is_sha_path(path):
-            await self._read_blob(scope, receive, send)
-            return
+        if scope["type"] == "http" and _is_sha_path(path):
+            if scope["method"] in ("GET", "HEAD"):
+                await self._read_blob(scope, receive, send)
+                return
+            if scope["method"] in ("POST", "PUT"):
+                await self._write_blob(scope, receive, send)
+                return
         await super().__call__(scope, receive, send)
+
+    async def _write_blob(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The `write_blob` route, with what the stack around it does: errors mapped to
+        status codes, the request counted."""
+        started = time.perf_counter()
+        counter = SendCounter(send, receive)
+        request = Request({**scope, "path_params": {"name": scope["path"][1:]}}, counter.receive)
+        try:
+            try:
+                response = await self.write(request)
+            except StorError as exc:
+                response = error_response(exc, scope["method"], scope["path"], close_if_body_unread(request))
+            await response(scope, counter.receive, counter.send)
+        finally:
+            method, status = scope["method"], counter.status
+            outcome = stor_outcome(method, "blob", status)
+            self.service.metrics.request(
+                method, outcome, "blob", status, time.perf_counter() - started, counter.received, counter.sent
+            )
 
     async def _read_blob(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -219,12 +245,21 @@ def _is_sha_path(path: str) -> bool:
 
 
 class SendCounter:
-    """Wraps an ASGI `send` to note the status and the body bytes that went out."""
+    """Wraps an ASGI `send` to note the status and the body bytes that went out (and a
+    `receive`, to count those that came in)."""
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, receive: Receive | None = None) -> None:
         self._send = send
+        self._receive = receive
         self.status = 500
         self.sent = 0
+        self.received = 0
+
+    async def receive(self) -> Message:
+        assert self._receive is not None
+        message = await self._receive()
+        self.received += len(message.get("body", b""))
+        return message
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -246,22 +281,14 @@ class RequestMetrics:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        bytes_in = 0
-        counter = SendCounter(send)
-
-        async def counting_receive() -> Message:
-            nonlocal bytes_in
-            message = await receive()
-            bytes_in += len(message.get("body", b""))
-            return message
-
+        counter = SendCounter(send, receive)
         try:
-            await self.app(scope, counting_receive, counter.send)
+            await self.app(scope, counter.receive, counter.send)
         finally:
             method, route = scope["method"], route_of(scope["path"])
             outcome = stor_outcome(method, route, counter.status)
             self.metrics.request(
-                method, outcome, route, counter.status, time.perf_counter() - started, bytes_in, counter.sent
+                method, outcome, route, counter.status, time.perf_counter() - started, counter.received, counter.sent
             )
 
 
