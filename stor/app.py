@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from stor import __version__
 from stor.auth import Authenticator
+from stor.blobs import OpenBlob
 from stor.digest import Sha, parse_sha
 from stor.errors import (
     BadRequest,
@@ -40,7 +41,7 @@ from stor.errors import (
     StorError,
     Unauthorized,
 )
-from stor.httpio import blob_response, close_if_body_unread, content_length, request_body
+from stor.httpio import Answer, blob_response, close_if_body_unread, content_length, in_full, request_body
 from stor.metrics import Metrics
 from stor.names import NamedFiles
 from stor.names_http import named_routes
@@ -217,6 +218,36 @@ class StorApp(Starlette):
             self.service.metrics.request(
                 method, outcome, "blob", status, time.perf_counter() - started, counter.received, counter.sent
             )
+
+    def answer_now(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> Answer | None:
+        """GET or HEAD of `/<sha>` answered on the spot, for a server that can send it without
+        an ASGI cycle (`httpserver`): when the blob's copy is kept open and, for a GET, small
+        and in the page cache (see `BlobService.open_now`). None: the ordinary path answers.
+        The same headers, status codes and metrics as `_read_blob`; a 404 too, when the
+        kernel's caches prove the blob is absent everywhere (see `BlobService._kept`)."""
+        if method not in ("GET", "HEAD") or not _is_sha_path(path):
+            return None
+        started = time.perf_counter()
+        sha = Sha(path[1:].lower())
+        blob: OpenBlob | None = None
+        try:
+            if method == "HEAD":
+                blob, stat = None, self.service.stat_now(sha)
+            else:
+                blob = self.service.open_now(sha)
+                stat = None if blob is None else blob.stat
+            if stat is None:
+                return None
+            response = blob_response(Headers(raw=headers), sha, stat, blob)
+        except StorError as exc:  # a 404 the kernel's caches could prove
+            response = error_response(exc, method, path, {})
+        answer = in_full(response)
+        if answer is None:
+            return None
+        status, sent = answer[0], 0 if method == "HEAD" else len(answer[2])
+        seconds = time.perf_counter() - started
+        self.service.metrics.request(method, stor_outcome(method, "blob", status), "blob", status, seconds, 0, sent)
+        return answer
 
     async def _read_blob(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()

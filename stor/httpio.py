@@ -113,6 +113,19 @@ def blob_response(
     return BlobResponse(blob, start, end, code, headers)
 
 
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+"""A response whose bytes are all at hand: status, raw headers, body."""
+
+
+def in_full(response: Response) -> Answer | None:
+    """`response` as an `Answer`, or None when its body is still to be read (a stream)."""
+    if isinstance(response, BlobResponse):
+        if response.blob.data is None:
+            return None
+        return response.status_code, response.raw_headers, response.blob.data[response.start : response.end]
+    return response.status_code, response.raw_headers, bytes(response.body)
+
+
 def _close(blob: OpenBlob | None) -> None:
     if blob is not None:
         blob.close()

@@ -1,9 +1,16 @@
-"""uvicorn's httptools protocol with the limits it lacks on a request's head.
+"""uvicorn's httptools protocol with the limits it lacks on a request's head, and stor's hot
+path answered without an ASGI cycle.
 
 uvicorn times out idle keep-alive connections and (through our app) stalled bodies, but not
 a client that connects and sends its headers slowly or never finishes them: each such
 connection would be held forever. Here the whole head must arrive within `head_timeout`
 seconds (else 408 and close), and may not exceed `max_head_bytes` (else 431 and close).
+
+A GET or HEAD that the app can answer at once (`StorApp.answer_now`: a hot blob) is answered
+as soon as its head is parsed, with one write, instead of through a task, an ASGI cycle and
+its messages, which cost several times what the answer itself does. Anything else (a body,
+a request pipelined behind one still running, an escaped path, a cold blob) takes uvicorn's
+ordinary path.
 
 The only module that touches uvicorn's protocol internals.
 """
@@ -11,9 +18,15 @@ The only module that touches uvicorn's protocol internals.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+import httptools
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+AnswerNow = Callable[[str, str, list[tuple[bytes, bytes]]], Answer | None]
+_BODY_HEADERS = (b"content-length", b"transfer-encoding")
 
 MAX_HEAD_BYTES = 64 * 1024
 
@@ -30,6 +43,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0
         self._head_too_large = False
+        self._answer_now = _hot_path(self.app)
+        self._answered = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -60,9 +75,62 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm()
+        if self._answered_now():
+            return
         super().on_headers_complete()
         if self.cycle is not None:
             self.cycle.transport = _HeadHeldBack(self.transport, self.loop)  # type: ignore[assignment]
+
+    def on_body(self, body: bytes) -> None:
+        if not self._answered:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._answered:  # there is no cycle for it
+            self._answered = False
+            return
+        super().on_message_complete()
+
+    def _answered_now(self) -> bool:
+        """Answer the request whose head was just parsed, if the app can at once."""
+        if self._answer_now is None or self.limit_concurrency is not None:
+            return False
+        if self.cycle is not None and not self.cycle.response_complete:
+            return False  # pipelined behind a request still running: answers keep their order
+        method = self.parser.get_method()
+        if method not in (b"GET", b"HEAD") or self.parser.should_upgrade() or b"%" in self.url:
+            return False
+        if any(name in _BODY_HEADERS for name, _ in self.headers):
+            return False
+        path = httptools.parse_url(self.url).path.decode("ascii")
+        answer = self._answer_now(method.decode("ascii"), path, self.headers)
+        if answer is None:
+            return False
+        status, headers, body = answer
+        keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+        content = [STATUS_LINE[status]]
+        for name, value in [*self.server_state.default_headers, *headers]:
+            content.extend([name, b": ", value, b"\r\n"])
+        if not keep_alive:
+            content.append(b"connection: close\r\n")
+        content.append(b"\r\n")
+        if method == b"GET":
+            content.append(body)
+        self.transport.write(b"".join(content))
+        if self.access_log:
+            self.access_logger.info(
+                '%s - "%s %s HTTP/%s" %d',
+                f"{self.client[0]}:{self.client[1]}" if self.client else "-",  # the peer: no proxy headers here
+                method.decode("ascii"),
+                path,
+                self.parser.get_http_version(),
+                status,
+            )
+        self._answered = True
+        if not keep_alive:
+            self.transport.close()
+        self.on_response_complete()  # counts it, resumes reading, re-arms the keep-alive timer
+        return True
 
     def send_400_response(self, msg: str) -> None:
         if self._head_too_large:
@@ -136,3 +204,13 @@ class _HeadHeldBack:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
+
+
+def _hot_path(app: Any) -> AnswerNow | None:
+    """The app's `answer_now`, below the middleware uvicorn wraps it in (each has `.app`)."""
+    for _ in range(8):
+        answer = getattr(app, "answer_now", None)
+        if answer is not None:
+            return answer  # type: ignore[no-any-return]
+        app = getattr(app, "app", None)
+    return None

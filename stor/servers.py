@@ -40,6 +40,7 @@ def serve(server: str, host: str, port: int, workers: int, log_config: dict[str,
 
 
 def _uvicorn(host: str, port: int, workers: int, log_config: dict[str, Any], head_timeout: float) -> None:
+    level = log_config["loggers"]["stor"]["level"].lower()
     uvicorn.run(
         APP,
         factory=True,
@@ -49,6 +50,7 @@ def _uvicorn(host: str, port: int, workers: int, log_config: dict[str, Any], hea
         loop="uvloop",
         http=functools.partial(GuardedHttpToolsProtocol, head_timeout=head_timeout),  # type: ignore[arg-type]  # called like the class
         log_config=log_config,
+        access_log=level in ("info", "debug"),  # it formats every line before the level check
         server_header=False,
     )
 

@@ -218,13 +218,18 @@ class BlobService:
     # -- reads -----------------------------------------------------------------------------
 
     async def stat(self, sha: Sha) -> BlobStat:
-        kept = self._kept(sha)
-        if kept is not None:
-            return kept.stat
+        found = self.stat_now(sha)
+        if found is not None:
+            return found
         return await self.offload.run(self._stat, sha)
 
+    def stat_now(self, sha: Sha) -> BlobStat | None:
+        """`stat`, when it takes no thread hop (a kept-open copy); else None: await `stat`."""
+        kept = self._kept(sha)
+        return None if kept is None else kept.stat
+
     async def open(self, sha: Sha) -> OpenBlob:
-        blob = self._open_kept(sha)
+        blob = self.open_now(sha)
         if blob is not None:
             return blob
         blob = await self.offload.run(self._open, sha)
@@ -232,9 +237,10 @@ class BlobService:
             self._fill_later(sha, blob.data, blob.stat.size)
         return blob
 
-    def _open_kept(self, sha: Sha) -> OpenBlob | None:
-        """A small blob read on the event loop from a kept-open copy, when the page cache has
-        it (see `OpenFiles`); None sends the caller down the thread path."""
+    def open_now(self, sha: Sha) -> OpenBlob | None:
+        """`open`, when it takes no thread hop: a small blob read on the event loop from a
+        kept-open copy, when the page cache has it (see `OpenFiles`), and verified; else None:
+        await `open`."""
         kept = self._kept(sha)
         if kept is None:
             return None
@@ -249,7 +255,10 @@ class BlobService:
 
     def _kept(self, sha: Sha) -> OpenCopy | None:
         """The kept-open copy of `sha`, or one opened now on the event loop from the kernel's
-        caches alone (the near cache's disk first, then Stor's order). On the event loop."""
+        caches alone (the near cache's disk first, then Stor's order). On the event loop.
+
+        Raises `BlobNotFound` when those caches prove the blob is nowhere (see
+        `_absent_everywhere`); None means only that a thread must look."""
         kept = self.open_files.get(sha)
         if kept is not None:
             return kept if self.monitor.responsive(kept.disk) else None
@@ -257,10 +266,15 @@ class BlobService:
         disks = self.pool.probe_order()
         if hint is not None and (first := self._disk_by_root.get(hint)) is not None:
             disks.insert(0, first)
+        absent: set[str] = set()
         for disk in disks:
             if not self.open_files.usable(disk) or not self.monitor.responsive(disk):
                 continue
-            kept = self.open_files.open(sha, disk)
+            try:
+                kept = self.open_files.open(sha, disk)
+            except FileNotFoundError:
+                absent.add(disk.root)
+                continue
             if kept is not None:
                 if self.open_files.closing_due:
                     self._close_dropped_later()
@@ -268,7 +282,28 @@ class BlobService:
                     self.open_files.forget(sha)  # the thread path settles it (`_stat_checked`)
                     return None
                 return kept
+        if len(absent) == len(self.pool.disks) and self._absent_everywhere():
+            self._near.forget(sha)
+            self.metrics.lookup(0.0, len(absent))
+            raise BlobNotFound(sha)
         return None
+
+    def _absent_everywhere(self) -> bool:
+        """After every disk's dentry cache said "no such file": whether that is the whole
+        truth, so a 404 needs no thread. Not with S3 (it must be asked), and only when each
+        disk's `.stor-tmp` is in the dentry cache too, proving it is mounted (on a bare
+        mountpoint every blob is absent: that is a 503, which the thread path finds)."""
+        if self.s3 is not None:
+            return False
+        for disk in self.pool.disks:
+            try:
+                fd = nowait.open_cached(disk.tmp_root, path_only=True)
+            except FileNotFoundError:
+                return False
+            if fd is None:
+                return False
+            os.close(fd)  # an O_PATH fd: closing it touches no filesystem
+        return True
 
     def _partners_agree(self, disk: Disk, sha: Sha, size: int) -> bool:
         """`_check_partners` and the size check of `_stat_checked`, for a copy opened on the

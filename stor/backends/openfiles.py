@@ -85,22 +85,21 @@ class OpenFiles:
 
     def open(self, sha: Sha, disk: Disk) -> OpenCopy | None:
         """Open the copy of `sha` on `disk` from the kernel's caches alone and keep it; None
-        when that cannot be done without waiting (or the copy is absent). Safe on the loop."""
+        when that cannot be done without waiting. FileNotFoundError when the dentry cache
+        knows there is no such file (under this path: see `BlobService._absent_everywhere`).
+        Safe on the loop."""
         if not self.usable(disk):
             return None
         path = disk.blob_path(sha)
-        with contextlib.suppress(FileNotFoundError):
-            fd = nowait.open_cached(path)
-            if fd is not None:
-                try:
-                    st = os.fstat(fd)
-                except OSError:
-                    st = None
-                if st is None:
-                    self._drop(fd)
-                    return None
-                return self._keep(sha, disk, fd, BlobStat(path, st.st_size, st.st_mtime_ns))
-        return None
+        fd = nowait.open_cached(path)
+        if fd is None:
+            return None
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            self._drop(fd)
+            return None
+        return self._keep(sha, disk, fd, BlobStat(path, st.st_size, st.st_mtime_ns))
 
     def put(self, sha: Sha, disk: Disk, fd: int, stat: BlobStat) -> None:
         """Keep `fd`, opened by a worker thread (ownership passes here, kept or not). Call

@@ -167,3 +167,22 @@ def test_member_renamed_away_answers_503_and_recovers(
     (tmp_path / "away").rename(members[0])
     assert wait_for(lambda: status(server).status_code == 200)
     assert post(server, os.urandom(4096), ledger).status_code == 201
+
+
+def test_a_miss_the_kernel_remembers_turns_503_when_a_member_is_unmounted(
+    mounts: Mounts, servers: Servers, build: Callable[[list[list[Path]]], Storage], ledger: Ledger
+) -> None:
+    """On ext4 a repeated miss is answered from the dentry cache alone (no thread): that must
+    not outlive the mount it was learned on."""
+    members = [mounts.ext4("a1"), mounts.ext4("a2")]
+    server = servers.start(fault_config(build([members]), health_check_interval=3600))
+    missing = f"{server.url}/{'ab' * 32}"
+    assert [httpx.get(missing).status_code for _ in range(3)] == [404, 404, 404]
+    assert [httpx.head(missing).status_code for _ in range(2)] == [404, 404]
+
+    run("umount", "-l", str(members[0]))  # no health probe runs meanwhile: only the request path can tell
+    assert httpx.get(missing).status_code == 503
+    assert httpx.head(missing).status_code == 503
+    assert list(members[0].iterdir()) == []
+    run("mount", "-o", "loop", str(mounts.image_of(members[0])), str(members[0]))
+    assert httpx.get(missing).status_code == 404
