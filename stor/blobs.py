@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 from stor.backends.disk import BlobStat, Disk
 from stor.backends.s3 import S3Object
-from stor.digest import Sha, new_hasher
+from stor.digest import Hasher, Sha, new_hasher
 from stor.errors import StorageUnavailable, TransferAborted
 from stor.metrics import Metrics, NullMetrics
 from stor.offload import Offload
@@ -50,33 +50,37 @@ class OpenBlob:
         """Bytes [start, end), read off the event loop; closes the source when done."""
         if self.data is not None:
             return _slice(self.data, start, end)
+        hasher = new_hasher()
         if self.s3 is not None:
             source = self.s3.chunks()
-            return _verified(self, start, end, lambda: self.offload.run(next, source, None))
+            return _verified(self, start, end, hasher, lambda: self.offload.run(_next_hashed, source, hasher))
         if self.verify:
-            return _verified(self, start, end, self._next_disk_chunk())
+            return _verified(self, start, end, hasher, self._next_disk_chunk(hasher))
         return _disk_range(self, start, end)
 
-    def _next_disk_chunk(self) -> Callable[[], Awaitable[bytes | None]]:
+    def _next_disk_chunk(self, hasher: Hasher) -> Callable[[], Awaitable[bytes | None]]:
         offset = 0
 
         async def read() -> bytes | None:
             nonlocal offset
-            chunk = await self.read_disk(offset, STREAM_CHUNK, exact=False)
+            chunk = await self.read_disk(offset, STREAM_CHUNK, exact=False, hasher=hasher)
             offset += len(chunk)
             return chunk or None
 
         return read
 
-    async def read_disk(self, offset: int, size: int, *, exact: bool) -> bytes:
+    async def read_disk(self, offset: int, size: int, *, exact: bool, hasher: Hasher | None = None) -> bytes:
         """`size` bytes at `offset` (fewer at the end unless `exact`), moving to another copy
-        when this one fails."""
+        when this one fails; hashed into `hasher` in the same thread hop (sha256 releases the
+        GIL, so the event loop sends the previous piece meanwhile)."""
         while True:
             if self.fd is None or self.disk is None:
                 raise ValueError("blob already closed")
             disk, fd, began = self.disk, self.fd, time.monotonic()
             try:
-                chunk = await self.offload.run(disk.read_at if exact else disk.read_some, fd, offset, size)
+                chunk = await self.offload.run(
+                    _read_hashed, disk.read_at if exact else disk.read_some, fd, offset, size, hasher
+                )
             except StorageUnavailable:
                 if not await self.offload.run(self._switch_copy):
                     raise
@@ -106,6 +110,22 @@ class OpenBlob:
             self.s3.close()
 
 
+def _read_hashed(
+    read: Callable[[int, int, int], bytes], fd: int, offset: int, size: int, hasher: Hasher | None
+) -> bytes:
+    chunk = read(fd, offset, size)
+    if hasher is not None:
+        hasher.update(chunk)
+    return chunk
+
+
+def _next_hashed(source: Iterator[bytes], hasher: Hasher) -> bytes | None:
+    chunk = next(source, None)
+    if chunk is not None:
+        hasher.update(chunk)
+    return chunk
+
+
 async def _slice(data: bytes, start: int, end: int) -> AsyncGenerator[bytes, None]:
     yield data[start:end]
 
@@ -124,17 +144,15 @@ async def _disk_range(blob: OpenBlob, start: int, end: int) -> AsyncGenerator[by
 
 
 async def _verified(
-    blob: OpenBlob, start: int, end: int, read: Callable[[], Awaitable[bytes | None]]
+    blob: OpenBlob, start: int, end: int, hasher: Hasher, read: Callable[[], Awaitable[bytes | None]]
 ) -> AsyncGenerator[bytes, None]:
-    """Stream the whole source, hashing it, and yield [start, end) of it. The last piece is
-    held back until the hash matches, so a corrupt copy ends in a broken transfer, never in a
-    complete response."""
-    hasher = new_hasher()
+    """Stream the whole source and yield [start, end) of it; `read` hashes every chunk into
+    `hasher` as it reads it. The last piece is held back until the hash matches, so a corrupt
+    copy ends in a broken transfer, never in a complete response."""
     position = 0
     held: bytes | None = None
     try:
         while (chunk := await read()) is not None:
-            hasher.update(chunk)
             piece = chunk[max(0, start - position) : max(0, end - position)]
             position += len(chunk)
             if piece:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-from typing import NewType
+from typing import TYPE_CHECKING, NewType, TypeAlias
 
 from stor.errors import InvalidDigest
 
@@ -27,7 +27,13 @@ def sha_of(data: bytes) -> Sha:
     return Sha(hashlib.sha256(data).hexdigest())
 
 
-def new_hasher() -> hashlib._Hash:
+if TYPE_CHECKING:
+    Hasher: TypeAlias = hashlib._Hash  # a running sha256 (several threads may feed it in turn)
+else:
+    Hasher = type(hashlib.sha256())
+
+
+def new_hasher() -> Hasher:
     return hashlib.sha256()
 
 
