@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -184,16 +186,26 @@ def test_commit_works_where_hard_links_are_refused(disks: list[Disk], monkeypatc
     assert [temp_files(Path(d.root)) for d in disks] == [[], []]
 
 
-def test_a_disk_admits_half_the_io_threads_then_refuses_at_once() -> None:
-    """A hung disk may hold half the threads, never all; a busy healthy one (every upload
-    fsyncing on the only pair) gets as many operations as there are uploads in flight."""
+def test_a_disk_admits_half_the_io_threads_then_waits_then_refuses() -> None:
+    """A hung disk may hold half the threads, never all; one more operation waits a moment
+    for a slot (a busy healthy disk frees one soon) and is refused when none frees."""
     limit = DISK_OPS_LIMIT
     assert limit == IO_THREADS // 2 >= 32
-    ops = InflightOps("/disk", limit)
+    ops = InflightOps("/disk", limit, busy_wait=0.2)
     with contextlib.ExitStack() as held:
         for _ in range(limit):
             held.enter_context(ops.op())
         assert ops.count() == limit
-        with pytest.raises(StorageUnavailable, match="already waiting"), ops.op():
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable, match="hung"), ops.op():
             pass
+        assert time.monotonic() - started >= 0.2
+
+        def free_one_soon() -> None:
+            time.sleep(0.05)
+            held.close()  # every slot frees
+
+        threading.Thread(target=free_one_soon).start()
+        with ops.op():  # waits for the slot instead of failing
+            assert ops.count() == 1
     assert ops.count() == 0 and ops.oldest() == 0.0

@@ -2,10 +2,11 @@
 
 A disk that stops answering (a dead NFS server, a FUSE daemon stuck, a failing drive) blocks
 every thread that touches it, and a blocked thread cannot be taken back. So each disk admits
-at most `limit` operations at once: past that, more fail at once (`StorageUnavailable`)
-instead of taking the rest of the thread pool down with the disk. And the age of the oldest
-operation still running tells the request path a disk has stalled, before the next health
-probe would.
+at most `limit` operations at once. One more waits up to `busy_wait` seconds for a slot: a
+busy disk (many uploads fsyncing at once) frees one within milliseconds, a hung one never,
+and then the operation fails (`StorageUnavailable`) instead of taking the rest of the thread
+pool down with the disk. And the age of the oldest operation still running tells the
+request path a disk has stalled, before the next health probe would.
 """
 
 from __future__ import annotations
@@ -23,23 +24,36 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
+BUSY_WAIT = 2.0
+"""Seconds an operation past the limit waits for a slot before the disk counts as hung."""
+
+
 class InflightOps:
-    def __init__(self, root: str, limit: int) -> None:
+    def __init__(self, root: str, limit: int, *, busy_wait: float = BUSY_WAIT) -> None:
         self.root = root
         self.limit = limit
+        self.busy_wait = busy_wait
         self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)
         self._started: dict[int, float] = {}
         self._ids = itertools.count()
 
     @contextmanager
     def op(self, *, bounded: bool = True) -> Iterator[None]:
-        """One operation, timed; refused when `limit` are running already, unless not
-        `bounded` (a thread of its own, such as a group commit's, holds no pool thread)."""
+        """One operation, timed. When `limit` are running already it waits for one to end,
+        and is refused once `busy_wait` has passed; not when not `bounded` (a thread of its
+        own, such as a group commit's, holds no pool thread)."""
         with self._lock:
             if bounded and len(self._started) >= self.limit:
-                raise StorageUnavailable(
-                    f"{self.root}: {len(self._started)} operations already waiting on this disk (hung?)"
-                )
+                deadline = time.monotonic() + self.busy_wait
+                while len(self._started) >= self.limit:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise StorageUnavailable(
+                            f"{self.root}: {len(self._started)} operations running on this disk for "
+                            f"{self.busy_wait:g}s and more waiting (hung?)"
+                        )
+                    self._freed.wait(left)
             key = next(self._ids)
             self._started[key] = time.monotonic()
         try:
@@ -47,6 +61,7 @@ class InflightOps:
         finally:
             with self._lock:
                 del self._started[key]
+                self._freed.notify()
 
     def oldest(self) -> float:
         """How long the oldest operation still running has run (0 when none is)."""
