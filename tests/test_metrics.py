@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 from stor import __version__
 from stor.app import stor_outcome
-from stor.metrics.prometheus import _Tally
+from stor.metrics.prometheus import FLUSH_INTERVAL, _Tally
 from tests.conftest import Storage, StorProcess, app_client
 from tests.helpers import AUTH, sha256, wait_for
 from tests.services import StatsdSink
@@ -136,6 +137,7 @@ def test_metrics_sum_over_workers(storage: Storage, start_stor: Callable[..., St
         match = re.search(r'stor_http_requests_total{method="GET",route="root",status="200"} ([\d.]+)', text)
         return float(match.group(1)) if match else 0.0
 
+    time.sleep(FLUSH_INTERVAL + 0.5)  # the readiness probes' counts, from either worker, are in
     before = root_requests()
     for _ in range(30):  # new connections spread over both workers
         assert httpx.get(f"{server.url}/", headers={"Connection": "close"}).status_code == 200
@@ -147,6 +149,7 @@ def test_metrics_sum_over_workers(storage: Storage, start_stor: Callable[..., St
 def test_tallied_updates_add_up_to_the_same_values() -> None:
     """With several workers, request metrics are tallied in memory and flushed in batches:
     after a flush every counter and histogram bucket holds what one update per event gives."""
+
     def family(registry: CollectorRegistry) -> tuple[Counter, Histogram]:
         counter = Counter("c", "c", ["k"], registry=registry)
         histogram = Histogram("h", "h", ["k"], buckets=(0.001, 0.01, 0.1, 1), registry=registry)
@@ -155,15 +158,22 @@ def test_tallied_updates_add_up_to_the_same_values() -> None:
     direct, tallied = CollectorRegistry(), CollectorRegistry()
     (c1, h1), (c2, h2) = family(direct), family(tallied)
     tally = _Tally()
+    c1.labels("out")  # known to both, never incremented
     values = [0.0, 0.0005, 0.001, 0.001, 0.0011, 0.01, 0.05, 0.1, 0.7, 1.0, 3.0, 99.0]
     for n, value in enumerate(values):
         key = "a" if n % 3 else "b"
-        c1.labels(key).inc(n)
         h1.labels(key).observe(value)
-        tally.inc(c2.labels(key), n)
-        tally.observe(h2.labels(key), value)
+        if n % 2:
+            c1.labels(key).inc(n)
+            tally.inc(c2.labels(key), n)
+            tally.observe(h2.labels(key), value)
+        else:  # a request's updates in one go: count, latency, bytes in and out
+            c1.labels(key).inc()
+            c1.labels("in").inc(5)
+            tally.request((c2.labels(key), h2.labels(key), c2.labels("in"), c2.labels("out")), value, 5, 0)
+
     def text(registry: CollectorRegistry) -> list[str]:
-        return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]
+        return sorted(line for line in generate_latest(registry).decode().splitlines() if "_created" not in line)
 
     assert text(tallied) != text(direct)  # nothing written yet
     tally.flush()

@@ -78,6 +78,18 @@ class _Tally:
         with self._lock:
             self._observed.setdefault(child, []).append(value)
 
+    def request(self, children: tuple[Any, Any, Any, Any], seconds: float, bytes_in: int, bytes_out: int) -> None:
+        """A request's four updates under one lock (`PrometheusMetrics.request`)."""
+        count, latency, received, sent = children
+        with self._lock:
+            counts = self._counts  # under the lock: `flush` swaps it
+            counts[count] = counts.get(count, 0.0) + 1
+            self._observed.setdefault(latency, []).append(seconds)
+            if bytes_in:
+                counts[received] = counts.get(received, 0.0) + bytes_in
+            if bytes_out:
+                counts[sent] = counts.get(sent, 0.0) + bytes_out
+
     def flush(self) -> None:
         with self._lock:
             counts, self._counts = self._counts, {}
@@ -114,6 +126,16 @@ class _Direct:
     @staticmethod
     def observe(child: Any, value: float) -> None:
         child.observe(value)
+
+    @staticmethod
+    def request(children: tuple[Any, Any, Any, Any], seconds: float, bytes_in: int, bytes_out: int) -> None:
+        count, latency, received, sent = children
+        count.inc()
+        latency.observe(seconds)
+        if bytes_in:
+            received.inc(bytes_in)
+        if bytes_out:
+            sent.inc(bytes_out)
 
     def flush(self) -> None:
         pass
@@ -172,14 +194,8 @@ class PrometheusMetrics:
                     self._bytes_out.labels(route),
                 ),
             )
-        count, latency, received, sent = children
         tally = self._tally
-        tally.inc(count)
-        tally.observe(latency, seconds)
-        if bytes_in:
-            tally.inc(received, bytes_in)
-        if bytes_out:
-            tally.inc(sent, bytes_out)
+        tally.request(children, seconds, bytes_in, bytes_out)
         if self._flusher is None and isinstance(tally, _Tally):
             self._flusher = threading.Thread(target=self._flush_every_second, name="stor-metrics", daemon=True)
             self._flusher.start()
