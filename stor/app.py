@@ -41,7 +41,15 @@ from stor.errors import (
     StorError,
     Unauthorized,
 )
-from stor.httpio import Answer, blob_response, close_if_body_unread, content_length, in_full, request_body
+from stor.httpio import (
+    Answer,
+    blob_response,
+    close_if_body_unread,
+    content_length,
+    in_full,
+    plain_answer,
+    request_body,
+)
 from stor.metrics import Metrics
 from stor.names import NamedFiles
 from stor.names_http import named_routes
@@ -238,10 +246,11 @@ class StorApp(Starlette):
                 stat = None if blob is None else blob.stat
             if stat is None:
                 return None
-            response = blob_response(Headers(raw=headers), sha, stat, blob)
+            answer = plain_answer(headers, sha, stat, None if blob is None else blob.data)
+            if answer is None:
+                answer = in_full(blob_response(Headers(raw=headers), sha, stat, blob))
         except StorError as exc:  # a 404 the kernel's caches could prove
-            response = error_response(exc, method, path, {})
-        answer = in_full(response)
+            answer = in_full(error_response(exc, method, path, {}))
         if answer is None:
             return None
         status, sent = answer[0], 0 if method == "HEAD" else len(answer[2])

@@ -116,6 +116,29 @@ def blob_response(
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
 """A response whose bytes are all at hand: status, raw headers, body."""
 
+_SHAPING = frozenset({b"range", b"if-range", b"if-none-match", b"if-modified-since"})
+_FIXED = [
+    (b"accept-ranges", b"bytes"),
+    (b"cache-control", IMMUTABLE.encode()),
+    (b"content-type", b"application/octet-stream"),
+]
+
+
+def plain_answer(asked: list[tuple[bytes, bytes]], sha: Sha, stat: BlobStat, data: bytes | None) -> Answer | None:
+    """What `blob_response` answers to a GET (`data`: the whole blob) or HEAD (None) with
+    none of the headers that shape the answer (Range, If-*), built without its generality;
+    None when some such header was sent."""
+    if any(name in _SHAPING for name, _ in asked):
+        return None
+    headers = [
+        (b"etag", b'"' + sha.encode() + b'"'),
+        (b"last-modified", http_date(stat.mtime_ns).encode()),
+        (b"repr-digest", repr_digest(sha).encode()),
+        *_FIXED,
+        (b"content-length", str(stat.size).encode()),
+    ]
+    return 200, headers, b"" if data is None else data
+
 
 def in_full(response: Response) -> Answer | None:
     """`response` as an `Answer`, or None when its body is still to be read (a stream)."""
