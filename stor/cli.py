@@ -104,8 +104,9 @@ def main() -> None:
     default="uvicorn",
     type=click.Choice(servers.SERVERS),
     show_default=True,
-    help="The HTTP server: granian is faster; uvicorn answers slow or huge request heads with 408/431 "
-    "and is what the reliability suite runs (see docs/deployment.md) [env STOR_SERVER].",
+    help="The HTTP server: uvicorn answers hot blobs without an ASGI cycle and slow or huge request "
+    "heads with 408/431, and is what the reliability suite runs; granian is the alternative "
+    "(see docs/deployment.md) [env STOR_SERVER].",
 )
 def serve(
     config_path: str | None, host: str, port: int, workers: int, data_dir: str, log_level: str, server: str

@@ -2,10 +2,10 @@
 
 Both run `stor.wiring:app_from_environment` in `workers` processes with the same logging.
 uvicorn uses `GuardedHttpToolsProtocol`: a request's head must arrive within `head_timeout`
-(else 408) and fit in 64 KiB (else 431). granian (Rust, measured 20-80% more GETs per second
-on 2 cores, see docs/benchmarks.md) has its own limits: a head that does not arrive within
-`head_timeout` (at most 60 s) closes the connection without an answer, and a head past its
-buffer (about 400 KiB) gets 431.
+(else 408) and fit in 64 KiB (else 431), and hot blobs are answered without an ASGI cycle
+(the faster of the two for small blobs, see docs/benchmarks.md). granian (Rust, ASGI only)
+has its own limits: a head that does not arrive within `head_timeout` (at most 60 s) closes
+the connection without an answer, and a head past its buffer (about 400 KiB) gets 431.
 
 The only module that starts a server; with `httpserver`, the only one importing uvicorn, and
 the only one importing granian.
