@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from stor.backends.disk import Disk
+
 USER, PASSWORD = "writer", "s3cret-pass"
 AUTH = (USER, PASSWORD)
 AUTH_HEADER = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
@@ -50,3 +52,14 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return predicate()
+
+
+def prepared_disks(base: Path, names: tuple[str, ...] = ("m1", "m2")) -> list[Disk]:
+    """A `Disk` for each new directory `base/<name>`, its temp directory claimed."""
+    made = []
+    for name in names:
+        (base / name).mkdir()
+        disk = Disk(str(base / name), require_mount=False)
+        disk.prepare()
+        made.append(disk)
+    return made

@@ -17,7 +17,7 @@ from stor.backends.pairs import MirroredWrite
 from stor.digest import Sha, sha_of
 from stor.errors import DigestMismatch, StorageUnavailable
 from stor.wiring import DISK_OPS_LIMIT, IO_THREADS
-from tests.helpers import layout_path, temp_files
+from tests.helpers import layout_path, prepared_disks, temp_files
 
 DATA = b"x" * 10_000
 SHA = sha_of(DATA)
@@ -26,13 +26,7 @@ MTIME = 1_600_000_000_123_456_789
 
 @pytest.fixture
 def disks(tmp_path: Path) -> list[Disk]:
-    made = []
-    for name in ("m1", "m2"):
-        (tmp_path / name).mkdir()
-        disk = Disk(str(tmp_path / name), require_mount=False)
-        disk.prepare()
-        made.append(disk)
-    return made
+    return prepared_disks(tmp_path)
 
 
 def test_mirrored_write_makes_both_copies_with_one_mtime(disks: list[Disk]) -> None:

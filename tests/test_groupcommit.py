@@ -19,7 +19,7 @@ from stor.backends.groupcommit import GroupCommits
 from stor.backends.pairs import MirroredWrite
 from stor.digest import Sha, sha_of
 from stor.errors import StorageUnavailable
-from tests.helpers import layout_path, temp_files
+from tests.helpers import layout_path, prepared_disks, temp_files
 
 MTIME = 1_600_000_000_123_456_789
 
@@ -36,13 +36,7 @@ def _fs_magic(path: Path) -> int | None:
 def disks(tmp_path: Path) -> list[Disk]:
     if _fs_magic(tmp_path) not in GROUP_COMMIT_FILESYSTEMS:
         pytest.skip("the test directory is not on ext4, xfs or btrfs: no group commit there")
-    made = []
-    for name in ("m1", "m2"):
-        (tmp_path / name).mkdir()
-        disk = Disk(str(tmp_path / name), require_mount=False)
-        disk.prepare()
-        made.append(disk)
-    return made
+    return prepared_disks(tmp_path)
 
 
 @pytest.fixture
