@@ -334,8 +334,13 @@ def test_several_workers_share_the_disks(storage: Storage, start_stor: Callable[
         for blob in blobs:
             assert http.get(f"/{sha256(blob)}", headers={"Connection": "close"}).content == blob
         assert http.get("/status").status_code == 200
-    owners = {p.parent.name for root in storage.roots for p in (root / ".stor-tmp").glob("*/owner.lock")}
-    assert len(owners) == 2 * len(storage.roots)  # each worker claimed its own temp directory per disk
+
+    def owners() -> set[str]:
+        return {p.parent.name for root in storage.roots for p in (root / ".stor-tmp").glob("*/owner.lock")}
+
+    # each worker claims its own temp directory per disk as it starts (the second may still be
+    # starting when the first answers)
+    assert wait_for(lambda: len(owners()) == 2 * len(storage.roots))
     assert all(temp_files(root) == [] for root in storage.roots)
 
 
