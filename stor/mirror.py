@@ -108,8 +108,9 @@ class S3Mirror:
     async def _idle(self) -> None:
         await self._count_backlog()
         earliest = min((p.due for p in self._pending.values()), default=time.monotonic() + 1.0)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, min(1.0, earliest - time.monotonic())))
+        with contextlib.suppress(TimeoutError):  # asyncio.timeout, not wait_for: see BlobService._check_cache
+            async with asyncio.timeout(max(0.05, min(1.0, earliest - time.monotonic()))):
+                await self._wake.wait()
 
     async def _check(self) -> None:
         started = time.monotonic()

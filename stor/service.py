@@ -971,7 +971,10 @@ class BlobService:
             return
         probe = asyncio.ensure_future(self.offload.run(self.locations.reachable))
         try:
-            self._cache_reachable = await asyncio.wait_for(asyncio.shield(probe), self.monitor.timeout)
+            # not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives as
+            # the probe finishes, and a cancelled health loop then ran on forever
+            async with asyncio.timeout(self.monitor.timeout):
+                self._cache_reachable = await asyncio.shield(probe)
         except TimeoutError:
             self._cache_reachable = False
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.runners
+import io
 import json
 import os
 import re
@@ -24,17 +25,12 @@ from stor.wiring import build_app
 from tests.helpers import PASSWORD, USER, layout_path, temp_files
 from tests.services import Memcached, MotoS3, StatsdSink, free_port
 
-STUCK_TASKS_LOG = Path(os.environ.get("STOR_STUCK_TASKS_LOG", "/tmp/stor-stuck-tasks.log"))
-
 
 def _cancel_all_tasks_bounded(loop: asyncio.AbstractEventLoop) -> None:
-    """asyncio's close-time cancellation of leftover tasks, with a deadline.
-
-    Contains a hang that is not understood yet: now and then (about one full run in three),
-    anyio's pytest runner task swallows its final cancellation after
-    `test_cache.py::test_a_memcached_hit_fills_the_in_process_lru` has passed, and the run
-    waits forever (pytest-timeout does not fire there). With a deadline the stuck task is
-    given up, its stack is appended to STUCK_TASKS_LOG, and the run goes on.
+    """asyncio's close-time cancellation of leftover tasks, with a deadline: a task that
+    swallows its cancellation fails the run with its stack, instead of hanging it where
+    pytest-timeout cannot fire. (Python 3.11's `asyncio.wait_for` did that to the health
+    loop: see `test_cache.py::test_the_health_loop_stops_when_cancelled_as_the_cache_check_finishes`.)
     """
     tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
     if not tasks:
@@ -46,14 +42,12 @@ def _cancel_all_tasks_bounded(loop: asyncio.AbstractEventLoop) -> None:
         if task not in pending and not task.cancelled() and task.exception() is not None:
             loop.call_exception_handler({"message": "unhandled exception at loop close", "task": task})
     if pending:
-        with STUCK_TASKS_LOG.open("a") as log:
-            for task in pending:
-                log.write(f"{time.strftime('%F %T')} given up at loop close: {task!r}\n")
-                task.print_stack(file=log)
-        _cancel_all_tasks_given_up.extend(pending)
+        stacks = io.StringIO()
+        for task in pending:
+            task.print_stack(file=stacks)
+        raise RuntimeError(f"{len(pending)} task(s) did not stop when cancelled at loop close:\n{stacks.getvalue()}")
 
 
-_cancel_all_tasks_given_up: list[asyncio.Task[Any]] = []
 asyncio.runners._cancel_all_tasks = _cancel_all_tasks_bounded  # type: ignore[attr-defined]
 
 
