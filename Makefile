@@ -31,7 +31,7 @@ test-deps:
 
 bench: venv ## benchmark stor against nginx on the same files; writes docs/benchmarks.md
 	scripts/debian-deps.sh wrk:wrk hey:hey nginx:nginx-light memcached:memcached
-	PATH="/usr/sbin:$$PATH" $(BIN)/python bench/run.py
+	PATH="/usr/sbin:$$PATH" scripts/private-mounts.sh $(BIN)/python bench/run.py
 
 lint: venv ## ruff and mypy (strict)
 	$(BIN)/ruff check stor tests bench
