@@ -192,3 +192,33 @@ def test_after_close_new_commits_are_refused(disks: list[Disk], commits: GroupCo
 def test_an_empty_phase_resolves_at_once(commits: GroupCommits) -> None:
     empty: list[TempFile] = []
     assert commits.commit(empty, Sha("0" * 64)).result(timeout=1) == []
+
+
+def test_an_unexpected_error_in_a_cycle_fails_its_uploads_and_the_thread_goes_on(
+    disks: list[Disk], commits: GroupCommits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug (not a storage error) in a cycle fails the uploads it had not answered yet,
+    never leaves one waiting, and the commit thread serves the next ones."""
+    good_writer, good_sha = staged(disks, b"in the cycle, or the next")
+    bad_writer, bad_sha = staged(disks, b"meets a bug")
+    bad_fds = {temp.fd for temp in bad_writer.temps}
+    real = syscalls.sync_file_range
+
+    def buggy_for_bad(fd: int, flags: int, offset: int = 0, nbytes: int = 0) -> None:
+        if fd in bad_fds:
+            raise RuntimeError("a bug, not an OSError")
+        real(fd, flags, offset, nbytes)
+
+    monkeypatch.setattr(syscalls, "sync_file_range", buggy_for_bad)
+    good = commits.commit(good_writer.temps, good_sha)
+    bad = commits.commit(bad_writer.temps, bad_sha)
+    with pytest.raises(StorageUnavailable, match="group commit failed"):
+        bad.result(timeout=10)
+    try:  # it shared the failed cycle (its second phase may have): failed, or else done whole
+        assert len(good.result(timeout=10)) == 2
+    except StorageUnavailable as exc:
+        assert "group commit failed" in str(exc)
+    good_writer.abort()
+    bad_writer.abort()
+    later, later_sha = staged(disks, b"after the bug")
+    assert len(commits.commit(later.temps, later_sha).result(timeout=10)) == 2  # the thread is alive

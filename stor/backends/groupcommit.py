@@ -58,6 +58,13 @@ class _Item:
     sha: Sha | None  # None: make the data durable; a sha: link it under that name, durably
     done: Callable[[Linked | None, StorError | None], None]
     linked: Linked | None = None
+    finished: bool = False
+
+    def finish(self, linked: Linked | None, error: StorError | None) -> None:
+        """Report the outcome, once."""
+        if not self.finished:
+            self.finished = True
+            self.done(linked, error)
 
 
 @dataclass
@@ -93,7 +100,7 @@ class GroupCommit:
                     self._thread.start()
                 self._ready.notify()
                 return
-        item.done(None, StorageUnavailable(f"{self.name}: shutting down"))
+        item.finish(None, StorageUnavailable(f"{self.name}: shutting down"))
 
     def _run(self) -> None:
         while True:
@@ -107,8 +114,8 @@ class GroupCommit:
                 self._cycle(batch)
             except BaseException as exc:  # never leave a waiter hanging, whatever went wrong
                 log.exception("group commit on %s failed", self.name)
-                for item in batch:
-                    item.done(None, StorageUnavailable(f"{self.name}: group commit failed: {exc!r}"))
+                for item in batch:  # those not answered yet
+                    item.finish(None, StorageUnavailable(f"{self.name}: group commit failed: {exc!r}"))
 
     def _cycle(self, batch: list[_Item]) -> None:
         synced: list[_Item] = []
@@ -117,7 +124,7 @@ class GroupCommit:
                 try:
                     item.linked = item.temp.link(item.sha)
                 except StorError as exc:
-                    item.done(None, exc)
+                    item.finish(None, exc)
                     continue
             synced.append(item)
         if not synced:
@@ -134,7 +141,7 @@ class GroupCommit:
                 disk.count_error()
             error = StorageUnavailable(f"{', '.join(disks)}: syncfs: {exc.strerror or exc}")
             for item in synced:
-                item.done(None, error)
+                item.finish(None, error)
             return
         self.stats.cycles += 1
         self.stats.copies += len(synced)
@@ -144,11 +151,11 @@ class GroupCommit:
                 try:
                     item.temp.check_written()
                 except StorError as exc:
-                    item.done(None, exc)
+                    item.finish(None, exc)
                     continue
             else:
                 item.temp.discard()  # the name is durable: only the fd is left to close
-            item.done(item.linked, None)
+            item.finish(item.linked, None)
 
 
 class GroupCommits:
