@@ -24,7 +24,8 @@ from typing import Any
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+from stor.httpio import Answer
+
 AnswerNow = Callable[[str, str, list[tuple[bytes, bytes]]], Answer | None]
 _BODY_HEADERS = (b"content-length", b"transfer-encoding")
 

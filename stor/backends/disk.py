@@ -397,6 +397,7 @@ class TempFile:
         except OSError as exc:
             raise _fail(self.disk, "utime", exc) from exc
 
+    @guarded
     def start_writeback(self) -> None:
         """Start writing the dirty pages out without waiting (a large upload calls this as it
         spools, so the `syncfs` that later commits it has little left to write)."""
