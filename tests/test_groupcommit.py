@@ -53,6 +53,19 @@ def staged(disks: list[Disk], data: bytes) -> tuple[MirroredWrite, Sha]:
     return writer, sha
 
 
+def fail_writeback_check(monkeypatch: pytest.MonkeyPatch, writer: MirroredWrite, error: Exception) -> None:
+    """`sync_file_range` raises `error` for the writer's temps (the others go through)."""
+    fds = {temp.fd for temp in writer.temps}
+    real = syscalls.sync_file_range
+
+    def failing(fd: int, flags: int, offset: int = 0, nbytes: int = 0) -> None:
+        if fd in fds:
+            raise error
+        real(fd, flags, offset, nbytes)
+
+    monkeypatch.setattr(syscalls, "sync_file_range", failing)
+
+
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -158,15 +171,7 @@ def test_a_writeback_error_fails_only_the_copy_it_hit(
 ) -> None:
     bad_writer, bad_sha = staged(disks, b"its writeback failed")
     good_writer, good_sha = staged(disks, b"written fine")
-    bad_fds = {temp.fd for temp in bad_writer.temps}
-    real = syscalls.sync_file_range
-
-    def failing_for_bad(fd: int, flags: int, offset: int = 0, nbytes: int = 0) -> None:
-        if fd in bad_fds:
-            raise OSError(errno.EIO, "Input/output error")
-        real(fd, flags, offset, nbytes)
-
-    monkeypatch.setattr(syscalls, "sync_file_range", failing_for_bad)
+    fail_writeback_check(monkeypatch, bad_writer, OSError(errno.EIO, "Input/output error"))
     bad = commits.commit(bad_writer.temps, bad_sha)
     good = commits.commit(good_writer.temps, good_sha)
     with pytest.raises(StorageUnavailable, match="writeback"):
@@ -201,15 +206,7 @@ def test_an_unexpected_error_in_a_cycle_fails_its_uploads_and_the_thread_goes_on
     never leaves one waiting, and the commit thread serves the next ones."""
     good_writer, good_sha = staged(disks, b"in the cycle, or the next")
     bad_writer, bad_sha = staged(disks, b"meets a bug")
-    bad_fds = {temp.fd for temp in bad_writer.temps}
-    real = syscalls.sync_file_range
-
-    def buggy_for_bad(fd: int, flags: int, offset: int = 0, nbytes: int = 0) -> None:
-        if fd in bad_fds:
-            raise RuntimeError("a bug, not an OSError")
-        real(fd, flags, offset, nbytes)
-
-    monkeypatch.setattr(syscalls, "sync_file_range", buggy_for_bad)
+    fail_writeback_check(monkeypatch, bad_writer, RuntimeError("a bug, not an OSError"))
     good = commits.commit(good_writer.temps, good_sha)
     bad = commits.commit(bad_writer.temps, bad_sha)
     with pytest.raises(StorageUnavailable, match="group commit failed"):
