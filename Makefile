@@ -2,43 +2,48 @@
 SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+SERVE := $(VENV)/.installed-serve
+DEV := $(VENV)/.installed-dev
 
 .DEFAULT_GOAL := help
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(SERVE): pyproject.toml
 	scripts/venv.sh $(VENV)
 	touch $@
 
-venv: $(STAMP) ## create .venv with stor and its test and lint tools
+$(DEV): pyproject.toml
+	scripts/venv.sh $(VENV) test,lint
+	touch $@ $(SERVE)
 
-run: venv ## serve stor on the embedded default (./stor-data), port 8321
+venv: $(DEV) ## create .venv with stor and its test and lint tools
+
+run: $(SERVE) ## serve stor on the embedded default (./stor-data), port 8321 (installs only what serving needs)
 	$(BIN)/stor serve
 
-test: venv test-deps ## install what the suite needs (venv, memcached, fault tools) and run it
+test: $(DEV) test-deps ## install what the suite needs (venv, memcached, fault tools) and run it
 	scripts/private-mounts.sh $(BIN)/pytest -m "not faults"
 	scripts/private-mounts.sh $(BIN)/pytest -m faults
 
-test-faults: venv test-deps ## only the reliability suite (tests/faults; mounts need root)
+test-faults: $(DEV) test-deps ## only the reliability suite (tests/faults; mounts need root)
 	scripts/private-mounts.sh $(BIN)/pytest -m faults
 
 test-deps:
 	scripts/debian-deps.sh memcached:memcached
 	if [ "$$(id -u)" = 0 ]; then scripts/debian-deps.sh fusermount3:fuse3 strace:strace mkfs.ext4:e2fsprogs; fi
 
-bench: venv ## benchmark stor against nginx on the same files; writes docs/benchmarks.md
+bench: $(DEV) ## benchmark stor against nginx on the same files; writes docs/benchmarks.md
 	scripts/debian-deps.sh wrk:wrk hey:hey nginx:nginx-light memcached:memcached
-	PATH="/usr/sbin:$$PATH" scripts/private-mounts.sh $(BIN)/python bench/run.py
+	PATH="/usr/sbin:$$PATH" scripts/private-mounts.sh $(BIN)/python -m bench.run
 
-lint: venv ## ruff and mypy (strict)
+lint: $(DEV) ## ruff and mypy (strict)
 	$(BIN)/ruff check stor tests bench
 	$(BIN)/ruff format --check stor tests bench
 	$(BIN)/mypy
 
-format: venv ## apply ruff's formatting and import order
+format: $(DEV) ## apply ruff's formatting and import order
 	$(BIN)/ruff check --fix stor tests bench
 	$(BIN)/ruff format stor tests bench
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Create .venv and install stor with its test and lint tools, on a fresh Debian machine too.
+# Create .venv and install stor into it, with the extras named in $2 (e.g. "test,lint"), on a
+# fresh Debian machine too.
 set -euo pipefail
 venv=${1:-.venv}
+extras=${2:-}
 python=${PYTHON:-python3}
 if ! "$python" -m venv --help >/dev/null 2>&1 || ! "$python" -c 'import ensurepip' >/dev/null 2>&1; then
     # Debian splits venv/ensurepip out of python3.
@@ -14,4 +16,4 @@ if ! "$python" -m venv --help >/dev/null 2>&1 || ! "$python" -c 'import ensurepi
 fi
 "$python" -m venv "$venv"
 "$venv/bin/pip" install --quiet --upgrade pip
-"$venv/bin/pip" install --quiet -e '.[test,lint]'
+"$venv/bin/pip" install --quiet -e ".${extras:+[$extras]}"

@@ -7,11 +7,12 @@ called once at start-up.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -54,139 +55,9 @@ class StatsiteSettings:
     sample_rate: float = 1.0
 
 
-@dataclass(frozen=True)
-class Config:
-    storage_pairs: tuple[tuple[str, ...], ...]
-    writable_pairs_regex: str | None = None
-    basic_auth: tuple[Credential, ...] = ()
-    max_upload_size: int = 2 * GiB
-    max_named_file_size: int = 2 * 1024 * 1024
-    placement_threshold: int = GiB
-    check_mountpoints: bool = True
-    body_idle_timeout: float = 30.0
-    status_timeout: float = 1.5
-    health_check_interval: float = 5.0
-    s3_enabled: bool = False
-    s3_credentials: S3Settings | None = None
-    s3_bucket: str = "samples"
-    s3_region: str = "us-east-1"
-    s3_sync_writes: bool = False
-    s3_fill_local: bool = True
-    s3_timeout: float = 5.0
-    memcached_servers: tuple[tuple[str, int], ...] = ()
-    memcached_timeout: float = 0.05
-    memcached_ttl: int = 86400
-    memcached_negative_ttl: int = 0
-    location_cache_size: int = 100_000
-    open_file_cache_size: int = 32_768
-    verify_on_read: bool = True
-    verify_on_read_max: int = 4 * 1024 * 1024
-    group_commit: bool = True
-    statsite: StatsiteSettings | None = None
-    secret: str | None = field(default=None, repr=False)
-    # Not a config key: the embedded default creates its own directories.
-    embedded: bool = False
-
-    def pair_writable_by_regex(self, members: tuple[str, ...]) -> bool:
-        """Stor's rule: the regex is searched in each path, and every member must match."""
-        if self.writable_pairs_regex is None:
-            return True
-        return all(re.search(self.writable_pairs_regex, member) for member in members)
-
-
-def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
-    """Read the JSON file at `path` and validate it, with secrets from `env` (os.environ)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid JSON: {exc}") from None
-    return config_from_mapping(raw, os.environ if env is None else env)
-
-
-def config_from_mapping(raw: object, env: Mapping[str, str]) -> Config:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"the config must be a JSON object, got {_kind(raw)}")
-    unknown = sorted(set(raw) - _KNOWN_KEYS)
-    if unknown:
-        raise ConfigError(f"unknown config key {unknown[0]!r} (known keys: {', '.join(sorted(_KNOWN_KEYS))})")
-    if "storage_pairs" not in raw:
-        raise ConfigError("missing required key 'storage_pairs'")
-    auth_raw = env.get(ENV_BASIC_AUTH)
-    auth = _parse_auth_env(auth_raw) if auth_raw else _credentials("basic_auth", raw.get("basic_auth"))
-    s3_enabled = _bool(raw, "s3_enabled", False)
-    s3 = _s3(raw.get("s3_credentials"), env)
-    if s3_enabled and s3 is None:
-        raise ConfigError("'s3_enabled' is true but 's3_credentials' is missing")
-    return Config(
-        storage_pairs=_storage_pairs(raw["storage_pairs"]),
-        writable_pairs_regex=_regex(raw.get("writable_pairs_regex")),
-        basic_auth=auth,
-        max_upload_size=_int(raw, "max_upload_size", 2 * GiB, minimum=0),
-        max_named_file_size=_int(raw, "max_named_file_size", 2 * 1024 * 1024, minimum=0),
-        placement_threshold=_int(raw, "placement_threshold", GiB, minimum=0),
-        check_mountpoints=_bool(raw, "check_mountpoints", True),
-        body_idle_timeout=_seconds(raw, "body_idle_timeout", 30.0, maximum=3600.0),
-        status_timeout=_seconds(raw, "status_timeout", 1.5, maximum=1.9),
-        health_check_interval=_seconds(raw, "health_check_interval", 5.0, maximum=3600.0),
-        s3_enabled=s3_enabled,
-        s3_credentials=s3,
-        s3_bucket=_str(raw, "s3_bucket", "samples"),
-        s3_region=_str(raw, "s3_region", "us-east-1"),
-        s3_sync_writes=_bool(raw, "s3_sync_writes", False),
-        s3_fill_local=_bool(raw, "s3_fill_local", True),
-        s3_timeout=_seconds(raw, "s3_timeout", 5.0, maximum=600.0),
-        memcached_servers=tuple(
-            _host_port("memcached_servers", s) for s in _str_list("memcached_servers", raw.get("memcached_servers", []))
-        ),
-        memcached_timeout=_seconds(raw, "memcached_timeout", 0.05, maximum=10.0),
-        memcached_ttl=_int(raw, "memcached_ttl", 86400, minimum=0),
-        memcached_negative_ttl=_int(raw, "memcached_negative_ttl", 0, minimum=0),
-        location_cache_size=_int(raw, "location_cache_size", 100_000, minimum=0),
-        open_file_cache_size=_int(raw, "open_file_cache_size", 32_768, minimum=0),
-        verify_on_read=_bool(raw, "verify_on_read", True),
-        verify_on_read_max=_int(raw, "verify_on_read_max", 4 * 1024 * 1024, minimum=0),
-        group_commit=_bool(raw, "group_commit", True),
-        statsite=_statsite(raw.get("statsite")),
-        secret=_str(raw, "secret", None),
-    )
-
-
-_KNOWN_KEYS = frozenset(
-    {
-        "storage_pairs",
-        "writable_pairs_regex",
-        "basic_auth",
-        "max_upload_size",
-        "max_named_file_size",
-        "placement_threshold",
-        "check_mountpoints",
-        "body_idle_timeout",
-        "status_timeout",
-        "health_check_interval",
-        "s3_enabled",
-        "s3_credentials",
-        "s3_bucket",
-        "s3_region",
-        "s3_sync_writes",
-        "s3_fill_local",
-        "s3_timeout",
-        "memcached_servers",
-        "memcached_timeout",
-        "memcached_ttl",
-        "memcached_negative_ttl",
-        "location_cache_size",
-        "open_file_cache_size",
-        "verify_on_read",
-        "verify_on_read_max",
-        "group_commit",
-        "statsite",
-        "secret",
-    }
-)
+Check = Callable[[str, Any], Any]
+"""Validates one key's value from the file: returns it typed, or raises `ConfigError` naming
+the key and the value."""
 
 
 def check_storage_dirs(config: Config) -> None:
@@ -212,7 +83,7 @@ def _kind(value: object) -> str:
     )
 
 
-def _storage_pairs(value: object) -> tuple[tuple[str, ...], ...]:
+def _storage_pairs(key: str, value: object) -> tuple[tuple[str, ...], ...]:
     if not isinstance(value, list) or not value:
         raise ConfigError(f"'storage_pairs' must be a non-empty list of pairs of directories, got {value!r}")
     pairs: list[tuple[str, ...]] = []
@@ -232,7 +103,7 @@ def _storage_pairs(value: object) -> tuple[tuple[str, ...], ...]:
     return tuple(pairs)
 
 
-def _regex(value: object) -> str | None:
+def _regex(key: str, value: object) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
@@ -273,32 +144,45 @@ def _parse_auth_env(text: str) -> tuple[Credential, ...]:
     return (_credential(ENV_BASIC_AUTH, text),)
 
 
-def _int(raw: Mapping[str, Any], key: str, default: int, *, minimum: int) -> int:
-    value = raw.get(key, default)
+def _natural(key: str, value: object) -> int:
+    return _int(key, value, minimum=0)
+
+
+def _int(key: str, value: object, *, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"'{key}' must be an integer number of bytes >= {minimum}, got {value!r}")
+        raise ConfigError(f"'{key}' must be an integer >= {minimum}, got {value!r}")
     return value
 
 
-def _seconds(raw: Mapping[str, Any], key: str, default: float, *, maximum: float) -> float:
-    value = raw.get(key, default)
+def _seconds(maximum: float) -> Check:
+    """A duration check: a number of seconds in (0, `maximum`]."""
+    return functools.partial(_seconds_within, maximum=maximum)
+
+
+def _seconds_within(key: str, value: object, *, maximum: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= maximum:
         raise ConfigError(f"'{key}' must be a number of seconds in (0, {maximum}], got {value!r}")
     return float(value)
 
 
-def _bool(raw: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = raw.get(key, default)
+def _bool(key: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"'{key}' must be true or false, got {value!r}")
     return value
 
 
-def _str(raw: Mapping[str, Any], key: str, default: Any) -> Any:
-    value = raw.get(key, default)
-    if value is not default and not (isinstance(value, str) and value):
+def _str(key: str, value: object) -> str:
+    if not (isinstance(value, str) and value):
         raise ConfigError(f"'{key}' must be a non-empty string, got {value!r}")
     return value
+
+
+def _s3_file(key: str, value: object) -> S3Settings | None:
+    return _s3(value, {})
+
+
+def _servers(key: str, value: object) -> tuple[tuple[str, int], ...]:
+    return tuple(_host_port(key, server) for server in _str_list(key, value))
 
 
 def _str_list(key: str, value: object) -> tuple[str, ...]:
@@ -338,7 +222,7 @@ def _host_port(key: str, text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _statsite(value: object) -> StatsiteSettings | None:
+def _statsite(key: str, value: object) -> StatsiteSettings | None:
     if value is None:
         return None
     if not isinstance(value, dict):
@@ -359,3 +243,85 @@ def _statsite(value: object) -> StatsiteSettings | None:
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
         raise ConfigError(f"'statsite.sample_rate' must be a number in (0, 1], got {rate!r}")
     return StatsiteSettings(host=host, port=port, prefix=prefix, sample_rate=float(rate))
+
+
+def _key(check: Check, default: Any = MISSING) -> Any:
+    """A config key: a `Config` field with its default and the check its value must pass."""
+    return field(default=default, metadata={"check": check})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every key of the config file, each declared once: its type, default and check."""
+
+    storage_pairs: tuple[tuple[str, ...], ...] = _key(_storage_pairs)
+    writable_pairs_regex: str | None = _key(_regex, None)
+    basic_auth: tuple[Credential, ...] = _key(_credentials, ())
+    max_upload_size: int = _key(_natural, 2 * GiB)
+    max_named_file_size: int = _key(_natural, 2 * 1024 * 1024)
+    placement_threshold: int = _key(_natural, GiB)
+    check_mountpoints: bool = _key(_bool, True)
+    body_idle_timeout: float = _key(_seconds(3600.0), 30.0)
+    status_timeout: float = _key(_seconds(1.9), 1.5)
+    health_check_interval: float = _key(_seconds(3600.0), 5.0)
+    s3_enabled: bool = _key(_bool, False)
+    s3_credentials: S3Settings | None = _key(_s3_file, None)
+    s3_bucket: str = _key(_str, "samples")
+    s3_region: str = _key(_str, "us-east-1")
+    s3_sync_writes: bool = _key(_bool, False)
+    s3_fill_local: bool = _key(_bool, True)
+    s3_timeout: float = _key(_seconds(600.0), 5.0)
+    memcached_servers: tuple[tuple[str, int], ...] = _key(_servers, ())
+    memcached_timeout: float = _key(_seconds(10.0), 0.05)
+    memcached_ttl: int = _key(_natural, 86400)
+    memcached_negative_ttl: int = _key(_natural, 0)
+    location_cache_size: int = _key(_natural, 100_000)
+    open_file_cache_size: int = _key(_natural, 32_768)
+    verify_on_read: bool = _key(_bool, True)
+    verify_on_read_max: int = _key(_natural, 4 * 1024 * 1024)
+    group_commit: bool = _key(_bool, True)
+    statsite: StatsiteSettings | None = _key(_statsite, None)
+    secret: str | None = field(default=None, repr=False, metadata={"check": _str})
+    # Not a config key: the embedded default creates its own directories.
+    embedded: bool = False
+
+    def pair_writable_by_regex(self, members: tuple[str, ...]) -> bool:
+        """Stor's rule: the regex is searched in each path, and every member must match."""
+        if self.writable_pairs_regex is None:
+            return True
+        return all(re.search(self.writable_pairs_regex, member) for member in members)
+
+
+_KEYS = {key.name: key.metadata["check"] for key in fields(Config) if "check" in key.metadata}
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read the JSON file at `path` and validate it, with secrets from `env` (os.environ)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid JSON: {exc}") from None
+    return config_from_mapping(raw, os.environ if env is None else env)
+
+
+def config_from_mapping(raw: object, env: Mapping[str, str]) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the config must be a JSON object, got {_kind(raw)}")
+    unknown = sorted(set(raw) - set(_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r} (known keys: {', '.join(sorted(_KEYS))})")
+    if "storage_pairs" not in raw:
+        raise ConfigError("missing required key 'storage_pairs'")
+    values = {key: _KEYS[key](key, value) for key, value in raw.items()}
+    # secrets from the environment win over the file
+    auth_raw = env.get(ENV_BASIC_AUTH)
+    if auth_raw:
+        values["basic_auth"] = _parse_auth_env(auth_raw)
+    values["s3_credentials"] = _s3(raw.get("s3_credentials"), env)
+    if values.get("s3_enabled") and values["s3_credentials"] is None:
+        raise ConfigError("'s3_enabled' is true but 's3_credentials' is missing")
+    return Config(**values)

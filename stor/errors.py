@@ -1,4 +1,4 @@
-"""Domain errors. They carry no HTTP: `stor.app` maps them to status codes in one table."""
+"""Domain errors. They carry no HTTP: `stor.http.errors` maps them to status codes in one table."""
 
 from __future__ import annotations
 
@@ -26,6 +26,12 @@ class BlobNotFound(StorError):
     def __init__(self, sha: str) -> None:
         super().__init__(f"blob {sha} not found")
         self.sha = sha
+
+
+class NameNotFound(StorError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no file named {name!r}")
+        self.name = name
 
 
 class NameExists(StorError):

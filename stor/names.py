@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 
 from stor.backends.namestore import NameConflict, NameRecord, NameStore
-from stor.errors import BadRequest, BlobNotFound, NameExists, StorageUnavailable
+from stor.errors import BadRequest, NameExists, NameNotFound
 from stor.service import BlobService
 
 MAX_NAME_BYTES = 1024
@@ -34,19 +34,20 @@ def check_name(name: str | None) -> str:
 
 
 class NamedFiles:
-    def __init__(self, blobs: BlobService, store: NameStore | None) -> None:
-        self.blobs = blobs
-        self.store = store
+    """Names on the blob service. The records live on the first pair (see `NameStore`)."""
 
-    def _store(self) -> NameStore:
-        if self.store is None:
-            raise StorageUnavailable("no storage pair holds name records")
-        return self.store
+    def __init__(self, blobs: BlobService) -> None:
+        self.blobs = blobs
+        self.store = NameStore(blobs.pool.pairs[0].members)
+
+    def prepare(self) -> None:
+        """Blocking, at start-up: the record directories on the names pair."""
+        self.store.prepare()
 
     async def write(self, name: str, body: AsyncIterator[bytes], length: int | None, *, create: bool) -> bool:
         """Store the body under `name`; True if the name is new. With `create`, an existing
         name is `NameExists` (checked before and after the bytes are stored)."""
-        store = self._store()
+        store = self.store
         if create and await self.blobs.offload.run(store.get, name) is not None:
             raise NameExists(name)
         sha, size, _ = await self.blobs.put_content(body, length)
@@ -58,14 +59,14 @@ class NamedFiles:
         return previous is None
 
     async def get(self, name: str) -> NameRecord:
-        record = await self.blobs.offload.run(self._store().get, name)
+        record = await self.blobs.offload.run(self.store.get, name)
         if record is None:
-            raise BlobNotFound(f"no file named {name!r}")
+            raise NameNotFound(name)
         return record
 
     async def delete(self, name: str) -> None:
-        if not await self.blobs.offload.run(self._store().delete, name):
-            raise BlobNotFound(f"no file named {name!r}")
+        if not await self.blobs.offload.run(self.store.delete, name):
+            raise NameNotFound(name)
 
     async def listing(self, prefix: str, after: str, limit: int) -> list[NameRecord]:
-        return await self.blobs.offload.run(self._store().listing, prefix, after, limit)
+        return await self.blobs.offload.run(self.store.listing, prefix, after, limit)

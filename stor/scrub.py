@@ -2,10 +2,11 @@
 
 It walks each pair leaf directory by leaf directory (`AB/CD/EF`, in order) over the union of
 its members' file names, so a copy missing from one member is found as surely as a corrupt
-one. With `repair`, bad copies are quarantined and every missing or bad copy is rewritten
-from a verified good copy (the partner, else S3) through the same durable write protocol as
-uploads. It is safe while the server runs: it only adds copies with no-replace links, moves
-bad ones aside, and sweeps only the temps of dead processes.
+one. With `repair`, bad copies are quarantined (with the server's note schema) and every
+missing or bad copy is rewritten from a verified good copy (the partner, else S3) by the
+`repair` callable: the CLI hands it to the service's upload pipeline, as every writer does.
+It is safe while the server runs: it only adds copies with no-replace links, moves bad ones
+aside, and sweeps only the temps of dead processes.
 
 A checkpoint (`<first member>/.stor-scrub/checkpoint.json`) records the last leaf done, so an
 interrupted scrub continues where it stopped; the summary of the last complete run goes to
@@ -22,14 +23,19 @@ from dataclasses import asdict, dataclass, field
 
 from stor.backends.disk import Disk
 from stor.backends.owners import dead_owner_dirs
-from stor.backends.pairs import MirroredWrite, Pair
-from stor.backends.s3 import S3Store, S3Unavailable
-from stor.digest import Sha, new_hasher, sha_from_filename
+from stor.backends.pairs import Pair
+from stor.backends.scrubstate import read_json, state_dir, write_json
+from stor.digest import Sha, sha_from_filename
 from stor.errors import InsufficientStorage, StorageUnavailable
-from stor.scrubstate import read_json, state_dir, write_json
+from stor.service.integrity import quarantine_note
+from stor.service.s3tier import NoS3, S3Part
 
 _LEVEL = re.compile(r"[0-9A-F]{2}")
 MAX_FINDINGS = 1000
+
+Repair = Callable[[Sha, Pair, list[Disk], Iterator[bytes], int, int], list[str]]
+"""Rewrite `sha` on some members of a pair: (sha, pair, targets, verified chunks, size,
+mtime_ns) → the paths written. Raises when the copies could not be made durable."""
 
 
 @dataclass
@@ -74,6 +80,15 @@ class ScrubReport:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class _Copy:
+    disk: Disk
+    state: str  # ok, corrupt, unreadable
+    size: int
+    mtime_ns: int
+    digest: str | None
+
+
 class Throttle:
     """Keeps the bytes hashed per second under `rate` (None: no limit)."""
 
@@ -96,15 +111,15 @@ class Scrubber:
         self,
         pairs: list[Pair],
         *,
-        s3: S3Store | None = None,
-        repair: bool = False,
+        s3: S3Part | None = None,
+        repair: Repair | None = None,
         rate: float | None = None,
         progress: Callable[[int, int], None] | None = None,
         restart: bool = False,
     ) -> None:
         self.pairs = pairs
-        self.s3 = s3
-        self.repair = repair
+        self.s3 = s3 or NoS3()
+        self.rewrite = repair
         self.throttle = Throttle(rate)
         self.progress = progress or (lambda files, size: None)
         self.restart = restart
@@ -170,76 +185,77 @@ class Scrubber:
                 report.note(Finding(sha, pair.index, "", "error", f"failed: {exc}"), damage=True)
 
     def _scrub_blob(self, pair: Pair, sha: Sha, report: ScrubReport) -> None:
-        good: list[tuple[Disk, int, int]] = []  # (disk, size, mtime_ns)
-        bad: list[tuple[Disk, str, int]] = []  # (disk, problem, size)
+        good: list[_Copy] = []
+        bad: list[_Copy] = []
         missing: list[Disk] = []
         for disk in pair.members:
-            state = self._check_copy(disk, sha, report)
-            if state is None:
+            copy = self._check_copy(disk, sha, report)
+            if copy is None:
                 missing.append(disk)
-            elif state[0] == "ok":
-                good.append((disk, state[1], state[2]))
+            elif copy.state == "ok":
+                good.append(copy)
             else:
-                bad.append((disk, state[0], state[1]))
+                bad.append(copy)
         if not good and not bad:
             report.vanished += 1  # deleted between the listing and the hash
             return
         report.blobs += 1
-        good_size = good[0][1] if good else None
+        good_size = good[0].size if good else None
         problems: list[tuple[Disk, str]] = [(d, "missing") for d in missing]
-        for disk, problem, size in bad:
-            short = problem == "corrupt" and good_size is not None and size < good_size
-            problems.append((disk, "truncated" if short else problem))
+        for copy in bad:
+            short = copy.state == "corrupt" and good_size is not None and copy.size < good_size
+            problems.append((copy.disk, "truncated" if short else copy.state))
         for _, problem in problems:
             setattr(report, problem, getattr(report, problem) + 1)
         if not problems:
             return
-        if not self.repair:
+        if self.rewrite is None:
             for disk, problem in problems:
                 report.note(Finding(sha, pair.index, disk.root, problem), damage=True)
             return
-        self._repair(pair, sha, good, bad, problems, report)
+        self._repair(self.rewrite, pair, sha, good, bad, problems, report)
 
-    def _check_copy(self, disk: Disk, sha: Sha, report: ScrubReport) -> tuple[str, int, int] | None:
-        """("ok"|"corrupt"|"unreadable", size, mtime_ns) of the copy on `disk`, or None."""
+    def _check_copy(self, disk: Disk, sha: Sha, report: ScrubReport) -> _Copy | None:
+        """The state of the copy on `disk` (hashed), or None when there is none."""
         try:
             result = disk.hash_copy(sha)
         except StorageUnavailable:
-            return ("unreadable", 0, 0)
+            return _Copy(disk, "unreadable", 0, 0, None)
         if result is None:
             return None
         digest, stat = result
-        size = stat.size
         report.copies += 1
-        report.bytes += size
-        self.progress(1, size)
-        self.throttle.spent(size)
-        return ("ok" if digest == sha else "corrupt", size, stat.mtime_ns)
+        report.bytes += stat.size
+        self.progress(1, stat.size)
+        self.throttle.spent(stat.size)
+        return _Copy(disk, "ok" if digest == sha else "corrupt", stat.size, stat.mtime_ns, digest)
 
     # -- repair --------------------------------------------------------------------------------
 
     def _repair(
         self,
+        rewrite: Repair,
         pair: Pair,
         sha: Sha,
-        good: list[tuple[Disk, int, int]],
-        bad: list[tuple[Disk, str, int]],
+        good: list[_Copy],
+        bad: list[_Copy],
         problems: list[tuple[Disk, str]],
         report: ScrubReport,
     ) -> None:
         quarantined: set[str] = set()
-        for disk, problem, size in bad:
-            if problem == "unreadable":
+        for copy in bad:
+            if copy.state == "unreadable":
                 continue
+            note = quarantine_note(sha, actual=copy.digest, size=copy.size, mtime_ns=copy.mtime_ns, found_by="scrub")
             try:
-                disk.quarantine(sha, {"expected": sha, "size": size, "found_by": "scrub", "time": time.time()})
-                quarantined.add(disk.root)
+                copy.disk.quarantine(sha, note)
+                quarantined.add(copy.disk.root)
             except (StorageUnavailable, InsufficientStorage) as exc:
-                report.note(Finding(sha, pair.index, disk.root, problem, f"failed: {exc}"), damage=True)
+                report.note(Finding(sha, pair.index, copy.disk.root, copy.state, f"failed: {exc}"), damage=True)
         targets = [d for d, p in problems if p == "missing" or d.root in quarantined]
         try:
             source = self._source(sha, good)
-        except S3Unavailable as exc:
+        except StorageUnavailable as exc:
             source = None
             error = f"failed: no good copy, and S3 could not be asked: {exc}"
         else:
@@ -249,15 +265,9 @@ class Scrubber:
             for disk, problem in problems:
                 report.note(Finding(sha, pair.index, disk.root, problem, error), damage=True)
             return
-        chunks, mtime = source
+        chunks, size, mtime = source
         try:
-            writer = MirroredWrite(targets)
-            tail = b""
-            for chunk in chunks:
-                if tail:
-                    writer.write(tail)
-                tail = chunk
-            writer.finish(sha, mtime, tail)
+            rewrite(sha, pair, targets, chunks, size, mtime)
         except Exception as exc:
             for disk, problem in problems:
                 report.note(Finding(sha, pair.index, disk.root, problem, f"failed: {exc}"), damage=True)
@@ -267,17 +277,12 @@ class Scrubber:
             report.repaired += 1
             report.note(Finding(sha, pair.index, disk.root, problem, action), damage=False)
 
-    def _source(self, sha: Sha, good: list[tuple[Disk, int, int]]) -> tuple[Iterator[bytes], int] | None:
-        """The bytes of a good copy (the partner's, else S3's) and the mtime to give copies."""
+    def _source(self, sha: Sha, good: list[_Copy]) -> tuple[Iterator[bytes], int, int] | None:
+        """The bytes of a good copy (the partner's, else S3's), its size and the mtime to give
+        the new copies. The upload pipeline checks the hash of what it writes again."""
         if good:
-            disk, _, mtime = good[0]
-            return _read_file(disk.blob_path(sha)), mtime
-        if self.s3 is None:
-            return None
-        found = self.s3.open(sha)
-        if found is None:
-            return None
-        return _verified(found.chunks(), sha), found.mtime_ns  # MirroredWrite checks the hash too
+            return _read_file(good[0].disk.blob_path(sha)), good[0].size, good[0].mtime_ns
+        return self.s3.source(sha)
 
     # -- other debris ----------------------------------------------------------------------------
 
@@ -286,7 +291,7 @@ class Scrubber:
             stale = _dead_temps(disk)
             report.stray_temps += len(stale)
             removed = False
-            if self.repair and stale:
+            if self.rewrite is not None and stale:
                 try:
                     disk.sweep_temps()
                     removed = True
@@ -336,15 +341,6 @@ def _read_file(path: str) -> Iterator[bytes]:
     with open(path, "rb") as handle:
         while chunk := handle.read(1024 * 1024):
             yield chunk
-
-
-def _verified(chunks: Iterator[bytes], sha: Sha) -> Iterator[bytes]:
-    hasher = new_hasher()
-    for chunk in chunks:
-        hasher.update(chunk)
-        yield chunk
-    if hasher.hexdigest() != sha:
-        raise ValueError(f"the S3 copy of {sha} is corrupt too")
 
 
 def _summary(report: ScrubReport) -> dict[str, object]:

@@ -1,4 +1,5 @@
-"""build_app(config): the one place that names the concrete classes and wires them together."""
+"""build_service(config) and build_app(config): the one place that names the concrete classes
+and wires them together."""
 
 from __future__ import annotations
 
@@ -12,11 +13,9 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 
-from stor.app import create_app
-from stor.auth import Authenticator
 from stor.backends.disk import Disk
+from stor.backends.groupcommit import GroupCommits
 from stor.backends.locations import LocationCache, MemcachedLocations
-from stor.backends.namestore import NameStore
 from stor.backends.openfiles import OpenFiles, fd_budget
 from stor.backends.pairs import Pair, StoragePool
 from stor.backends.s3 import S3Store
@@ -30,12 +29,22 @@ from stor.config import (
     load_config,
 )
 from stor.errors import ConfigError
-from stor.health import HealthMonitor
-from stor.metrics import FanoutMetrics, Metrics
+from stor.http.app import create_app
+from stor.http.auth import Authenticator
+from stor.metrics import FanoutMetrics, Metrics, NullMetrics
 from stor.metrics.prometheus import DiskGauge, PrometheusMetrics
 from stor.metrics.statsd import StatsdMetrics
 from stor.names import NamedFiles
-from stor.service import BlobService, S3Settings
+from stor.service import BlobService
+from stor.service.health import HealthMonitor
+from stor.service.hotpath import HotPath
+from stor.service.integrity import Healer, Integrity
+from stor.service.lookup import Lookup
+from stor.service.nearcache import NearCache
+from stor.service.offload import Background, Offload
+from stor.service.s3tier import NoS3, S3Part, S3Tier
+from stor.service.status import StatusReporter
+from stor.service.upload import Uploads
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +63,62 @@ ENV_DATA_DIR = "STOR_DATA_DIR"
 
 
 def build_service(config: Config, metrics: Metrics | None = None) -> BlobService:
+    metrics = metrics or NullMetrics()
+    pool = _pool(config)
+    monitor = HealthMonitor(pool.disks, timeout=config.status_timeout)
+    offload = Offload(IO_THREADS)
+    near = NearCache(config.location_cache_size)
+    open_files = OpenFiles(fd_budget(config.open_file_cache_size), ttl=OPEN_FILE_TTL)
+    locations = _locations(config)
+    commits = GroupCommits()
+    background = Background(offload)
+    integrity = Integrity(metrics, near, open_files, Healer())
+    s3 = _s3(config, pool, offload, metrics, integrity)
+    lookup = Lookup(
+        pool,
+        monitor,
+        locations=locations,
+        near=near,
+        open_files=open_files,
+        integrity=integrity,
+        offload=offload,
+        metrics=metrics,
+        verify=config.verify_on_read,
+        verify_max=config.verify_on_read_max,
+    )
+    hot = HotPath(
+        pool,
+        monitor,
+        lookup,
+        near=near,
+        open_files=open_files,
+        integrity=integrity,
+        background=background,
+        metrics=metrics,
+        verify=config.verify_on_read,
+        s3_may_hold=s3.may_hold,
+    )
+    return BlobService(
+        pool,
+        monitor,
+        lookup=lookup,
+        hot=hot,
+        uploads=Uploads(pool, monitor, lookup, commits=commits, offload=offload, s3=s3),
+        integrity=integrity,
+        s3=s3,
+        reporter=StatusReporter(
+            pool, monitor, locations=locations, commits=commits, s3=s3, offload=offload, metrics=metrics
+        ),
+        open_files=open_files,
+        locations=locations,
+        commits=commits,
+        offload=offload,
+        background=background,
+        metrics=metrics,
+    )
+
+
+def _pool(config: Config) -> StoragePool:
     require_mount = config.check_mountpoints and not config.embedded
     pairs = [
         Pair(
@@ -66,21 +131,7 @@ def build_service(config: Config, metrics: Metrics | None = None) -> BlobService
         )
         for index, members in enumerate(config.storage_pairs)
     ]
-    pool = StoragePool(pairs, placement_threshold=config.placement_threshold)
-    monitor = HealthMonitor(pool.disks, timeout=config.status_timeout)
-    return BlobService(
-        pool,
-        monitor,
-        locations=_locations(config),
-        names=NameStore(pool.pairs[0].members),
-        near_cache_size=config.location_cache_size,
-        open_files=OpenFiles(fd_budget(config.open_file_cache_size), ttl=OPEN_FILE_TTL),
-        verify_on_read=config.verify_on_read,
-        verify_on_read_max=config.verify_on_read_max,
-        s3=_s3(config, pool),
-        metrics=metrics,
-        threads=IO_THREADS,
-    )
+    return StoragePool(pairs, placement_threshold=config.placement_threshold)
 
 
 def _locations(config: Config) -> LocationCache | None:
@@ -94,11 +145,19 @@ def _locations(config: Config) -> LocationCache | None:
     )
 
 
-def _s3(config: Config, pool: StoragePool) -> S3Settings | None:
+def _s3(config: Config, pool: StoragePool, offload: Offload, metrics: Metrics, integrity: Integrity) -> S3Part:
     if not config.s3_enabled or config.s3_credentials is None:
-        return None
+        return NoS3()
     store = S3Store(config.s3_credentials, bucket=config.s3_bucket, region=config.s3_region, timeout=config.s3_timeout)
-    return S3Settings(store, S3Queue(pool.disks), sync_writes=config.s3_sync_writes, fill_local=config.s3_fill_local)
+    return S3Tier(
+        store,
+        S3Queue(pool.disks),
+        offload=offload,
+        metrics=metrics,
+        integrity=integrity,
+        sync_writes=config.s3_sync_writes,
+        fill_local=config.s3_fill_local,
+    )
 
 
 def preflight(config: Config) -> None:
@@ -115,11 +174,13 @@ def build_app(config: Config) -> Starlette:
     if config.statsite is not None:
         metrics = FanoutMetrics(prometheus, StatsdMetrics(config.statsite))
     service = build_service(config, metrics)
+    names = NamedFiles(service)
     authenticator = Authenticator(config.basic_auth)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         swept = await service.offload.run(service.prepare)
+        await service.offload.run(names.prepare)
         if swept:
             log.info("removed %d stale temp files left by earlier runs", swept)
         if not authenticator.enabled:
@@ -142,7 +203,7 @@ def build_app(config: Config) -> Starlette:
         max_upload_size=config.max_upload_size,
         body_idle_timeout=config.body_idle_timeout,
         metrics_text=lambda: (prometheus.render(), prometheus.content_type),
-        names=NamedFiles(service, service.names),
+        names=names,
         max_named_file_size=config.max_named_file_size,
         lifespan=lifespan,
     )

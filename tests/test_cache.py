@@ -210,8 +210,10 @@ async def test_the_health_loop_stops_when_cancelled_as_the_cache_check_finishes(
     awaited finished: a stopping server's health loop then ran on, and its shutdown hung (the
     suite's unexplained hang, always in a test with memcached configured)."""
     service = build_service(config_from_mapping(cache_config(storage, memcached), {}))
+    locations = service.locations
+    assert locations is not None
     asked, answered = threading.Event(), threading.Event()
-    real = service.locations.reachable
+    real = locations.reachable
 
     def reachable() -> bool | None:
         asked.set()
@@ -220,7 +222,7 @@ async def test_the_health_loop_stops_when_cancelled_as_the_cache_check_finishes(
         finally:
             answered.set()
 
-    service.locations.reachable = reachable  # type: ignore[method-assign]
+    locations.reachable = reachable  # type: ignore[method-assign]
     await service.offload.run(service.prepare)
     background = asyncio.ensure_future(service.run_background(3600.0))
     try:

@@ -13,7 +13,7 @@ import pytest
 
 from stor.backends.disk import Disk
 from stor.backends.inflight import InflightOps
-from stor.backends.pairs import MirroredWrite
+from stor.backends.pairs import PairWrite
 from stor.digest import Sha, sha_of
 from stor.errors import DigestMismatch, StorageUnavailable
 from stor.wiring import DISK_OPS_LIMIT, IO_THREADS
@@ -30,7 +30,7 @@ def disks(tmp_path: Path) -> list[Disk]:
 
 
 def test_mirrored_write_makes_both_copies_with_one_mtime(disks: list[Disk]) -> None:
-    writer = MirroredWrite(disks)
+    writer = PairWrite(disks)
     writer.write(DATA[:4000])
     paths = writer.finish(SHA, MTIME, DATA[4000:])
     for disk, path in zip(disks, paths, strict=True):
@@ -42,11 +42,11 @@ def test_mirrored_write_makes_both_copies_with_one_mtime(disks: list[Disk]) -> N
 
 def test_mismatch_leaves_nothing_behind(disks: list[Disk]) -> None:
     wrong = Sha("0" * 64)
-    small = MirroredWrite(disks)
+    small = PairWrite(disks)
     with pytest.raises(DigestMismatch) as info:
         small.finish(wrong, MTIME, DATA)
     assert wrong in str(info.value) and SHA in str(info.value)
-    spooled = MirroredWrite(disks)
+    spooled = PairWrite(disks)
     spooled.write(DATA)  # temps exist now
     assert all(temp_files(Path(d.root)) for d in disks)
     with pytest.raises(DigestMismatch):
@@ -58,22 +58,22 @@ def test_mismatch_leaves_nothing_behind(disks: list[Disk]) -> None:
 
 def test_the_empty_blob_is_a_blob(disks: list[Disk]) -> None:
     empty = sha_of(b"")
-    MirroredWrite(disks).finish(empty, MTIME)
+    PairWrite(disks).finish(empty, MTIME)
     for disk in disks:
         stat = disk.stat(empty)
         assert stat is not None and stat.size == 0
 
 
 def test_an_existing_copy_is_never_replaced(disks: list[Disk]) -> None:
-    MirroredWrite(disks).finish(SHA, MTIME, DATA)
-    paths = MirroredWrite(disks).finish(SHA, MTIME + 5 * 10**9, DATA)
+    PairWrite(disks).finish(SHA, MTIME, DATA)
+    paths = PairWrite(disks).finish(SHA, MTIME + 5 * 10**9, DATA)
     for path in paths:
         assert os.stat(path).st_mtime_ns == MTIME  # the first copy stayed
         assert Path(path).read_bytes() == DATA
 
 
 def test_abort_removes_temps(disks: list[Disk]) -> None:
-    writer = MirroredWrite(disks)
+    writer = PairWrite(disks)
     writer.write(DATA)
     writer.abort()
     assert [temp_files(Path(d.root)) for d in disks] == [[], []]
@@ -81,7 +81,7 @@ def test_abort_removes_temps(disks: list[Disk]) -> None:
 
 
 def test_read_at_never_returns_short_data(disks: list[Disk]) -> None:
-    MirroredWrite(disks).finish(SHA, MTIME, DATA)
+    PairWrite(disks).finish(SHA, MTIME, DATA)
     opened = disks[0].open(SHA)
     assert opened is not None
     fd, stat = opened
@@ -162,7 +162,7 @@ def test_health_recovers_a_disk_that_comes_back(tmp_path: Path, disks: list[Disk
     assert not disks[0].probe_health().ok
     root.mkdir()
     assert disks[0].probe_health().ok
-    MirroredWrite([disks[0]]).finish(SHA, MTIME, DATA)
+    PairWrite([disks[0]]).finish(SHA, MTIME, DATA)
     assert layout_path(root, SHA).read_bytes() == DATA
 
 
@@ -173,9 +173,9 @@ def test_commit_works_where_hard_links_are_refused(disks: list[Disk], monkeypatc
         raise PermissionError(errno.EPERM, "Operation not permitted")
 
     monkeypatch.setattr(os, "link", no_links)
-    paths = MirroredWrite(disks).finish(SHA, MTIME, DATA)
+    paths = PairWrite(disks).finish(SHA, MTIME, DATA)
     assert [Path(p).read_bytes() for p in paths] == [DATA, DATA]
-    again = MirroredWrite(disks).finish(SHA, MTIME + 10**9, DATA)  # exists: kept, not replaced
+    again = PairWrite(disks).finish(SHA, MTIME + 10**9, DATA)  # exists: kept, not replaced
     assert [os.stat(p).st_mtime_ns for p in again] == [MTIME, MTIME]
     assert [temp_files(Path(d.root)) for d in disks] == [[], []]
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from stor.backends import syscalls
-from stor.backends.disk import GROUP_COMMIT_FILESYSTEMS, Disk, TempFile
+from stor.backends.disk import GROUP_COMMIT_FILESYSTEMS, Disk
 from stor.backends.groupcommit import GroupCommits
-from stor.backends.pairs import MirroredWrite
+from stor.backends.pairs import PairWrite
+from stor.backends.temps import TempFile
 from stor.digest import Sha, sha_of
 from stor.errors import StorageUnavailable
 from tests.helpers import layout_path, prepared_disks, temp_files
@@ -46,14 +47,14 @@ def commits() -> Iterator[GroupCommits]:
     found.close()
 
 
-def staged(disks: list[Disk], data: bytes) -> tuple[MirroredWrite, Sha]:
+def staged(disks: list[Disk], data: bytes) -> tuple[PairWrite, Sha]:
     sha = sha_of(data)
-    writer = MirroredWrite(disks)
+    writer = PairWrite(disks)
     writer.stage(sha, MTIME, data, group=True)
     return writer, sha
 
 
-def fail_writeback_check(monkeypatch: pytest.MonkeyPatch, writer: MirroredWrite, error: Exception) -> None:
+def fail_writeback_check(monkeypatch: pytest.MonkeyPatch, writer: PairWrite, error: Exception) -> None:
     """`sync_file_range` raises `error` for the writer's temps (the others go through)."""
     fds = {temp.fd for temp in writer.temps}
     real = syscalls.sync_file_range

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from stor.backends.disk import Disk, DiskHealth
-from stor.health import HealthMonitor
+from stor.backends.disk import Disk
+from stor.model import DiskHealth
+from stor.service.health import HealthMonitor
 
 pytestmark = pytest.mark.anyio
 

@@ -16,7 +16,8 @@ import pytest
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from stor.httpserver import GuardedHttpToolsProtocol
+from stor.errors import ConfigError
+from stor.http.server import GuardedHttpToolsProtocol, check_uvicorn
 from tests.conftest import Storage, StorProcess, app_client
 from tests.helpers import AUTH, sha256
 from tests.test_openfiles import nowait_storage  # noqa: F401 - a fixture
@@ -207,3 +208,12 @@ def test_hot_answers_are_counted(uvicorn_server: StorProcess) -> None:
         for _ in range(20):
             assert http.get(f"{uvicorn_server.url}/{SHA}").content == DATA
     assert served() - before == 20
+
+
+def test_the_installed_uvicorn_is_one_the_protocol_was_tested_on() -> None:
+    check_uvicorn()  # fails here, loudly, when a dependency update brings an untested uvicorn
+
+
+def test_an_untested_uvicorn_is_refused_with_a_clear_message() -> None:
+    with pytest.raises(ConfigError, match=r"uvicorn 0\.99\.1 .*--server granian"):
+        check_uvicorn("0.99.1")

@@ -15,8 +15,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from stor import __version__
-from stor.app import stor_outcome
 from stor.metrics.prometheus import FLUSH_INTERVAL, _Tally
+from stor.metrics.statsd import stor_outcome
 from tests.conftest import Storage, StorProcess, app_client
 from tests.helpers import AUTH, sha256, wait_for
 from tests.services import StatsdSink

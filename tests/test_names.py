@@ -50,7 +50,8 @@ def test_create_read_replace_delete(http: httpx.Client, storage: Storage) -> Non
     assert http.put("/file", params={"path": "new.bin"}, content=b"x", auth=AUTH).status_code == 201
     assert http.get("/file", params={"path": "new.bin"}).headers["content-type"] == "application/octet-stream"
     assert http.delete("/file", params={"path": "docs/hello.txt"}, auth=AUTH).status_code == 204
-    assert http.get("/file", params={"path": "docs/hello.txt"}).status_code == 404
+    gone = http.get("/file", params={"path": "docs/hello.txt"})
+    assert gone.status_code == 404 and gone.text == "no file named 'docs/hello.txt'\n"
     assert http.delete("/file", params={"path": "docs/hello.txt"}, auth=AUTH).status_code == 404
     assert storage.copies(sha256(b"v2"))  # deleting a name keeps its blob
 

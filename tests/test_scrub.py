@@ -194,3 +194,22 @@ def test_the_last_scrub_shows_in_status_and_metrics(storage: Storage, start_stor
         time.sleep(0.2)
     assert {run["pair"] for run in runs} == {0, 1} and all(run["damage_left"] == 0 for run in runs)
     assert 'stor_scrub_damage_left{pair="0"} 0.0' in httpx.get(f"{server.url}/metrics").text
+
+
+def test_scrub_repairs_go_through_the_upload_pipeline(storage: Storage, s3: MotoS3) -> None:
+    """The repaired copy is queued for S3 like any upload (the marker beside the first copy)."""
+    config = storage.write_config(**s3.config())
+    [blob] = import_blobs(storage, config, 1)
+    sha = sha256(blob)
+    first, second = storage.copies(sha)
+    queue = first.parents[3] / ".stor-s3-queue"
+    markers = list(queue.glob(sha))  # import queued it as an upload does
+    assert markers
+    for marker in markers:
+        marker.unlink()
+    second.unlink()
+    code, report = scrub(config, "--repair")
+    assert code == 0 and report["repaired"] == 1
+    assert second.read_bytes() == blob and first.read_bytes() == blob
+    assert second.stat().st_mtime_ns == first.stat().st_mtime_ns  # the surviving copy's mtime
+    assert list((second.parents[3] / ".stor-s3-queue").glob(sha))

@@ -40,9 +40,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from stor.backends import syscalls
-from stor.backends.disk import TempFile
+from stor.backends.temps import TempFile
 from stor.digest import Sha
 from stor.errors import StorageUnavailable, StorError
+from stor.model import CommitStats
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +66,6 @@ class _Item:
         if not self.finished:
             self.finished = True
             self.done(linked, error)
-
-
-@dataclass
-class CommitStats:
-    cycles: int = 0
-    copies: int = 0
-    largest: int = 0
 
 
 class GroupCommit:

@@ -43,28 +43,6 @@ class LocationCache(Protocol):
     def close(self) -> None: ...
 
 
-class NoLocations:
-    """No cache configured: every lookup probes the disks."""
-
-    def get(self, sha: Sha) -> str | None:
-        return None
-
-    def remember(self, sha: Sha, root: str) -> None:
-        pass
-
-    def remember_absent(self, sha: Sha) -> None:
-        pass
-
-    def forget(self, sha: Sha) -> None:
-        pass
-
-    def reachable(self) -> bool | None:
-        return None
-
-    def close(self) -> None:
-        pass
-
-
 class Breaker:
     """Opens after `threshold` failures in a row; lets one call through after `cooldown`."""
 
@@ -93,10 +71,6 @@ class Breaker:
             self._failures += 1
             if self._failures >= self.threshold:
                 self._open_until = time.monotonic() + self.cooldown
-
-    @property
-    def open(self) -> bool:
-        return not self.allow()
 
 
 class MemcachedLocations:

@@ -24,7 +24,8 @@ import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from stor.backends.disk import Disk, fsync_dir, now_ns
+from stor.backends.disk import Disk, now_ns
+from stor.backends.temps import fsync_dir
 from stor.digest import Sha, parse_sha
 from stor.errors import InvalidDigest, StorageUnavailable
 

@@ -33,8 +33,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from stor.backends import nowait
-from stor.backends.disk import BlobStat, Disk
+from stor.backends.disk import Disk
 from stor.digest import Sha
+from stor.model import BlobStat
 
 READ_ON_LOOP_BYTES = 256 * 1024
 """Copies up to this size are read on the event loop; a bigger one would hold the loop while

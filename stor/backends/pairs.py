@@ -5,7 +5,7 @@ Contract:
   member of each pair first, then the partners (Stor's order).
 - `StoragePool.choose_pair` raises `InsufficientStorage` when no writable, healthy pair has
   room for the blob once the bytes reserved by uploads in flight are counted.
-- `MirroredWrite` streams one body into a temp file on every member, hashing once; `finish`
+- `PairWrite` streams one body into a temp file on every member, hashing once; `finish`
   makes every copy durable or raises, leaving no temp behind. `stage` stops before that, for
   a caller that group-commits the temps (see `groupcommit`) and calls `abort` in the end.
 - All methods block; they are safe to call from several threads.
@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from stor.backends.disk import Disk, TempFile
+from stor.backends.disk import Disk
+from stor.backends.temps import TempFile
 from stor.digest import Sha, new_hasher
 from stor.errors import DigestMismatch, InsufficientStorage, StorageUnavailable
 
@@ -30,10 +31,6 @@ class Pair:
     index: int
     members: tuple[Disk, ...]
     writable: bool  # from writable_pairs_regex; health is judged separately, at run time
-
-    @property
-    def name(self) -> str:
-        return " + ".join(d.root for d in self.members)
 
 
 @dataclass(frozen=True)
@@ -129,7 +126,7 @@ class StoragePool:
             return self._reserved[pair.index]
 
 
-class MirroredWrite:
+class PairWrite:
     """One upload into temp files on several disks, hashed once as the bytes arrive."""
 
     def __init__(self, disks: list[Disk]) -> None:

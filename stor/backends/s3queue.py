@@ -17,8 +17,9 @@ import contextlib
 import os
 from dataclasses import dataclass
 
-from stor.backends.disk import Disk, fsync_dir
+from stor.backends.disk import Disk
 from stor.backends.owners import OwnedDir, dead_owner_dirs
+from stor.backends.temps import fsync_dir
 from stor.digest import Sha, parse_sha
 from stor.errors import InvalidDigest
 

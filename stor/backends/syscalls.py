@@ -27,7 +27,6 @@ EXT4_MAGIC = 0xEF53  # ext2 and ext3 too: the ext4 driver serves them
 XFS_MAGIC = 0x58465342
 BTRFS_MAGIC = 0x9123683E
 TMPFS_MAGIC = 0x01021994
-FUSE_MAGIC = 0x65735546
 
 
 class _OpenHow(ctypes.Structure):

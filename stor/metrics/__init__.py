@@ -11,10 +11,9 @@ from typing import Protocol
 
 
 class Metrics(Protocol):
-    def request(
-        self, method: str, outcome: str, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int
-    ) -> None:
-        """One HTTP request finished. `outcome` is Stor's name for it (`success.get.ok`, …)."""
+    def request(self, method: str, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int) -> None:
+        """One HTTP request finished: its method, route (`blob`, `status`, `file`, …, `other`),
+        status, duration and body bytes each way."""
 
     def cache(self, result: str, seconds: float) -> None:
         """A location-cache lookup: result is `hit`, `miss`, `negative`, `stale` or `error`."""
@@ -44,9 +43,7 @@ class Metrics(Protocol):
 class NullMetrics:
     """Records nothing: the default when no metrics are configured."""
 
-    def request(
-        self, method: str, outcome: str, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int
-    ) -> None:
+    def request(self, method: str, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int) -> None:
         pass
 
     def cache(self, result: str, seconds: float) -> None:
@@ -80,11 +77,9 @@ class FanoutMetrics:
     def __init__(self, *targets: Metrics) -> None:
         self.targets = targets
 
-    def request(
-        self, method: str, outcome: str, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int
-    ) -> None:
+    def request(self, method: str, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int) -> None:
         for target in self.targets:
-            target.request(method, outcome, route, status, seconds, bytes_in, bytes_out)
+            target.request(method, route, status, seconds, bytes_in, bytes_out)
 
     def cache(self, result: str, seconds: float) -> None:
         for target in self.targets:

@@ -24,10 +24,9 @@ class StatsdMetrics:
             raise ConfigError(f"'statsite.host' {settings.host!r} does not resolve: {exc.strerror}") from None
         self._rate = settings.sample_rate
 
-    def request(
-        self, method: str, outcome: str, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int
-    ) -> None:
+    def request(self, method: str, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int) -> None:
         self._client.incr(f"request.{method.lower()}.count", rate=self._rate)
+        outcome = stor_outcome(method, route, status)
         if outcome:
             self._client.incr(f"{outcome}.count", rate=self._rate)
 
@@ -58,3 +57,33 @@ class StatsdMetrics:
 
     def close(self) -> None:
         self._client.close()
+
+
+_OUTCOMES = {
+    ("get", 200): "success.get.ok",
+    ("get", 206): "success.get.ok",
+    ("get", 304): "success.get.not_modified",
+    ("get", 404): "error.get.not_found",
+    ("get", 416): "error.get.range_not_satisfiable",
+    ("get", 503): "error.get.unavailable",
+    ("post", 201): "success.post.write",
+    ("post", 200): "success.post.duplicate",
+    ("post", 400): "error.post.malformed_sha",
+    ("post", 401): "error.post.unauthorized",
+    ("post", 408): "error.post.timeout",
+    ("post", 412): "error.post.bad_sha",
+    ("post", 413): "error.post.too_large",
+    ("post", 503): "error.post.unavailable",
+    ("post", 507): "error.post.no_space",
+}
+
+
+def stor_outcome(method: str, route: str, status: int) -> str:
+    """Stor's statsd name for a blob request's result (PUT counts as post, HEAD as get); ""
+    for the other routes."""
+    verb = {"GET": "get", "HEAD": "get", "POST": "post", "PUT": "post"}.get(method)
+    if verb is None or route not in ("blob", "other"):
+        return ""
+    if route == "other" and status in (400, 404):
+        return f"error.{verb}.malformed_sha"
+    return _OUTCOMES.get((verb, status), f"error.{verb}.{'500' if status >= 500 else status}")

@@ -1,6 +1,6 @@
 """The event-loop side of a group commit: an upload's staged copies made durable, then visible.
 
-After `MirroredWrite.stage(group=True)` the copies on filesystems with group commit are complete
+After `PairWrite.stage(group=True)` the copies on filesystems with group commit are complete
 but not yet durable; the others were fsynced by `stage`. Here, in order:
 
 1. every grouped copy is made durable by its filesystem's next `syncfs`;
@@ -12,7 +12,7 @@ When every copy is grouped (the usual case) the commit threads chain the two pha
 themselves, and the upload waits once. No copy becomes visible before every copy, and the S3
 queue marker `stage` left beside the first, is durable. Waiting holds no thread. A cancelled
 caller still waits for the commit threads to let go of its temps, so its cleanup
-(`MirroredWrite.abort`) never races them.
+(`PairWrite.abort`) never races them.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from stor.backends.disk import TempFile
 from stor.backends.groupcommit import GroupCommits, Linked
-from stor.backends.pairs import MirroredWrite, settle
+from stor.backends.pairs import PairWrite, settle
+from stor.backends.temps import TempFile
 from stor.digest import Sha
-from stor.offload import Offload
+from stor.service.offload import Offload
 
 
-async def publish(writer: MirroredWrite, sha: Sha, commits: GroupCommits, offload: Offload) -> list[str]:
+async def publish(writer: PairWrite, sha: Sha, commits: GroupCommits, offload: Offload) -> list[str]:
     """The paths of every copy once all are durable and linked; raises the first failure (the
     caller then aborts the writer: a copy already linked stays, it is a valid blob)."""
     grouped = [temp for temp in writer.temps if temp.groupable]

@@ -18,8 +18,9 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 
-from stor.backends.disk import Disk, DiskHealth
+from stor.backends.disk import Disk
 from stor.backends.pairs import Pair
+from stor.model import DiskHealth
 
 STALLED_AFTER = 10.0
 """A request's disk operation running this long marks the disk as not responding. Longer than

@@ -8,12 +8,13 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
-from stor.backends.disk import BlobStat, Disk
+from stor.backends.disk import Disk
 from stor.backends.s3 import S3Object
 from stor.digest import Hasher, Sha, new_hasher
 from stor.errors import StorageUnavailable, TransferAborted
 from stor.metrics import Metrics, NullMetrics
-from stor.offload import Offload
+from stor.model import BlobStat
+from stor.service.offload import Offload
 
 STREAM_CHUNK = 1024 * 1024
 

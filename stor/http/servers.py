@@ -22,7 +22,7 @@ from granian.constants import HTTPModes, Interfaces, Loops
 from granian.http import HTTP1Settings
 from granian.log import LogLevels
 
-from stor.httpserver import GuardedHttpToolsProtocol
+from stor.http.server import GuardedHttpToolsProtocol, check_uvicorn
 
 APP = "stor.wiring:app_from_environment"
 SERVERS = ("uvicorn", "granian")
@@ -40,6 +40,7 @@ def serve(server: str, host: str, port: int, workers: int, log_config: dict[str,
 
 
 def _uvicorn(host: str, port: int, workers: int, log_config: dict[str, Any], head_timeout: float) -> None:
+    check_uvicorn()
     level = log_config["loggers"]["stor"]["level"].lower()
     uvicorn.run(
         APP,

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from stor.httpsemantics import ByteRange, RangeNotSatisfiable, http_date, not_modified, parse_range, range_applies
+from stor.http.semantics import ByteRange, RangeNotSatisfiable, http_date, not_modified, parse_range, range_applies
 
 ETAG = '"abc"'
 MTIME = 1_700_000_000 * 1_000_000_000

@@ -19,7 +19,7 @@ from stor.backends.s3queue import Claim, S3Queue
 from stor.digest import Sha
 from stor.errors import StorError
 from stor.metrics import Metrics
-from stor.offload import Offload
+from stor.service.offload import Offload
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,6 @@ class S3Mirror:
         self,
         store: S3Store,
         queue: S3Queue,
-        locate: Callable[[Sha], str | None],
         offload: Offload,
         metrics: Metrics,
         *,
@@ -53,7 +52,7 @@ class S3Mirror:
     ) -> None:
         self.store = store
         self.queue = queue
-        self._locate = locate
+        self._locate: Callable[[Sha], str | None] = lambda sha: None
         self._offload = offload
         self._metrics = metrics
         self._concurrency = concurrency
@@ -69,8 +68,9 @@ class S3Mirror:
         """A marker was just enqueued: start on it now rather than at the next poll."""
         self._wake.set()
 
-    async def run(self) -> None:
-        """Mirror forever (until cancelled)."""
+    async def run(self, locate: Callable[[Sha], str | None]) -> None:
+        """Mirror forever (until cancelled); `locate` finds a local copy of a blob to upload."""
+        self._locate = locate
         next_check = 0.0
         while True:
             self._wake.clear()  # a notify from here on wakes the next idle wait
@@ -108,7 +108,7 @@ class S3Mirror:
     async def _idle(self) -> None:
         await self._count_backlog()
         earliest = min((p.due for p in self._pending.values()), default=time.monotonic() + 1.0)
-        with contextlib.suppress(TimeoutError):  # asyncio.timeout, not wait_for: see BlobService._check_cache
+        with contextlib.suppress(TimeoutError):  # asyncio.timeout, not wait_for: see status.StatusReporter.check_cache
             async with asyncio.timeout(max(0.05, min(1.0, earliest - time.monotonic()))):
                 await self._wake.wait()
 

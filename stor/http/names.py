@@ -8,10 +8,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from stor.auth import Authenticator
-from stor.errors import BadRequest, PayloadTooLarge, StorageUnavailable
-from stor.httpio import blob_response, close_if_body_unread, content_length, limited, request_body
-from stor.multipart import form_field, is_multipart
+from stor.errors import BadRequest, PayloadTooLarge
+from stor.http.auth import Authenticator
+from stor.http.io import blob_response, close_if_body_unread, content_length, limited, request_body
+from stor.http.multipart import form_field, is_multipart
 from stor.names import NamedFiles, check_name
 from stor.service import BlobService
 
@@ -22,7 +22,7 @@ MULTIPART_SLACK = 64 * 1024
 
 def named_routes(
     service: BlobService,
-    names: NamedFiles | None,
+    names: NamedFiles,
     authenticator: Authenticator,
     max_named_file_size: int,
     body_idle_timeout: float,
@@ -39,13 +39,13 @@ def named_routes(
         body = request_body(request, limit, body_idle_timeout)
         if multipart:
             body = limited(form_field(body, content_type or "", "upload_file"), max_named_file_size)
-        created = await _names().write(name, body, None if multipart else length, create=request.method == "POST")
-        record = await _names().get(name)
+        created = await names.write(name, body, None if multipart else length, create=request.method == "POST")
+        record = await names.get(name)
         answer = {"path": record.path, "sha": record.sha, "size": record.size}
         return JSONResponse(answer, status_code=201 if created else 200, headers=close_if_body_unread(request))
 
     async def named_read(request: Request) -> Response:
-        record = await _names().get(check_name(request.query_params.get("path")))
+        record = await names.get(check_name(request.query_params.get("path")))
         content_type = mimetypes.guess_type(record.path)[0] or "application/octet-stream"
         if request.method == "HEAD":
             return blob_response(request.headers, record.sha, await service.stat(record.sha), None, content_type)
@@ -54,7 +54,7 @@ def named_routes(
 
     async def named_delete(request: Request) -> Response:
         authenticator.check(request.headers.get("authorization"))
-        await _names().delete(check_name(request.query_params.get("path")))
+        await names.delete(check_name(request.query_params.get("path")))
         return Response(status_code=204)
 
     async def named_list(request: Request) -> Response:
@@ -63,19 +63,14 @@ def named_routes(
         if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LISTING:
             raise BadRequest(f"'limit' must be a number from 1 to {MAX_LISTING}, got {limit_text!r}")
         limit = int(limit_text)
-        records = await _names().listing(params.get("prefix", ""), params.get("after", ""), limit)
+        records = await names.listing(params.get("prefix", ""), params.get("after", ""), limit)
         files = [{"path": r.path, "sha": r.sha, "size": r.size, "mtime": r.mtime} for r in records]
         return JSONResponse({"files": files, "next": files[-1]["path"] if len(files) == limit else None})
 
-    def _names() -> NamedFiles:
-        if names is None:
-            raise StorageUnavailable("named files are not available")
-        return names
-
     return [
-        Route("/files", named_write, methods=["POST"]),
-        Route("/files", named_list, methods=["GET"]),
-        Route("/file", named_read, methods=["GET"]),
-        Route("/file", named_write, methods=["PUT"]),
-        Route("/file", named_delete, methods=["DELETE"]),
+        Route("/files", named_write, methods=["POST"], name="files"),
+        Route("/files", named_list, methods=["GET"], name="files"),
+        Route("/file", named_read, methods=["GET"], name="file"),
+        Route("/file", named_write, methods=["PUT"], name="file"),
+        Route("/file", named_delete, methods=["DELETE"], name="file"),
     ]

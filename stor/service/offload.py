@@ -10,9 +10,12 @@ never races a call still running.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
+
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -42,3 +45,40 @@ class Offload:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+
+
+class Background:
+    """Blocking calls started in a worker thread that nobody waits for (nor fails with): a
+    failure is logged. `close` cancels what is still waiting for a thread."""
+
+    def __init__(self, offload: Offload) -> None:
+        self.offload = offload
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._once: dict[str, asyncio.Task[None]] = {}
+
+    def start(self, call: Callable[..., None], *args: object) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(self.offload.run(call, *args))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def start_once(self, key: str, call: Callable[[], None]) -> None:
+        """`start`, unless the call started under `key` is still running."""
+        running = self._once.get(key)
+        if running is None or running.done():
+            self._once[key] = self.start(call)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background disk call failed: %s", task.exception())
+
+    def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+
+async def blocking_chunks(offload: Offload, source: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """A blocking iterator's chunks (a file, an S3 object), each read in a worker thread."""
+    while (chunk := await offload.run(next, source, None)) is not None:
+        yield chunk

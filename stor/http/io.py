@@ -11,13 +11,13 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from stor.backends.disk import BlobStat
-from stor.blobs import OpenBlob
 from stor.digest import Sha, repr_digest
 from stor.errors import BadRequest, ClientDisconnected, ClientTimeout, PayloadTooLarge
-from stor.httpsemantics import RangeNotSatisfiable, http_date, not_modified, parse_range, range_applies
+from stor.http.semantics import RangeNotSatisfiable, http_date, not_modified, parse_range, range_applies
+from stor.model import BlobStat
+from stor.service.stream import OpenBlob
 
-IMMUTABLE = "public, max-age=31536000, immutable"
+_IMMUTABLE = b"public, max-age=31536000, immutable"
 
 
 async def limited(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
@@ -72,27 +72,33 @@ def close_if_body_unread(request: Request) -> dict[str, str]:
     return {"Connection": "close"}
 
 
-def blob_headers(sha: Sha, stat: BlobStat, content_type: str) -> dict[str, str]:
-    return {
-        "ETag": f'"{sha}"',
-        "Last-Modified": http_date(stat.mtime_ns),
-        "Repr-Digest": repr_digest(sha),
-        "Accept-Ranges": "bytes",
-        "Cache-Control": IMMUTABLE,
-        "Content-Type": content_type,
-    }
+_OCTETS = "application/octet-stream"
+_NOT_MODIFIED_KEEPS = frozenset({b"etag", b"last-modified", b"cache-control"})
+_SHAPING = frozenset({b"range", b"if-range", b"if-none-match", b"if-modified-since"})
+
+
+def blob_headers(sha: Sha, stat: BlobStat, content_type: str = _OCTETS) -> list[tuple[bytes, bytes]]:
+    """The headers every answer about a blob carries, raw, as they go on the wire."""
+    return [
+        (b"etag", b'"' + sha.encode() + b'"'),
+        (b"last-modified", http_date(stat.mtime_ns).encode()),
+        (b"repr-digest", repr_digest(sha).encode()),
+        (b"accept-ranges", b"bytes"),
+        (b"cache-control", _IMMUTABLE),
+        (b"content-type", content_type.encode("latin-1")),
+    ]
 
 
 def blob_response(
-    asked: Headers, sha: Sha, stat: BlobStat, blob: OpenBlob | None, content_type: str = "application/octet-stream"
+    asked: Headers, sha: Sha, stat: BlobStat, blob: OpenBlob | None, content_type: str = _OCTETS
 ) -> Response:
     """HEAD (blob is None: a stat was all it took) or GET, with conditional requests and a
     single Range."""
     headers = blob_headers(sha, stat, content_type)
-    etag = headers["ETag"]
+    etag = f'"{sha}"'
     if not_modified(asked.get("if-none-match"), asked.get("if-modified-since"), etag, stat.mtime_ns):
         _close(blob)
-        return Response(status_code=304, headers={k: headers[k] for k in ("ETag", "Last-Modified", "Cache-Control")})
+        return BlobResponse(304, [header for header in headers if header[0] in _NOT_MODIFIED_KEEPS])
     start, end, code = 0, stat.size, 200
     if range_applies(asked.get("if-range"), etag, stat.mtime_ns):
         try:
@@ -106,43 +112,34 @@ def blob_response(
             )
         if wanted is not None:
             start, end, code = wanted.start, wanted.end, 206
-            headers["Content-Range"] = wanted.content_range(stat.size)
-    headers["Content-Length"] = str(end - start)
-    if blob is None:
-        return Response(status_code=code, headers=headers)
-    return BlobResponse(blob, start, end, code, headers)
+            headers.append((b"content-range", wanted.content_range(stat.size).encode()))
+    headers.append((b"content-length", str(end - start).encode()))
+    return BlobResponse(code, headers, blob, start, end)
 
 
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
 """A response whose bytes are all at hand: status, raw headers, body."""
 
-_SHAPING = frozenset({b"range", b"if-range", b"if-none-match", b"if-modified-since"})
-_FIXED = [
-    (b"accept-ranges", b"bytes"),
-    (b"cache-control", IMMUTABLE.encode()),
-    (b"content-type", b"application/octet-stream"),
-]
+HOT_TRIED = "stor.hot_tried"
+"""A scope key a server sets when `answer_now` was asked and could not answer: the ordinary
+path then goes straight to a worker thread instead of asking the kernel's caches again."""
 
 
 def plain_answer(asked: list[tuple[bytes, bytes]], sha: Sha, stat: BlobStat, data: bytes | None) -> Answer | None:
     """What `blob_response` answers to a GET (`data`: the whole blob) or HEAD (None) with
-    none of the headers that shape the answer (Range, If-*), built without its generality;
-    None when some such header was sent."""
+    none of the headers that shape the answer (Range, If-*), without its generality; None
+    when some such header was sent."""
     if any(name in _SHAPING for name, _ in asked):
         return None
-    headers = [
-        (b"etag", b'"' + sha.encode() + b'"'),
-        (b"last-modified", http_date(stat.mtime_ns).encode()),
-        (b"repr-digest", repr_digest(sha).encode()),
-        *_FIXED,
-        (b"content-length", str(stat.size).encode()),
-    ]
+    headers = [*blob_headers(sha, stat), (b"content-length", str(stat.size).encode())]
     return 200, headers, b"" if data is None else data
 
 
 def in_full(response: Response) -> Answer | None:
     """`response` as an `Answer`, or None when its body is still to be read (a stream)."""
     if isinstance(response, BlobResponse):
+        if response.blob is None:
+            return response.status_code, response.raw_headers, b""
         if response.blob.data is None:
             return None
         return response.status_code, response.raw_headers, response.blob.data[response.start : response.end]
@@ -155,16 +152,27 @@ def _close(blob: OpenBlob | None) -> None:
 
 
 class BlobResponse(Response):
-    """Streams [start, end) of an open copy; the bytes never sit whole in memory."""
+    """An answer about a blob, with its raw headers: none (HEAD, 304) or [start, end) of an
+    open copy, streamed (the bytes never sit whole in memory) unless read already."""
 
-    def __init__(self, blob: OpenBlob, start: int, end: int, status_code: int, headers: dict[str, str]) -> None:
+    def __init__(
+        self,
+        status_code: int,
+        raw_headers: list[tuple[bytes, bytes]],
+        blob: OpenBlob | None = None,
+        start: int = 0,
+        end: int = 0,
+    ) -> None:
         self.blob, self.start, self.end = blob, start, end
         self.status_code = status_code
         self.background = None
-        self.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        self.raw_headers = raw_headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        if self.blob is None:
+            await send({"type": "http.response.body", "body": b""})
+            return
         if self.blob.data is not None:  # read already: one message
             await send({"type": "http.response.body", "body": self.blob.data[self.start : self.end]})
             return

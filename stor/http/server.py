@@ -22,14 +22,30 @@ from collections.abc import Callable
 from typing import Any
 
 import httptools
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from stor.httpio import Answer
+from stor.errors import ConfigError
+from stor.http.io import HOT_TRIED, Answer
 
 AnswerNow = Callable[[str, str, list[tuple[bytes, bytes]]], Answer | None]
 _BODY_HEADERS = (b"content-length", b"transfer-encoding")
 
 MAX_HEAD_BYTES = 64 * 1024
+
+TESTED_UVICORN = ("0.54", "0.55")
+"""The uvicorn minor versions this subclass of its internal protocol was tested on (the suite
+runs on the one pyproject.toml allows). Another may rename what it relies on."""
+
+
+def check_uvicorn(version: str = uvicorn.__version__) -> None:
+    """Refuse to serve with a uvicorn this module was not tested on, rather than misbehave."""
+    minor = ".".join(version.split(".")[:2])
+    if minor not in TESTED_UVICORN:
+        raise ConfigError(
+            f"uvicorn {version} is not a version stor's HTTP protocol was tested on "
+            f"({', '.join(TESTED_UVICORN)}): install one of those, or serve with --server granian"
+        )
 
 
 class _HeadTooLarge(Exception):
@@ -76,8 +92,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm()
-        if self._answered_now():
+        hot_tried = self._answered_now()
+        if hot_tried is True:
             return
+        if hot_tried is None:  # asked and could not answer: the app need not ask the caches again
+            self.scope[HOT_TRIED] = True  # type: ignore[literal-required]
         super().on_headers_complete()
         if self.cycle is not None:
             self.cycle.transport = _HeadHeldBack(self.transport, self.loop)  # type: ignore[assignment]
@@ -92,8 +111,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         super().on_message_complete()
 
-    def _answered_now(self) -> bool:
-        """Answer the request whose head was just parsed, if the app can at once."""
+    def _answered_now(self) -> bool | None:
+        """Answer the request whose head was just parsed, if the app can at once: True when
+        it did, None when the app was asked and could not, False when it was not asked."""
         if self._answer_now is None or self.limit_concurrency is not None:
             return False
         if self.cycle is not None and not self.cycle.response_complete:
@@ -106,7 +126,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         path = httptools.parse_url(self.url).path.decode("ascii")
         answer = self._answer_now(method.decode("ascii"), path, self.headers)
         if answer is None:
-            return False
+            return None
         status, headers, body = answer
         keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
         content = [STATUS_LINE[status]]

@@ -1,0 +1,69 @@
+"""The corpus: a pair of members (fresh ext4 images as root, else plain directories) holding
+random blobs in Stor's layout, and the page cache warmed before each run."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from bench.settings import CORPUS, IMAGE_BYTES
+
+
+def layout(root: Path, sha: str) -> Path:
+    up = sha.upper()
+    return root / up[0:2] / up[2:4] / up[4:6] / f"{up}.dat"
+
+
+class Members:
+    """The pair stor stores on: two fresh ext4 filesystems (loop-mounted sparse images, as two
+    data disks would be) when root, else two plain directories under the work directory."""
+
+    def __init__(self, work: Path) -> None:
+        self.paths = [work / "disk1", work / "disk2"]
+        self.mounted: list[Path] = []
+        for path in self.paths:
+            path.mkdir()
+        if os.geteuid() == 0 and shutil.which("mkfs.ext4") and not os.environ.get("BENCH_PLAIN_DIRS"):
+            for path in self.paths:
+                image = work / f"{path.name}.img"
+                with image.open("wb") as f:
+                    f.truncate(IMAGE_BYTES)
+                subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+                subprocess.run(["mount", "-o", "loop", str(image), str(path)], check=True)
+                self.mounted.append(path)
+                path.chmod(0o755)
+        self.kind = (
+            f"two fresh ext4 filesystems, one per member (loop-mounted {IMAGE_BYTES >> 30} GiB sparse images)"
+            if self.mounted
+            else "two plain directories on one filesystem"
+        )
+
+    def close(self) -> None:
+        for path in self.mounted:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def build_corpus(members: list[Path]) -> dict[str, list[str]]:
+    shas: dict[str, list[str]] = {}
+    for name, (size, count) in CORPUS.items():
+        shas[name] = []
+        for _ in range(count):
+            data = os.urandom(size)
+            sha = hashlib.sha256(data).hexdigest()
+            for disk in members:
+                path = layout(disk, sha)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+            shas[name].append(sha)
+    return shas
+
+
+def warm(members: list[Path], shas: list[str]) -> None:
+    """Read every copy, so the run starts from the page cache (this VM drops what has gone
+    untouched for about a minute)."""
+    for sha in shas:
+        for disk in members:
+            layout(disk, sha).read_bytes()

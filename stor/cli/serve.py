@@ -1,0 +1,143 @@
+"""`stor serve` and `stor check-config`."""
+
+from __future__ import annotations
+
+import logging.config
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from stor.cli.common import DEFAULT_PORT, fail, validated
+from stor.cli.logs import logging_config
+from stor.config import ENV_BASIC_AUTH, ENV_CONFIG_FILE, Config
+from stor.errors import ConfigError
+from stor.http import servers
+from stor.metrics.prometheus import ENV_MULTIPROC
+from stor.wiring import ENV_DATA_DIR, embedded_config
+
+
+@click.command()
+@click.option(
+    "--config",
+    "config_path",
+    envvar=ENV_CONFIG_FILE,
+    type=click.Path(dir_okay=False),
+    help="JSON config file [env CONFIG_FILE]. Without one, serve the embedded default from ./stor-data.",
+)
+@click.option("--host", envvar="STOR_HOST", default="127.0.0.1", show_default=True, help="[env STOR_HOST]")
+@click.option(
+    "--port",
+    envvar="STOR_PORT",
+    default=DEFAULT_PORT,
+    type=click.IntRange(0, 65535),
+    show_default=True,
+    help="[env STOR_PORT]",
+)
+@click.option(
+    "--workers",
+    envvar="STOR_WORKERS",
+    default=1,
+    type=click.IntRange(1, 256),
+    show_default=True,
+    help="Worker processes [env STOR_WORKERS].",
+)
+@click.option(
+    "--data-dir",
+    envvar=ENV_DATA_DIR,
+    default="stor-data",
+    show_default=True,
+    help="Where the embedded default keeps its pair [env STOR_DATA_DIR].",
+)
+@click.option(
+    "--log-level",
+    envvar="STOR_LOG_LEVEL",
+    default="info",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    show_default=True,
+)
+@click.option(
+    "--server",
+    envvar="STOR_SERVER",
+    default="uvicorn",
+    type=click.Choice(servers.SERVERS),
+    show_default=True,
+    help="The HTTP server: uvicorn answers hot blobs without an ASGI cycle and slow or huge request "
+    "heads with 408/431, and is what the reliability suite runs; granian is the alternative "
+    "(see docs/deployment.md) [env STOR_SERVER].",
+)
+def serve(
+    config_path: str | None, host: str, port: int, workers: int, data_dir: str, log_level: str, server: str
+) -> None:
+    """Serve the HTTP API."""
+    logging.config.dictConfig(logging_config(log_level.upper()))
+    if config_path:
+        config = validated(config_path)
+        os.environ[ENV_CONFIG_FILE] = os.path.abspath(config_path)
+    else:
+        config = _prepare_embedded(Path(data_dir).absolute())
+    multiproc = None
+    if workers > 1 and not os.environ.get(ENV_MULTIPROC):
+        # each worker counts into files here; /metrics sums them
+        multiproc = tempfile.mkdtemp(prefix="stor-metrics-")
+        os.environ[ENV_MULTIPROC] = multiproc
+    try:
+        servers.serve(server, host, port, workers, logging_config(log_level.upper()), config.body_idle_timeout)
+    except ConfigError as exc:
+        fail(str(exc))
+        sys.exit(2)
+    finally:
+        if multiproc:
+            shutil.rmtree(multiproc, ignore_errors=True)
+
+
+@click.command("check-config")
+@click.option(
+    "--config",
+    "config_path",
+    envvar=ENV_CONFIG_FILE,
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="[env CONFIG_FILE]",
+)
+def check_config(config_path: str) -> None:
+    """Validate a config file and its storage directories; exit 2 on error."""
+    config = validated(config_path)
+    pairs = len(config.storage_pairs)
+    writable = sum(config.pair_writable_by_regex(p) for p in config.storage_pairs)
+    click.echo(f"{config_path}: OK ({pairs} pairs, {writable} writable, {len(config.basic_auth)} writers)")
+
+
+def _prepare_embedded(data_dir: Path) -> Config:
+    """Create the embedded default's directories and writer credentials, and say so once."""
+    for disk in ("disk1", "disk2"):
+        (data_dir / disk).mkdir(parents=True, exist_ok=True)
+    os.environ[ENV_DATA_DIR] = str(data_dir)
+    if os.environ.get(ENV_BASIC_AUTH):
+        credentials = f"from {ENV_BASIC_AUTH}"
+    else:
+        credentials = _embedded_credentials(data_dir / "credentials")
+        os.environ[ENV_BASIC_AUTH] = credentials
+    config = embedded_config(str(data_dir), os.environ)  # validate now, before the workers start
+    click.echo(
+        f"stor: no config given; serving the embedded default from {data_dir} (one pair: disk1 + disk2)", err=True
+    )
+    click.echo(f"stor: writer credentials: {credentials}", err=True)
+    return config
+
+
+def _embedded_credentials(path: Path) -> str:
+    """Kept in the data directory (mode 0600), so a restart keeps the same credentials."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        pass
+    value = f"writer:{secrets.token_urlsafe(18)}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(value + "\n")
+    return value

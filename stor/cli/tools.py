@@ -1,0 +1,165 @@
+"""The operator commands that work on the disks directly: `stor scrub`, `stor import`."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from stor.backends.disk import Disk
+from stor.backends.pairs import Pair
+from stor.cli.common import fail, validated
+from stor.client import ClientError, hash_file
+from stor.config import ENV_CONFIG_FILE
+from stor.digest import Sha
+from stor.errors import StorError
+from stor.model import PutResult
+from stor.scrub import Scrubber, ScrubReport
+from stor.service import BlobService
+from stor.service.offload import blocking_chunks
+from stor.service.portal import Portal
+from stor.wiring import build_service
+
+
+@click.command()
+@click.option("--config", "config_path", envvar=ENV_CONFIG_FILE, required=True, type=click.Path(dir_okay=False))
+@click.option("--repair", is_flag=True, help="Quarantine bad copies and rewrite missing or bad ones.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--rate", type=click.FloatRange(min=0.1), help="Hash at most this many MB/s.")
+@click.option("--pair", "pair_index", type=int, help="Scrub only this pair (its index in storage_pairs).")
+@click.option("--restart", is_flag=True, help="Ignore the checkpoint of an interrupted scrub.")
+def scrub(
+    config_path: str, repair: bool, as_json: bool, rate: float | None, pair_index: int | None, restart: bool
+) -> None:
+    """Re-hash every copy, compare pair members, and (with --repair) fix what is damaged.
+
+    Exit 0: clean or all repaired; 1: damage left; 2: usage or config error; 130: interrupted
+    (run it again to resume)."""
+    config = validated(config_path)
+    service = build_service(config)
+    pairs = service.pool.pairs
+    if pair_index is not None:
+        if not 0 <= pair_index < len(pairs):
+            raise click.BadParameter(f"there are {len(pairs)} pairs (0..{len(pairs) - 1})", param_hint="--pair")
+        pairs = [pairs[pair_index]]
+    try:
+        for disk in service.pool.disks:
+            disk.prepare(sweep=False)  # stray temps are the scrub's to report (and, with --repair, remove)
+        service.s3.prepare()
+    except StorError as exc:
+        fail(str(exc))
+        sys.exit(2)
+    show = sys.stderr.isatty() and not as_json
+    with (
+        Portal() as portal,
+        tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="scrub", disable=not show) as bar,
+    ):
+        files = 0
+
+        def progress(count: int, size: int) -> None:
+            nonlocal files
+            files += count
+            bar.update(size)
+            bar.set_postfix(files=files, refresh=False)
+
+        report = Scrubber(
+            pairs,
+            s3=service.s3,
+            repair=_repairer(service, portal) if repair else None,
+            rate=rate * 1e6 if rate else None,
+            progress=progress,
+            restart=restart,
+        ).run()
+    service.close()
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        _print_scrub(report)
+    if report.interrupted:
+        fail("interrupted; run the same command again to continue where it stopped")
+        sys.exit(130)
+    sys.exit(1 if report.damage_left else 0)
+
+
+def _repairer(
+    service: BlobService, portal: Portal
+) -> Callable[[Sha, Pair, list[Disk], Iterator[bytes], int, int], list[str]]:
+    """Scrub's repairs, through the service's upload pipeline on the portal's event loop."""
+
+    def repair(sha: Sha, pair: Pair, targets: list[Disk], chunks: Iterator[bytes], size: int, mtime: int) -> list[str]:
+        body = blocking_chunks(service.offload, chunks)
+        return portal.call(service.uploads.repair(sha, pair, targets, body, size, mtime))
+
+    return repair
+
+
+def _print_scrub(report: ScrubReport) -> None:
+    for finding in report.findings:
+        click.echo(f"{finding.problem:<11} {finding.sha}  {finding.disk}  {finding.action}")
+    seconds = (report.finished or time.time()) - report.started
+    rate = report.bytes / seconds / 1e6 if seconds > 0 else 0.0
+    click.echo(
+        f"scrubbed {report.blobs} blobs, {report.copies} copies, {report.bytes / 1e6:.1f} MB in {seconds:.1f}s"
+        f" ({rate:.0f} MB/s): {report.missing} missing, {report.corrupt} corrupt, {report.truncated} truncated,"
+        f" {report.unreadable} unreadable, {report.foreign} foreign, {report.stray_temps} stray temps;"
+        f" {report.repaired} repaired, {report.lost} lost, {report.damage_left} damage left"
+    )
+
+
+async def _store_file(service: BlobService, sha: Sha, path: Path, size: int) -> PutResult:
+    """A local file stored under `sha` through the upload pipeline, read a MiB at a time in
+    worker threads; hashed again on the way in (`DigestMismatch` if it changed meanwhile)."""
+    with path.open("rb") as source:
+        chunks = iter(functools.partial(source.read, 1024 * 1024), b"")
+        return await service.put(sha, blocking_chunks(service.offload, chunks), size)
+
+
+@click.command("import")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--config", "config_path", envvar=ENV_CONFIG_FILE, required=True, type=click.Path(dir_okay=False))
+@click.option("--move", is_flag=True, help="Delete each source file once it is stored.")
+def import_(directory: Path, config_path: str, move: bool) -> None:
+    """Ingest every file under DIRECTORY into the local pairs (durably, both copies),
+    named by its sha256. Safe while the server runs."""
+    config = validated(config_path)
+    service = build_service(config)
+    try:
+        service.prepare()
+    except StorError as exc:
+        fail(str(exc))
+        sys.exit(2)
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.is_symlink())
+    stored = present = failed = 0
+    with (
+        Portal() as portal,
+        tqdm(
+            total=sum(p.stat().st_size for p in files),
+            unit="B",
+            unit_scale=True,
+            desc="import",
+            disable=not sys.stderr.isatty(),
+        ) as bar,
+    ):
+        for path in files:
+            size = path.stat().st_size
+            try:
+                sha = hash_file(path)
+                result = portal.call(_store_file(service, sha, path, size))
+            except (ClientError, StorError, OSError) as exc:
+                fail(f"{path}: {exc}")
+                failed += 1
+                continue
+            stored, present = (stored + 1, present) if result.created else (stored, present + 1)
+            click.echo(f"{sha}  {path}")
+            if move:
+                path.unlink()
+            bar.update(size)
+    service.close()
+    click.echo(f"imported {stored}, already stored {present}, failed {failed}", err=True)
+    sys.exit(1 if failed else 0)

@@ -1,0 +1,74 @@
+"""Every request counted once: method, route, status, time and bytes each way.
+
+`RequestMetrics` wraps the ordinary ASGI stack; the fast paths (`fastpath`) count their own
+requests with the same `SendCounter` and the same `Metrics.request` call.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from stor.metrics import Metrics
+
+_SHA_PATH = re.compile(r"/[0-9a-fA-F]{64}")
+
+
+def is_sha_path(path: str) -> bool:
+    return len(path) == 65 and _SHA_PATH.fullmatch(path) is not None
+
+
+class SendCounter:
+    """Wraps an ASGI `send` to note the status and the body bytes that went out (and a
+    `receive`, to count those that came in)."""
+
+    def __init__(self, send: Send | None = None, receive: Receive | None = None) -> None:
+        self._send = send
+        self._receive = receive
+        self.started = time.perf_counter()
+        self.status = 500
+        self.sent = 0
+        self.received = 0
+
+    async def receive(self) -> Message:
+        assert self._receive is not None
+        message = await self._receive()
+        self.received += len(message.get("body", b""))
+        return message
+
+    async def send(self, message: Message) -> None:
+        assert self._send is not None
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        else:
+            self.sent += len(message.get("body", b""))
+        await self._send(message)
+
+    def report(self, metrics: Metrics, method: str, route: str) -> None:
+        seconds = time.perf_counter() - self.started
+        metrics.request(method, route, self.status, seconds, self.received, self.sent)
+
+
+class RequestMetrics:
+    """ASGI middleware: counts every request under its route's name (`routes`: path → name;
+    a sha path is `blob`, anything else `other`)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: dict[str, str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        counter = SendCounter(send, receive)
+        try:
+            await self.app(scope, counter.receive, counter.send)
+        finally:
+            counter.report(self.metrics, scope["method"], self.route_of(scope["path"]))
+
+    def route_of(self, path: str) -> str:
+        return self.routes.get(path) or ("blob" if is_sha_path(path) else "other")

@@ -1,0 +1,132 @@
+"""HTTP routes over a `BlobService`: parse requests, stream bodies, shape responses.
+
+Nothing here touches a disk or a backend. Domain errors become status codes in one table
+(`http.errors`); the hot blob routes are answered in front of the router (`http.fastpath`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from stor import __version__
+from stor.digest import Sha, parse_sha
+from stor.errors import BadRequest, BlobNotFound, InvalidDigest, PayloadTooLarge, StorError
+from stor.http.accounting import RequestMetrics
+from stor.http.auth import Authenticator
+from stor.http.errors import error_response
+from stor.http.fastpath import StorApp
+from stor.http.io import close_if_body_unread, content_length, request_body
+from stor.http.names import named_routes
+from stor.names import NamedFiles
+from stor.service import BlobService
+
+MAX_STAT_SHAS = 10_000
+MAX_STAT_BODY = 2 * 1024 * 1024
+
+
+def create_app(
+    service: BlobService,
+    authenticator: Authenticator,
+    *,
+    max_upload_size: int,
+    body_idle_timeout: float,
+    names: NamedFiles,
+    metrics_text: Callable[[], tuple[bytes, str]] | None = None,
+    max_named_file_size: int = 2 * 1024 * 1024,
+    lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
+) -> Starlette:
+    async def root(request: Request) -> Response:
+        return PlainTextResponse(f"This is stor {__version__}")
+
+    async def status(request: Request) -> Response:
+        report = await service.status()
+        code, headers = (200 if report.ok else 503), {"Cache-Control": "no-store"}
+        if request.query_params.get("format") == "json" or "application/json" in request.headers.get("accept", ""):
+            return JSONResponse(dataclasses.asdict(report), status_code=code, headers=headers)
+        text = "OK\n" if report.ok else "".join(f"{reason}\n" for reason in report.reasons)
+        return PlainTextResponse(text, status_code=code, headers=headers)
+
+    async def metrics(request: Request) -> Response:
+        if metrics_text is None:
+            raise BlobNotFound("metrics")
+        body, content_type = metrics_text()
+        return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
+
+    async def write_blob(request: Request) -> Response:
+        authenticator.check(request.headers.get("authorization"))
+        sha = parse_sha(request.path_params["name"])
+        length = content_length(request)
+        if length is not None and length > max_upload_size:
+            raise PayloadTooLarge(max_upload_size, mid_stream=False)
+        body = request_body(request, max_upload_size, body_idle_timeout)
+        early = "100-continue" in request.headers.get("expect", "").lower()  # such a client waits for our word
+        result = await service.put(sha, body, length, early_answer=early)
+        headers = close_if_body_unread(request)
+        return JSONResponse(result.paths, status_code=201 if result.created else 200, headers=headers)
+
+    async def stat_many(request: Request) -> Response:
+        length = content_length(request)
+        if length is not None and length > MAX_STAT_BODY:
+            raise PayloadTooLarge(MAX_STAT_BODY, mid_stream=False)
+        body = b"".join([chunk async for chunk in request_body(request, MAX_STAT_BODY, body_idle_timeout)])
+        answers = await service.stat_many(_sha_list(body))
+        return JSONResponse({sha: None if info is None else dataclasses.asdict(info) for sha, info in answers.items()})
+
+    async def bad_path(request: Request) -> Response:
+        if request.method in ("POST", "PUT"):
+            authenticator.check(request.headers.get("authorization"))
+            raise InvalidDigest(request.url.path.lstrip("/"))
+        raise BlobNotFound(request.url.path)
+
+    async def stor_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StorError)
+        return error_response(exc, request.method, request.url.path, close_if_body_unread(request))
+
+    routes = [
+        Route("/", root, methods=["GET"], name="root"),
+        Route("/status", status, methods=["GET"], name="status"),
+        Route("/metrics", metrics, methods=["GET"], name="metrics"),
+        Route("/stat", stat_many, methods=["POST"], name="stat"),
+        *named_routes(service, names, authenticator, max_named_file_size, body_idle_timeout),
+        Route("/{name}", write_blob, methods=["POST", "PUT"]),
+        Route("/{rest:path}", bad_path, methods=["GET", "POST", "PUT"]),
+    ]
+    route_names = {route.path: route.name for route in routes if "{" not in route.path}
+    return StorApp(
+        service,
+        write_blob,
+        routes=routes,
+        exception_handlers={StorError: stor_error},
+        middleware=[Middleware(RequestMetrics, metrics=service.metrics, routes=route_names)],
+        lifespan=lifespan,
+    )
+
+
+def _sha_list(body: bytes) -> list[Sha]:
+    """A JSON array of shas: each validated (the error names it), duplicates answered once."""
+    try:
+        entries = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadRequest("the body must be a JSON array of sha256 strings") from None
+    if not isinstance(entries, list):
+        raise BadRequest("the body must be a JSON array of sha256 strings")
+    if len(entries) > MAX_STAT_SHAS:
+        raise PayloadTooLarge(MAX_STAT_SHAS, mid_stream=False, unit="shas")
+    shas: dict[Sha, None] = {}
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, str):
+            raise BadRequest(f"entry {index} is not a string: {entry!r}"[:200])
+        try:
+            shas[parse_sha(entry)] = None
+        except InvalidDigest as exc:
+            raise BadRequest(f"entry {index}: {exc}") from None
+    return list(shas)

@@ -1,0 +1,66 @@
+"""The one table of domain errors → HTTP status codes, and the response each one gets.
+
+The table is total: an error missing from it (a bug) is a 500, logged with its traceback. A
+known 5xx is logged once as a warning; a 4xx is the client's business and is not logged.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.responses import PlainTextResponse, Response
+
+from stor.errors import (
+    BadRequest,
+    BlobLost,
+    BlobNotFound,
+    ClientDisconnected,
+    ClientTimeout,
+    DigestMismatch,
+    InsufficientStorage,
+    NameExists,
+    NameNotFound,
+    PayloadTooLarge,
+    StorageUnavailable,
+    StorError,
+    Unauthorized,
+)
+
+log = logging.getLogger(__name__)
+
+ERROR_STATUS: dict[type[StorError], int] = {
+    BadRequest: 400,
+    Unauthorized: 401,
+    BlobNotFound: 404,
+    NameNotFound: 404,
+    ClientTimeout: 408,
+    NameExists: 409,
+    DigestMismatch: 412,
+    PayloadTooLarge: 413,
+    StorageUnavailable: 503,
+    BlobLost: 500,
+    InsufficientStorage: 507,
+    ClientDisconnected: 499,  # never reaches the client; keeps the access log honest
+}
+
+
+def status_of(exc: StorError) -> int | None:
+    """The status for `exc` (its nearest class in the table), or None when it has none."""
+    for kind in type(exc).__mro__:
+        code = ERROR_STATUS.get(kind)
+        if code is not None:
+            return code
+    return None
+
+
+def error_response(exc: StorError, method: str, path: str, headers: dict[str, str]) -> Response:
+    """A domain error as a status and a one-line explanation."""
+    code = status_of(exc)
+    if code is None:
+        log.error("%s %s: no status for %s", method, path, type(exc).__name__, exc_info=exc)
+        return PlainTextResponse("internal error\n", status_code=500, headers=headers)
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = 'Basic realm="stor"'
+    if code >= 500:
+        log.warning("%s %s: %d %s", method, path, code, exc)
+    return PlainTextResponse(f"{exc}\n", status_code=code, headers=headers)

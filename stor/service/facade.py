@@ -1,0 +1,203 @@
+"""BlobService: the blob store as the HTTP layer and the tools see it.
+
+A small facade over parts that `wiring` builds: the hot path (answers on the event loop),
+the lookup (worker threads: caches, then disks), the S3 tier (fallback and mirror, or
+nothing), the upload pipeline (every write), integrity (quarantine and heal) and status.
+The disks are the truth; the location cache is a hint in front of them, S3 a fallback
+behind them. Blocking calls leave the event loop one hop per operation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import KW_ONLY, dataclass
+from typing import TypeVar
+
+from stor.backends.groupcommit import GroupCommits
+from stor.backends.locations import LocationCache
+from stor.backends.openfiles import OpenFiles
+from stor.backends.pairs import StoragePool
+from stor.digest import Sha
+from stor.errors import BlobLost, BlobNotFound, StorageUnavailable
+from stor.metrics import Metrics
+from stor.model import BlobInfo, BlobStat, PutResult, StatusReport
+from stor.service.health import HealthMonitor
+from stor.service.hotpath import HotPath
+from stor.service.integrity import Integrity
+from stor.service.lookup import Lookup
+from stor.service.offload import Background, Offload
+from stor.service.s3tier import S3Part
+from stor.service.status import StatusReporter
+from stor.service.stream import OpenBlob
+from stor.service.upload import Uploads
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MISSES = (BlobNotFound, StorageUnavailable, BlobLost)
+"""What the disks answer when they cannot serve a blob: S3 is asked next."""
+STAT_BATCH = 1000
+
+
+@dataclass(eq=False)
+class BlobService:
+    pool: StoragePool
+    monitor: HealthMonitor
+    _: KW_ONLY
+    lookup: Lookup
+    hot: HotPath
+    uploads: Uploads
+    integrity: Integrity
+    s3: S3Part
+    reporter: StatusReporter
+    open_files: OpenFiles
+    locations: LocationCache | None
+    commits: GroupCommits
+    offload: Offload
+    background: Background
+    metrics: Metrics
+
+    # -- start-up and shutdown -------------------------------------------------------------
+
+    def prepare(self) -> int:
+        """Blocking, at start-up: claim temp and queue directories, sweep stale temps."""
+        swept = sum(disk.prepare() for disk in self.pool.disks)
+        self.s3.prepare()
+        return swept
+
+    async def run_background(self, health_interval: float) -> None:
+        """Health probes, cache checks, healing and the S3 mirror; runs until cancelled."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._health_loop(health_interval))
+            tasks.create_task(self.integrity.healer.run(self.heal))
+            tasks.create_task(self.s3.run(self.lookup.local_path))
+
+    async def _health_loop(self, interval: float) -> None:
+        while True:
+            await self.monitor.check()
+            await self.offload.run(self._drop_unhealthy_open_files)
+            await self.offload.run(self.s3.prepare)  # a disk that came back gets a queue again
+            await self.reporter.check_cache()
+            await self.reporter.read_scrub_runs()
+            await asyncio.sleep(interval)
+
+    def _drop_unhealthy_open_files(self) -> None:
+        for disk in self.pool.disks:
+            last = self.monitor.last(disk)
+            if last is None or not last.ok:
+                self.open_files.forget_disk(disk.root)
+        self.open_files.close_dropped()
+
+    def close(self) -> None:
+        self.s3.close()
+        self.background.close()
+        self.offload.close()
+        self.commits.close()
+        self.open_files.close()
+        self.monitor.close()
+        if self.locations is not None:
+            self.locations.close()
+        self.metrics.close()
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def stat_now(self, sha: Sha) -> BlobStat | None:
+        """`stat`, when it takes no thread hop (a kept-open copy); else None: await `stat`."""
+        return self.hot.stat_now(sha)
+
+    def open_now(self, sha: Sha) -> OpenBlob | None:
+        """`open`, when it takes no thread hop (a small hot blob); else None: await `open`."""
+        return self.hot.open_now(sha)
+
+    async def stat(self, sha: Sha, *, hot_tried: bool = False) -> BlobStat:
+        """The stat of a good copy. `hot_tried`: the caller has just had None from `stat_now`."""
+        found = None if hot_tried else self.hot.stat_now(sha)
+        if found is not None:
+            return found
+        return await self.offload.run(self._stat, sha)
+
+    async def open(self, sha: Sha, *, hot_tried: bool = False) -> OpenBlob:
+        """A good copy, open (the caller closes it), as `stat`."""
+        blob = None if hot_tried else self.hot.open_now(sha)
+        if blob is not None:
+            return blob
+        blob = await self.offload.run(self._open, sha)
+        if blob.disk is None:
+            self.s3.fill_later(blob, self.uploads.restore)
+        return blob
+
+    def _stat(self, sha: Sha) -> BlobStat:
+        try:
+            return self.lookup.find(sha, self.lookup.stat_checked)
+        except MISSES as miss:
+            return self._from_s3(self.s3.stat, sha, miss)
+
+    def _open(self, sha: Sha) -> OpenBlob:
+        try:
+            return self.lookup.find(sha, self.lookup.open_copy)
+        except MISSES as miss:
+            return self._from_s3(self.s3.open, sha, miss)
+
+    def _from_s3(self, ask: Callable[[Sha, Exception], T], sha: Sha, miss: Exception) -> T:
+        """Ask S3 after the disks missed with `miss`; a blob lost on the disks and absent from
+        S3 is counted."""
+        try:
+            return ask(sha, miss)
+        except BlobLost:
+            self.metrics.integrity("lost")
+            raise
+
+    async def stat_many(self, shas: list[Sha]) -> dict[Sha, BlobInfo | None]:
+        """Batch existence: size and copy count per sha (None when stored nowhere), one thread
+        hop per 1000 shas. At most one `stat` per copy; S3 is asked only about blobs no disk
+        has (`s3` is None when it was not asked)."""
+        answers: dict[Sha, BlobInfo | None] = {}
+        for start in range(0, len(shas), STAT_BATCH):
+            answers.update(await self.offload.run(self._stat_batch, shas[start : start + STAT_BATCH]))
+        return answers
+
+    def _stat_batch(self, shas: list[Sha]) -> dict[Sha, BlobInfo | None]:
+        answers: dict[Sha, BlobInfo | None] = {}
+        for sha in shas:
+            copies = self.lookup.copies(sha)
+            if copies is None:
+                answers[sha] = self.s3.info(sha)
+            else:
+                size = next(iter(copies.present.values())).size
+                answers[sha] = BlobInfo(size, len(copies.present), None)
+        return answers
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def put(
+        self, sha: Sha, body: AsyncIterator[bytes], length: int | None, *, early_answer: bool = True
+    ) -> PutResult:
+        """Store a client's body under `sha` (see `Uploads.put`)."""
+        return await self.uploads.put(sha, body, length, early_answer=early_answer)
+
+    async def put_content(self, body: AsyncIterator[bytes], length: int | None) -> tuple[Sha, int, PutResult]:
+        """Store a body whose sha is not known in advance (see `Uploads.put_content`)."""
+        return await self.uploads.put_content(body, length)
+
+    async def heal(self, sha: Sha) -> None:
+        """Re-copy `sha` onto the members that lost it, from a verified copy (disk or S3)."""
+        blob = await self.open(sha)
+        try:
+            result = await self.uploads.restore(sha, blob.chunks(0, blob.stat.size), blob.stat.size)
+        finally:
+            blob.close()
+        if result.created:
+            self.metrics.integrity("healed")
+            log.info("healed %s: %s", sha, ", ".join(result.paths))
+
+    # -- status ----------------------------------------------------------------------------
+
+    async def status(self) -> StatusReport:
+        return await self.reporter.report()
+
+    @property
+    def scrub_runs(self) -> list[dict[str, object]]:
+        return self.reporter.scrub_runs

@@ -1,0 +1,141 @@
+"""The hot path: a GET or HEAD answered on the event loop, with no thread hop.
+
+A blob's copy is kept open (`OpenFiles`) or opened on the loop from the kernel's caches alone
+(`nowait`): the near cache's disk first, then Stor's order. A small copy in the page cache is
+read and verified on the loop. Anything short of that returns None, and the caller takes the
+thread path (`Lookup`), which does the real work and the error handling. Nothing here ever
+waits on a disk; what needs a disk (a partner's check that the dentry cache cannot answer,
+closing dropped fds) starts in the background.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import KW_ONLY, dataclass
+
+from stor.backends import nowait
+from stor.backends.disk import Disk
+from stor.backends.openfiles import OpenCopy, OpenFiles
+from stor.backends.pairs import StoragePool
+from stor.digest import Sha, sha_of
+from stor.errors import BlobNotFound
+from stor.metrics import Metrics
+from stor.model import BlobStat
+from stor.service.health import HealthMonitor
+from stor.service.integrity import Integrity
+from stor.service.lookup import Lookup
+from stor.service.nearcache import NearCache
+from stor.service.offload import Background
+from stor.service.stream import OpenBlob
+
+
+@dataclass(eq=False)
+class HotPath:
+    pool: StoragePool
+    monitor: HealthMonitor
+    lookup: Lookup
+    _: KW_ONLY
+    near: NearCache
+    open_files: OpenFiles
+    integrity: Integrity
+    background: Background
+    metrics: Metrics
+    verify: bool
+    s3_may_hold: bool
+
+    def stat_now(self, sha: Sha) -> BlobStat | None:
+        """The stat of a kept-open copy; None: a thread must look."""
+        kept = self._kept(sha)
+        return None if kept is None else kept.stat
+
+    def open_now(self, sha: Sha) -> OpenBlob | None:
+        """A small blob read on the event loop from a kept-open copy, when the page cache has
+        it (see `OpenFiles`), and verified; None: a thread must look."""
+        kept = self._kept(sha)
+        if kept is None:
+            return None
+        data = self.open_files.read(kept)
+        if data is None:
+            return None
+        if self.verify and sha_of(data) != sha:
+            self.open_files.forget(sha)  # the thread path reads it again and quarantines it
+            return None
+        self.metrics.disk_read(kept.disk.root, len(data), 0.0)
+        return OpenBlob(sha, kept.stat, self.lookup.offload, disk=kept.disk, data=data, metrics=self.metrics)
+
+    def _kept(self, sha: Sha) -> OpenCopy | None:
+        """The kept-open copy of `sha`, or one opened now from the kernel's caches alone.
+
+        Raises `BlobNotFound` when those caches prove the blob is nowhere (see
+        `_absent_everywhere`); None means only that a thread must look."""
+        kept = self.open_files.get(sha)
+        if kept is not None:
+            return kept if self.monitor.responsive(kept.disk) else None
+        hint = self.near.get(sha)
+        disks = self.pool.probe_order()
+        if hint is not None and (first := self.lookup.disk_by_root.get(hint)) is not None:
+            disks.insert(0, first)
+        absent: set[str] = set()
+        for disk in disks:
+            if not self.open_files.usable(disk) or not self.monitor.responsive(disk):
+                continue
+            try:
+                kept = self.open_files.open(sha, disk)
+            except FileNotFoundError:
+                absent.add(disk.root)
+                continue
+            if kept is not None:
+                if self.open_files.closing_due:
+                    self.background.start_once("close_dropped", self.open_files.close_dropped)
+                if not self._partners_agree(disk, sha, kept.stat.size):
+                    self.open_files.forget(sha)  # the thread path settles it (`Lookup.stat_checked`)
+                    return None
+                return kept
+        if len(absent) == len(self.pool.disks) and self._absent_everywhere():
+            self.near.forget(sha)
+            self.metrics.lookup(0.0, len(absent))
+            raise BlobNotFound(sha)
+        return None
+
+    def _absent_everywhere(self) -> bool:
+        """After every disk's dentry cache said "no such file": whether that is the whole
+        truth, so a 404 needs no thread. Not with S3 (it must be asked), and only when each
+        disk's `.stor-tmp` is in the dentry cache too, proving it is mounted (on a bare
+        mountpoint every blob is absent: that is a 503, which the thread path finds)."""
+        if self.s3_may_hold:
+            return False
+        for disk in self.pool.disks:
+            try:
+                fd = nowait.open_cached(disk.tmp_root, path_only=True)
+            except FileNotFoundError:
+                return False
+            if fd is None:
+                return False
+            os.close(fd)  # an O_PATH fd: closing it touches no filesystem
+        return True
+
+    def _partners_agree(self, disk: Disk, sha: Sha, size: int) -> bool:
+        """`Lookup.check_partners` and the size check of `Lookup.stat_checked`, for a copy
+        opened on the event loop: the partners are looked up in the dentry cache (an O_PATH
+        open and an `fstat`); only when that cannot tell does a thread look, in the background."""
+        for partner in self.lookup.answering(self.pool.pair_of[disk.root].members):
+            if partner is disk:
+                continue
+            if not partner.takes_nowait:  # its fstat might wait (FUSE, NFS): a thread looks
+                self.background.start(self.lookup.check_partners, disk, sha, set())
+                continue
+            try:
+                fd = nowait.open_cached(partner.blob_path(sha), path_only=True)
+            except FileNotFoundError:
+                self.integrity.missing_copy(disk, partner, sha)
+                continue
+            if fd is None:
+                self.background.start(self.lookup.check_partners, disk, sha, set())
+                continue
+            try:
+                other = os.fstat(fd).st_size
+            finally:
+                os.close(fd)  # an O_PATH fd: closing it touches no filesystem
+            if other != size:
+                return False
+        return True

@@ -1,0 +1,78 @@
+"""What `/status`, `/readyz` and `/metrics` report: disks, pairs, the cache, S3, scrubs.
+
+The disks are probed with a deadline (`HealthMonitor`) and the cache within the same one, so
+a report comes back in time even when a disk or memcached hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import KW_ONLY, dataclass
+
+from stor.backends.groupcommit import GroupCommits
+from stor.backends.locations import LocationCache
+from stor.backends.pairs import StoragePool
+from stor.backends.scrubstate import last_runs
+from stor.metrics import Metrics
+from stor.model import PairState, StatusReport
+from stor.service.health import HealthMonitor
+from stor.service.offload import Offload
+from stor.service.s3tier import S3Part
+
+
+@dataclass(eq=False)
+class StatusReporter:
+    pool: StoragePool
+    monitor: HealthMonitor
+    _: KW_ONLY
+    locations: LocationCache | None
+    commits: GroupCommits
+    s3: S3Part
+    offload: Offload
+    metrics: Metrics
+
+    def __post_init__(self) -> None:
+        self.cache_reachable: bool | None = None
+        self.scrub_runs: list[dict[str, object]] = []
+        self._started = time.monotonic()
+
+    async def report(self) -> StatusReport:
+        self.metrics.healthcheck()
+        disks, _ = await asyncio.gather(self.monitor.check(), self.check_cache())
+        by_root = {h.path: h for h in disks}
+        reasons = [f"{h.path}: {h.error}" for h in disks if not h.ok]
+        pairs = []
+        for pair in self.pool.pairs:
+            up = sum(1 for d in pair.members if by_root[d.root].ok)
+            state = "healthy" if up == len(pair.members) else "down" if up == 0 else "degraded"
+            pairs.append(PairState(pair.index, [d.root for d in pair.members], pair.writable, state))
+        return StatusReport(
+            ok=not reasons,
+            reasons=reasons,
+            disks=disks,
+            pairs=pairs,
+            memcached={"configured": self.locations is not None, "reachable": self.cache_reachable},
+            s3=self.s3.status(),
+            scrub=self.scrub_runs,
+            uptime=time.monotonic() - self._started,
+            reserved_bytes={p.index: self.pool.reserved(p) for p in self.pool.pairs},
+            group_commit=self.commits.stats(),
+        )
+
+    async def check_cache(self) -> None:
+        """Ask the cache if it answers, within the status deadline (the breaker makes a dead
+        cache answer at once)."""
+        if self.locations is None:
+            return
+        probe = asyncio.ensure_future(self.offload.run(self.locations.reachable))
+        try:
+            # not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives as
+            # the probe finishes, and a cancelled health loop then ran on forever
+            async with asyncio.timeout(self.monitor.timeout):
+                self.cache_reachable = await asyncio.shield(probe)
+        except TimeoutError:
+            self.cache_reachable = False
+
+    async def read_scrub_runs(self) -> None:
+        self.scrub_runs = await self.offload.run(last_runs, self.pool.pairs)

@@ -1,0 +1,240 @@
+"""The upload pipeline, the one way bytes become a blob: plan → reserve → spool → stage →
+publish, or abort.
+
+Every writer goes through it: `POST /<sha>` (`put`), named files (`put_content`), `stor import`
+(`put`), the healer and S3 refills (`restore`), `stor scrub --repair` (`repair`). So every copy
+gets the same guarantees: the digest checked before anything is visible, both copies durable
+(group-committed where the filesystem allows) before either is linked, the bytes counted
+against the pair's free space while in flight, the S3 queue marker durable before any copy is
+visible, and the location remembered. A failure at any step removes the temps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import KW_ONLY, dataclass
+from types import TracebackType
+
+from stor.backends.disk import Disk, now_ns
+from stor.backends.groupcommit import GroupCommits
+from stor.backends.pairs import Pair, PairWrite, StoragePool, settle
+from stor.digest import Sha
+from stor.model import PutResult
+from stor.service.health import HealthMonitor
+from stor.service.lookup import Lookup
+from stor.service.offload import Offload
+from stor.service.publish import publish
+from stor.service.s3tier import S3Part
+
+SPOOL_BYTES = 1024 * 1024
+"""Upload bytes buffered in memory before a thread hop writes them: bounds memory per upload."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where an upload goes: the members of `pair` to write (none when every copy exists),
+    the mtime to give them (the existing copies', so `Last-Modified` agrees; None: now), the
+    paths of the copies already in place, and whether the blob is queued for S3."""
+
+    pair: Pair
+    targets: list[Disk]
+    mtime_ns: int | None
+    kept: list[str]
+    queue_s3: bool
+
+    @property
+    def done(self) -> bool:
+        return not self.targets
+
+
+class Upload:
+    """One upload in flight. Its bytes are reserved on the pair from creation until the end
+    of its `async with` block (or `close`); leaving that block with an error aborts it."""
+
+    def __init__(self, pipeline: Uploads, plan: Plan, size: int) -> None:
+        self.pipeline = pipeline
+        self.plan = plan
+        self.size = size
+        self.received = 0
+        self.writer = PairWrite(plan.targets)
+        self._paths: list[str] | None = None
+        self._reserved = True
+        pipeline.pool.reserve(plan.pair, size)
+
+    async def __aenter__(self) -> Upload:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if kind is not None:
+            await self.pipeline.offload.run(self.writer.abort)  # runs to the end even when cancelled
+        self.close(failed=False)
+
+    def close(self, *, failed: bool) -> None:
+        """Blocking: abort (when `failed`) and release the reservation, once."""
+        if failed:
+            self.writer.abort()
+        if self._reserved:
+            self._reserved = False
+            self.pipeline.pool.release(self.plan.pair, self.size)
+
+    async def spool(self, body: AsyncIterator[bytes]) -> bytes:
+        """Write the body to the temps a MiB at a time; return the rest, for `stage`."""
+        buffer = bytearray()
+        async for chunk in body:
+            buffer += chunk
+            self.received += len(chunk)
+            if len(buffer) >= SPOOL_BYTES:
+                await self.pipeline.offload.run(self.writer.write, buffer)
+                buffer.clear()
+        return bytes(buffer)
+
+    def stage(self, sha: Sha, tail: bytes) -> None:
+        """Blocking: check the digest and complete every temp, and write the S3 queue marker
+        (durable before any copy is linked: here, or by the first copy's group commit). When
+        no copy can be group-committed, they are committed here too."""
+        mtime = now_ns() if self.plan.mtime_ns is None else self.plan.mtime_ns
+        self.writer.stage(sha, mtime, tail, group=True)
+        temps = self.writer.temps
+        if self.plan.queue_s3:
+            self.pipeline.s3.enqueue(self.writer.disks[0], sha, durable=not temps[0].groupable)
+        if not any(temp.groupable for temp in temps):
+            self._paths = settle([temp.commit(sha) for temp in temps])
+            self.pipeline.lookup.remember(sha, self.writer.disks[0].root)
+
+    async def publish(self, sha: Sha) -> PutResult:
+        """Make the staged copies durable and visible (see `publish`), then mirror."""
+        if self._paths is None:
+            self._paths = await publish(self.writer, sha, self.pipeline.commits, self.pipeline.offload)
+            await self.pipeline.lookup.remember_soon(sha, self.writer.disks[0].root)
+        if self.plan.queue_s3:
+            await self.pipeline.s3.published(sha, self._paths[0])
+        return PutResult(True, self.plan.kept + self._paths)
+
+
+@dataclass(eq=False)
+class Uploads:
+    pool: StoragePool
+    monitor: HealthMonitor
+    lookup: Lookup
+    _: KW_ONLY
+    commits: GroupCommits
+    offload: Offload
+    s3: S3Part
+
+    def __post_init__(self) -> None:
+        self._sha_locks: dict[Sha, tuple[asyncio.Lock, int]] = {}
+
+    async def put(
+        self, sha: Sha, body: AsyncIterator[bytes], length: int | None, *, early_answer: bool = True
+    ) -> PutResult:
+        """Store a client's body under `sha`. When every copy already exists the body is not
+        read, unless `early_answer` is off and `length` is small (up to `SPOOL_BYTES`): the body
+        is then read first (the client has sent it already: nothing is saved by leaving it), so
+        that the check, the placement and the writes take a single thread hop."""
+        async with self._sha_lock(sha):
+            if early_answer or length is None or length > SPOOL_BYTES:
+                return await self._store(sha, body, length or 0, queue_s3=True)
+            data = b"".join([chunk async for chunk in body])
+            plan, upload = await self.offload.run(self._plan_and_stage, sha, data)
+            if upload is None:
+                return PutResult(False, plan.kept)
+            async with upload:
+                return await upload.publish(sha)
+
+    async def restore(self, sha: Sha, body: AsyncIterator[bytes], size: int) -> PutResult:
+        """Write back copies of a blob read from a good copy or S3 (the healer, S3 refills).
+        No S3 marker: the blob came from a copy that was queued when stored, or from S3."""
+        async with self._sha_lock(sha):
+            return await self._store(sha, body, size, queue_s3=False)
+
+    async def repair(
+        self, sha: Sha, pair: Pair, targets: list[Disk], body: AsyncIterator[bytes], size: int, mtime_ns: int
+    ) -> list[str]:
+        """Rewrite the copies of `sha` on `targets` (members of `pair`) from a verified source,
+        with the surviving copies' mtime (`stor scrub --repair`)."""
+        async with self._sha_lock(sha):
+            plan = Plan(pair, targets, mtime_ns, [], queue_s3=True)
+            async with Upload(self, plan, size) as upload:
+                tail = await upload.spool(body)
+                await self.offload.run(upload.stage, sha, tail)
+                return (await upload.publish(sha)).paths
+
+    async def put_content(self, body: AsyncIterator[bytes], length: int | None) -> tuple[Sha, int, PutResult]:
+        """Store a body whose sha is not known in advance (named files): it is hashed on the
+        way in, and if the blob turns out to be stored already the new copies are dropped."""
+        pair = await self.offload.run(self.pool.choose_pair, length or 0, self.monitor.pair_healthy)
+        plan = Plan(pair, list(pair.members), None, [], queue_s3=True)
+        async with Upload(self, plan, length or 0) as upload:
+            tail = await upload.spool(body)
+            sha, existing = await self.offload.run(self._content_sha, upload, tail)
+            if existing is not None:
+                await self.offload.run(upload.writer.abort)
+                return sha, upload.received, PutResult(False, existing)
+            await self.offload.run(upload.stage, sha, b"")
+            return sha, upload.received, await upload.publish(sha)
+
+    def plan(self, sha: Sha, size: int, *, queue_s3: bool) -> Plan:
+        """Blocking. Nothing to write when the blob is stored on a pair already; else the
+        missing members of a healthy pair that holds some copies (keeping their mtime), else
+        every member of a pair chosen by free space."""
+        copies = self.lookup.copies(sha)
+        if copies is not None:
+            if copies.complete:
+                paths = [copies.present[d.root].path for d in copies.pair.members]
+                return Plan(copies.pair, [], None, paths, queue_s3)
+            if copies.pair.writable and self.monitor.pair_healthy(copies.pair):
+                missing = [d for d in copies.pair.members if d.root not in copies.present]
+                mtime = min(st.mtime_ns for st in copies.present.values())
+                return Plan(copies.pair, missing, mtime, [st.path for st in copies.present.values()], queue_s3)
+        pair = self.pool.choose_pair(size, self.monitor.pair_healthy)
+        return Plan(pair, list(pair.members), None, [], queue_s3)
+
+    async def _store(self, sha: Sha, body: AsyncIterator[bytes], size: int, *, queue_s3: bool) -> PutResult:
+        plan = await self.offload.run(lambda: self.plan(sha, size, queue_s3=queue_s3))
+        if plan.done:
+            return PutResult(False, plan.kept)
+        async with Upload(self, plan, size) as upload:
+            tail = await upload.spool(body)
+            await self.offload.run(upload.stage, sha, tail)
+            return await upload.publish(sha)
+
+    def _plan_and_stage(self, sha: Sha, data: bytes) -> tuple[Plan, Upload | None]:
+        """Blocking: `plan`, then `stage` of the whole body, in one thread hop."""
+        plan = self.plan(sha, len(data), queue_s3=True)
+        if plan.done:
+            return plan, None
+        upload = Upload(self, plan, len(data))
+        try:
+            upload.stage(sha, data)
+        except BaseException:
+            upload.close(failed=True)
+            raise
+        return plan, upload
+
+    def _content_sha(self, upload: Upload, tail: bytes) -> tuple[Sha, list[str] | None]:
+        """Spool the last bytes: the body's sha, and the paths of its copies if it is stored."""
+        sha = upload.writer.write_last(tail)
+        copies = self.lookup.copies(sha)
+        if copies is not None and copies.complete:
+            return sha, [copies.present[d.root].path for d in copies.pair.members]
+        return sha, None
+
+    @asynccontextmanager
+    async def _sha_lock(self, sha: Sha) -> AsyncIterator[None]:
+        """Serialise uploads of one sha in this process: the second finds the first's copies
+        and answers "exists" without reading its body."""
+        lock, users = self._sha_locks.get(sha, (asyncio.Lock(), 0))
+        self._sha_locks[sha] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._sha_locks[sha]
+            if users == 1:
+                del self._sha_locks[sha]
+            else:
+                self._sha_locks[sha] = (lock, users - 1)
