@@ -9,6 +9,7 @@ docs/benchmarks.md (`report`). Not part of `make test`; nothing here asserts a t
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -20,7 +21,18 @@ from bench.corpus import Members, build_corpus, warm
 from bench.report import write_report
 from bench.servers import Nginx, Stor, free_port, raise_fd_limit
 from bench.settings import AUTH, POST_BLOBS, wanted
-from bench.workloads import Result, big_transfer_rss, hey, lua_get, lua_post, pair_writes, post_blobs, sha256_rate, wrk
+from bench.workloads import (
+    Result,
+    big_transfer_rss,
+    hey,
+    lua_get,
+    lua_post,
+    pair_writes,
+    post_blobs,
+    refill,
+    sha256_rate,
+    wrk,
+)
 
 
 def main() -> None:  # noqa: PLR0915 - one linear script, read top to bottom
@@ -131,6 +143,18 @@ def main() -> None:  # noqa: PLR0915 - one linear script, read top to bottom
             if mc:
                 mc.kill()
             nginx.stop()
+        refilled = None
+        if wanted("refill"):
+            config_path = work / "refill.json"
+            config_path.write_text(json.dumps(base_config))
+            refilled = refill(
+                members.paths, config_path, lambda: warm(members.paths[1:], [s for v in shas.values() for s in v])
+            )
+            print(
+                f"  refill: cp -a {refilled.mb / refilled.cp_seconds:,.0f} MB/s, "
+                f"stor scrub --repair {refilled.mb / refilled.scrub_seconds:,.0f} MB/s",
+                flush=True,
+            )
         limits = (
             {}
             if not wanted("limits")
@@ -147,7 +171,7 @@ def main() -> None:  # noqa: PLR0915 - one linear script, read top to bottom
                 "peak RSS growth, 1 GiB download (MiB)": down,
             }
         )
-        write_report(results, limits, time.time() - started, members.kind)
+        write_report(results, limits, refilled, time.time() - started, members.kind)
     finally:
         members.close()
         shutil.rmtree(work, ignore_errors=True)

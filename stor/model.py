@@ -28,6 +28,7 @@ class DiskHealth:
     total_bytes: int
     error: str | None
     io_errors: int = 0  # failed operations since start-up
+    readable: bool = False  # present, mounted and answering, even if not writable (read-only, full)
 
 
 @dataclass
@@ -60,8 +61,9 @@ class BlobInfo:
 class PairState:
     index: int
     members: list[str]
-    writable: bool
-    state: str  # "healthy", "degraded" (some member down) or "down"
+    writable: bool  # from writable_pairs_regex
+    state: str  # "healthy", "degraded" (a member down, another readable) or "down" (none readable)
+    takes_writes: bool = False  # writable, and every member healthy
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ class StatusReport:
     memcached: dict[str, object]
     s3: dict[str, object]
     scrub: list[dict[str, object]]
+    ready: bool = True  # every pair readable, some pair taking writes (`/readyz`)
+    ready_reasons: list[str] = field(default_factory=list)
     version: str = __version__
     uptime: float = 0.0
     reserved_bytes: dict[int, int] = field(default_factory=dict)

@@ -16,26 +16,40 @@ interrupted scrub continues where it stopped; the summary of the last complete r
 from __future__ import annotations
 
 import os
-import re
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 
 from stor.backends.disk import Disk
+from stor.backends.namestore import NameStore
 from stor.backends.owners import dead_owner_dirs
-from stor.backends.pairs import Pair
+from stor.backends.pairs import Pair, leaves
 from stor.backends.scrubstate import read_json, state_dir, write_json
 from stor.digest import Sha, sha_from_filename
 from stor.errors import InsufficientStorage, StorageUnavailable
 from stor.service.integrity import quarantine_note
 from stor.service.s3tier import NoS3, S3Part
 
-_LEVEL = re.compile(r"[0-9A-F]{2}")
 MAX_FINDINGS = 1000
 
-Repair = Callable[[Sha, Pair, list[Disk], Iterator[bytes], int, int], list[str]]
-"""Rewrite `sha` on some members of a pair: (sha, pair, targets, verified chunks, size,
-mtime_ns) → the paths written. Raises when the copies could not be made durable."""
+Repair = Callable[[Sha, Pair, list[Disk], Iterator[bytes], int, int], Future[list[str]]]
+"""Start rewriting `sha` on some members of a pair: (sha, pair, targets, chunks, size,
+mtime_ns) → a future of the paths written, which raises when the copies could not be made
+durable."""
+REPAIRS_IN_FLIGHT = 64
+"""Repairs under way at once: each waits for a group commit, so one at a time would make a
+refill a disk commit per blob (about 25 ms each here) instead of one per cycle."""
+
+
+@dataclass
+class _Pending:
+    future: Future[list[str]]
+    sha: Sha
+    pair: int
+    problems: list[tuple[Disk, str]]
+    quarantined: set[str]
 
 
 @dataclass
@@ -62,6 +76,9 @@ class ScrubReport:
     foreign: int = 0
     stray_temps: int = 0
     vanished: int = 0
+    names: int = 0
+    names_stale: int = 0  # name records some member of the names pair lacks (or holds older)
+    names_restored: int = 0
     repaired: int = 0
     lost: int = 0
     damage_left: int = 0
@@ -112,6 +129,7 @@ class Scrubber:
         pairs: list[Pair],
         *,
         s3: S3Part | None = None,
+        names: NameStore | None = None,
         repair: Repair | None = None,
         rate: float | None = None,
         progress: Callable[[int, int], None] | None = None,
@@ -119,6 +137,8 @@ class Scrubber:
     ) -> None:
         self.pairs = pairs
         self.s3 = s3 or NoS3()
+        self.names = names
+        self._pending: deque[_Pending] = deque()
         self.rewrite = repair
         self.throttle = Throttle(rate)
         self.progress = progress or (lambda files, size: None)
@@ -129,6 +149,8 @@ class Scrubber:
         try:
             for pair in self.pairs:
                 self._scrub_pair(pair, report)
+            if self.names is not None:
+                self._scrub_names(self.names, report)
         except KeyboardInterrupt:
             report.interrupted = True
         report.finished = time.time()
@@ -139,25 +161,41 @@ class Scrubber:
 
     # -- one pair ------------------------------------------------------------------------------
 
+    def _scrub_names(self, names: NameStore, report: ScrubReport) -> None:
+        """Every name record on both members of the names pair (a replaced disk lacks them)."""
+        try:
+            report.names, report.names_stale = names.reconcile(restore=self.rewrite is not None)
+        except StorageUnavailable as exc:
+            report.note(Finding("", 0, "", "names unreadable", f"failed: {exc}"), damage=True)
+            return
+        if self.rewrite is not None:
+            report.names_restored = report.names_stale
+        elif report.names_stale:
+            report.damage_left += report.names_stale
+            report.note(Finding("", 0, "", f"{report.names_stale} name records missing on a member"), damage=False)
+
     def _scrub_pair(self, pair: Pair, report: ScrubReport) -> None:
         checkpoint = state_dir(pair) / "checkpoint.json"
         after = "" if self.restart else str(read_json(checkpoint).get("leaf", ""))
         if after:
             report.resumed_after[str(pair.index)] = after
         self._stray_temps(pair, report)
-        last_saved = time.monotonic()
+        last_saved, safe = time.monotonic(), after  # safe: every leaf up to it is done, repairs too
         try:
-            for leaf in _leaves(pair):
+            for leaf in leaves(pair):
                 if leaf <= after:
                     continue
                 self._scrub_leaf(pair, leaf, report)
                 after = leaf
                 if time.monotonic() - last_saved > 1.0:
+                    self._settle(report, keep=0)
                     write_json(checkpoint, {"leaf": after, "at": time.time()})
-                    last_saved = time.monotonic()
+                    last_saved, safe = time.monotonic(), after
+            self._settle(report, keep=0)
         except KeyboardInterrupt:
-            if after:
-                write_json(checkpoint, {"leaf": after, "at": time.time()})
+            self._cancel_pending()
+            if safe:
+                write_json(checkpoint, {"leaf": safe, "at": time.time()})
             raise
         checkpoint.unlink(missing_ok=True)
 
@@ -266,16 +304,30 @@ class Scrubber:
                 report.note(Finding(sha, pair.index, disk.root, problem, error), damage=True)
             return
         chunks, size, mtime = source
-        try:
-            rewrite(sha, pair, targets, chunks, size, mtime)
-        except Exception as exc:
-            for disk, problem in problems:
-                report.note(Finding(sha, pair.index, disk.root, problem, f"failed: {exc}"), damage=True)
-            return
-        for disk, problem in problems:
-            action = "quarantined+repaired" if disk.root in quarantined else "repaired"
-            report.repaired += 1
-            report.note(Finding(sha, pair.index, disk.root, problem, action), damage=False)
+        future = rewrite(sha, pair, targets, chunks, size, mtime)
+        self._pending.append(_Pending(future, sha, pair.index, problems, quarantined))
+        self._settle(report, keep=REPAIRS_IN_FLIGHT)
+
+    def _settle(self, report: ScrubReport, *, keep: int) -> None:
+        """Wait for the oldest repairs until at most `keep` are under way; note their outcome."""
+        while len(self._pending) > keep:
+            pending = self._pending[0]
+            try:
+                pending.future.result()
+            except Exception as exc:
+                for disk, problem in pending.problems:
+                    report.note(Finding(pending.sha, pending.pair, disk.root, problem, f"failed: {exc}"), damage=True)
+            else:
+                for disk, problem in pending.problems:
+                    action = "quarantined+repaired" if disk.root in pending.quarantined else "repaired"
+                    report.repaired += 1
+                    report.note(Finding(pending.sha, pending.pair, disk.root, problem, action), damage=False)
+            self._pending.popleft()
+
+    def _cancel_pending(self) -> None:
+        for pending in self._pending:
+            pending.future.cancel()
+        self._pending.clear()
 
     def _source(self, sha: Sha, good: list[_Copy]) -> tuple[Iterator[bytes], int, int] | None:
         """The bytes of a good copy (the partner's, else S3's), its size and the mtime to give
@@ -308,24 +360,6 @@ class Scrubber:
         for disk in pair.members:
             if os.path.exists(os.path.join(disk.root, leaf, name)):
                 report.note(Finding(f"{leaf}/{name}", pair.index, disk.root, "foreign"), damage=False)
-
-
-def _leaves(pair: Pair) -> list[str]:
-    """Every `AB/CD/EF` directory on any member, sorted."""
-    leaves: set[str] = set()
-    for disk in pair.members:
-        for level1 in _subdirs(disk.root):
-            for level2 in _subdirs(os.path.join(disk.root, level1)):
-                for level3 in _subdirs(os.path.join(disk.root, level1, level2)):
-                    leaves.add(f"{level1}/{level2}/{level3}")
-    return sorted(leaves)
-
-
-def _subdirs(path: str) -> list[str]:
-    try:
-        return [e.name for e in os.scandir(path) if _LEVEL.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
-    except OSError:
-        return []
 
 
 def _dead_temps(disk: Disk) -> list[str]:

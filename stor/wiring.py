@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
@@ -35,6 +36,7 @@ from stor.metrics import FanoutMetrics, Metrics, NullMetrics
 from stor.metrics.prometheus import DiskGauge, PrometheusMetrics
 from stor.metrics.statsd import StatsdMetrics
 from stor.names import NamedFiles
+from stor.reload import Reloader
 from stor.service import BlobService
 from stor.service.health import HealthMonitor
 from stor.service.hotpath import HotPath
@@ -119,19 +121,18 @@ def build_service(config: Config, metrics: Metrics | None = None) -> BlobService
 
 
 def _pool(config: Config) -> StoragePool:
-    require_mount = config.check_mountpoints and not config.embedded
-    pairs = [
-        Pair(
-            index,
-            tuple(
-                Disk(root, require_mount=require_mount, max_inflight=DISK_OPS_LIMIT, group_commit=config.group_commit)
-                for root in members
-            ),
-            config.pair_writable_by_regex(members),
-        )
-        for index, members in enumerate(config.storage_pairs)
-    ]
+    pairs = [build_pair(config, index, members) for index, members in enumerate(config.storage_pairs)]
     return StoragePool(pairs, placement_threshold=config.placement_threshold)
+
+
+def build_pair(config: Config, index: int, members: tuple[str, ...]) -> Pair:
+    """The pair at `index` of `storage_pairs`: its disks, and whether it takes writes."""
+    require_mount = config.check_mountpoints and not config.embedded
+    disks = tuple(
+        Disk(root, require_mount=require_mount, max_inflight=DISK_OPS_LIMIT, group_commit=config.group_commit)
+        for root in members
+    )
+    return Pair(index, disks, config.pair_writable_by_regex(members))
 
 
 def _locations(config: Config) -> LocationCache | None:
@@ -167,7 +168,8 @@ def preflight(config: Config) -> None:
         StatsdMetrics(config.statsite)  # resolves the host, or raises ConfigError naming the key
 
 
-def build_app(config: Config) -> Starlette:
+def build_app(config: Config, config_path: str | None = None) -> Starlette:
+    """The app serving `config`; SIGHUP re-reads `config_path` (see `reload`)."""
     check_storage_dirs(config)
     prometheus = PrometheusMetrics(lambda: _disk_gauges(service.monitor), lambda: service.scrub_runs)
     metrics: Metrics = prometheus
@@ -176,6 +178,7 @@ def build_app(config: Config) -> Starlette:
     service = build_service(config, metrics)
     names = NamedFiles(service)
     authenticator = Authenticator(config.basic_auth)
+    reloader = Reloader(config_path, config, service, authenticator, build_pair)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -189,9 +192,11 @@ def build_app(config: Config) -> Starlette:
             )
         await service.monitor.check()
         background = asyncio.get_running_loop().create_task(service.run_background(config.health_check_interval))
+        reloader.install()
         try:
             yield
         finally:
+            reloader.uninstall()
             background.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await background
@@ -239,5 +244,7 @@ def config_from_environment() -> Config:
 
 
 def app_from_environment() -> Starlette:
-    """uvicorn's factory for each worker process."""
-    return build_app(config_from_environment())
+    """The servers' factory, in each worker process. SIGHUP is ignored until the app's
+    lifespan takes it over: a worker still starting must not die of a config reload."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    return build_app(config_from_environment(), os.environ.get(ENV_CONFIG_FILE) or None)

@@ -113,9 +113,10 @@ async def test_all_copies_bad_is_never_a_200(storage: Storage) -> None:
         assert response.status_code == 500
         assert "lost" in response.text and SHA in response.text
         assert 'stor_integrity_events_total{event="lost"}' in (await http.get("/metrics")).text
-        # both bad copies are out of the layout, so nothing wrong can be served later either
+        # both bad copies are out of the layout, so nothing wrong can be served later either;
+        # and later reads still say "lost", not "absent"
         assert sum(len(quarantined(r)) for r in storage.roots) == 2
-        assert (await http.get(f"/{SHA}")).status_code == 404
+        assert (await http.get(f"/{SHA}")).status_code == 500
 
 
 async def test_both_copies_bad_with_s3_good(storage: Storage, s3: MotoS3) -> None:

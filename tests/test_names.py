@@ -191,8 +191,8 @@ def test_names_are_visible_to_every_process(storage: Storage, start_stor: object
 
 
 def test_no_storage_is_503(http: httpx.Client, storage: Storage) -> None:
-    for root in storage.pairs[0]:
-        (root / ".stor-names").rename(root / ".stor-names-gone")
+    for root in storage.pairs[0]:  # both disks of the names pair unplugged
+        root.rename(root.with_name(root.name + "-gone"))
     assert http.get("/file", params={"path": "x"}).status_code == 503
     assert http.get("/files").status_code == 503
 

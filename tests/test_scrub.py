@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from stor.backends.disk import Disk
 from stor.backends.pairs import Pair
 from stor.scrub import Scrubber, ScrubReport
 from tests.conftest import Storage, StorProcess
-from tests.helpers import sha256
+from tests.helpers import AUTH, sha256
 from tests.services import MotoS3
 
 
@@ -213,3 +214,27 @@ def test_scrub_repairs_go_through_the_upload_pipeline(storage: Storage, s3: Moto
     assert second.read_bytes() == blob and first.read_bytes() == blob
     assert second.stat().st_mtime_ns == first.stat().st_mtime_ns  # the surviving copy's mtime
     assert list((second.parents[3] / ".stor-s3-queue").glob(sha))
+
+
+def test_scrub_refills_a_blank_member_with_blobs_and_name_records(storage: Storage, start_stor: Any) -> None:
+    config = storage.write_config()
+    blobs = import_blobs(storage, config, 8)
+    server: StorProcess = start_stor("--config", str(config))
+    for n in range(3):
+        put = httpx.put(f"{server.url}/file", params={"path": f"n/{n}"}, content=b"%d" % n, auth=AUTH)
+        assert put.status_code == 201
+    server.stop()
+    member, partner = storage.pairs[0]
+    shutil.rmtree(member)
+    member.mkdir()  # a new disk where the old one was
+    code, report = scrub(config)
+    assert code == 1 and report["missing"] > 0 and report["names_stale"] == 3
+    code, report = scrub(config, "--repair")
+    assert code == 0 and report["names_restored"] == 3 and report["damage_left"] == 0
+    assert sorted(p.relative_to(member) for p in member.rglob("*.dat")) == sorted(
+        p.relative_to(partner) for p in partner.rglob("*.dat")
+    )
+    assert {p.name for p in (member / ".stor-names").glob("n*")} == {"n%2F0", "n%2F1", "n%2F2"}
+    for blob in blobs:
+        assert len(storage.copies(sha256(blob))) == 2
+    assert scrub(config)[0] == 0

@@ -54,6 +54,9 @@ class Disk:
         self.tmp_root = os.path.join(root, TMP_DIR)
         self._owner = OwnedDir(self.tmp_root)
         self._counter = itertools.count()
+        self.quarantine_root = os.path.join(root, QUARANTINE_DIR)
+        self._quarantined: tuple[int, frozenset[str]] = (-1, frozenset())  # (dir mtime, SHAs)
+        self._quarantined_lock = threading.Lock()
         self.takes_nowait = False
         """Its filesystem answers RWF_NOWAIT reads (see `nowait`); learned by health probes."""
 
@@ -124,6 +127,8 @@ class Disk:
                 os.unlink(entry.path)
                 removed += 1
         for dead in dead_owner_dirs(self.tmp_root):
+            if dead == self._owner.path:
+                continue  # ours, let go of while the disk was away: its temps are still ours
             removed += sum(1 for name in os.listdir(dead) if name.endswith(".tmp"))
             shutil.rmtree(dead, ignore_errors=True)
         return removed
@@ -218,11 +223,37 @@ class Disk:
             raise disk_error(self, "read", exc) from exc
 
     @guarded
+    def quarantined(self, sha: Sha) -> bool:
+        """Whether a copy of `sha` was moved to quarantine here: one `stat` of the quarantine
+        directory; its listing is read again only when the directory changed."""
+        try:
+            mtime = os.stat(self.quarantine_root).st_mtime_ns
+            return sha.upper() in self._quarantine_listing(mtime)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise disk_error(self, "reading the quarantine", exc) from exc
+
+    def _quarantine_listing(self, mtime: int) -> frozenset[str]:
+        with self._quarantined_lock:
+            if self._quarantined[0] != mtime:
+                names = os.listdir(self.quarantine_root)
+                shas = frozenset(name.split(".", 1)[0] for name in names if name.endswith(".dat"))
+                self._quarantined = (mtime, shas)
+            return self._quarantined[1]
+
+    def quarantine_known_clear(self, sha: Sha, mtime: int) -> bool:
+        """Whether the quarantine listing last read, at directory mtime `mtime`, proves that
+        `sha` is not in it (no I/O: for the event loop, which has the mtime from the kernel's
+        caches)."""
+        with self._quarantined_lock:
+            return self._quarantined[0] == mtime and sha.upper() not in self._quarantined[1]
+
     def quarantine(self, sha: Sha, note: dict[str, object]) -> str | None:
         """Move the copy of `sha` out of the layout into `<root>/.stor-quarantine/`, with a
         JSON note beside it. Returns the new path, or None if the copy was already gone."""
         source = self.blob_path(sha)
-        directory = os.path.join(self.root, QUARANTINE_DIR)
+        directory = self.quarantine_root
         stem = os.path.join(directory, f"{sha.upper()}.{time.time_ns()}")
         try:
             os.makedirs(directory, exist_ok=True)
@@ -242,6 +273,20 @@ class Disk:
         return stem + ".dat"
 
     # -- writes ----------------------------------------------------------------------------
+
+    @guarded
+    def remove(self, sha: Sha) -> bool:
+        """Unlink this disk's copy of `sha`, durably (for `stor evacuate`, once the blob is
+        durable elsewhere). False if there was none."""
+        path = self.blob_path(sha)
+        try:
+            os.unlink(path)
+            fsync_dir(os.path.dirname(path))
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise disk_error(self, "remove", exc) from exc
+        return True
 
     @guarded
     def new_temp(self) -> TempFile:
@@ -273,7 +318,7 @@ class Disk:
 
     def probe_health(self) -> DiskHealth:
         """Present, mounted (when required) and writable — checked by writing a probe file."""
-        mounted = writable = False
+        mounted = writable = readable = False
         free = total = 0
         error: str | None = None
         try:
@@ -284,6 +329,7 @@ class Disk:
                 raise StorageUnavailable("not a mounted filesystem (disk unmounted?)")
             st = os.statvfs(self.root)
             free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+            readable = os.path.isdir(self.tmp_root)  # the sentinel: this is stor's filesystem
             self._recover_temp_dir()
             self._write_probe()
             writable = True
@@ -292,7 +338,9 @@ class Disk:
             error = str(exc)
         except OSError as exc:
             error = f"{exc.strerror or exc}"
-        return DiskHealth(self.root, error is None, mounted, writable, free, total, error, self.io_errors)
+        if not readable:
+            self._owner.release()  # a disk that went away is let go of: nothing of ours keeps it busy
+        return DiskHealth(self.root, error is None, mounted, writable, free, total, error, self.io_errors, readable)
 
     def _recover_temp_dir(self) -> None:
         """After a disk comes back (remounted, replaced), claim a temp directory on it again."""

@@ -8,13 +8,16 @@ Contract:
 - `PairWrite` streams one body into a temp file on every member, hashing once; `finish`
   makes every copy durable or raises, leaving no temp behind. `stage` stops before that, for
   a caller that group-commits the temps (see `groupcommit`) and calls `abort` in the end.
-- All methods block; they are safe to call from several threads.
+- All methods block; they are safe to call from several threads. `pairs`, `disks` and
+  `pair_of` are replaced whole when a pair is added, never changed in place, so a reader
+  that took one sees a consistent list.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,12 +28,14 @@ from stor.backends.temps import TempFile
 from stor.digest import Sha, new_hasher
 from stor.errors import DigestMismatch, InsufficientStorage, StorageUnavailable
 
+_LEVEL = re.compile(r"[0-9A-F]{2}")
 
-@dataclass(frozen=True)
+
+@dataclass(eq=False)
 class Pair:
     index: int
     members: tuple[Disk, ...]
-    writable: bool  # from writable_pairs_regex; health is judged separately, at run time
+    writable: bool  # from writable_pairs_regex (a config reload may change it); health is judged at run time
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,14 @@ class StoragePool:
         self._rng = rng or random.Random()
         self._reserved = {pair.index: 0 for pair in pairs}
         self._lock = threading.Lock()
+
+    def add(self, pair: Pair) -> None:
+        """A pair added at run time (a config reload); its disks are prepared already."""
+        with self._lock:
+            self._reserved[pair.index] = 0
+            self.pair_of = {**self.pair_of, **{disk.root: pair for disk in pair.members}}
+            self.disks = [*self.disks, *pair.members]
+            self.pairs = [*self.pairs, pair]
 
     def probe_order(self) -> list[Disk]:
         pairs = list(self.pairs)
@@ -218,3 +231,21 @@ def _align_mtimes(paths: list[str]) -> None:
             os.utime(path, ns=(oldest, oldest))
     except OSError:
         pass  # cosmetic: the bytes are durable already; scrub evens mtimes out later
+
+
+def leaves(pair: Pair) -> list[str]:
+    """Every `AB/CD/EF` directory of Stor's layout on any member of `pair`, sorted."""
+    leaves: set[str] = set()
+    for disk in pair.members:
+        for level1 in _subdirs(disk.root):
+            for level2 in _subdirs(os.path.join(disk.root, level1)):
+                for level3 in _subdirs(os.path.join(disk.root, level1, level2)):
+                    leaves.add(f"{level1}/{level2}/{level3}")
+    return sorted(leaves)
+
+
+def _subdirs(path: str) -> list[str]:
+    try:
+        return [e.name for e in os.scandir(path) if _LEVEL.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []

@@ -37,6 +37,11 @@ class S3Queue:
         self.disks = disks
         self._owners = {disk.root: OwnedDir(self._dir(disk)) for disk in disks}
 
+    def add(self, disk: Disk) -> None:
+        """A disk added at run time (a config reload); `prepare` claims it."""
+        self._owners = {**self._owners, disk.root: OwnedDir(self._dir(disk))}
+        self.disks = [*self.disks, disk]
+
     @staticmethod
     def _dir(disk: Disk) -> str:
         return os.path.join(disk.root, QUEUE_DIR)
@@ -61,6 +66,10 @@ class S3Queue:
                     os.rmdir(dead)
             owner.claim()
         return returned
+
+    def let_go(self, disk: Disk) -> None:
+        """Release this process's claim on a disk that went away (`prepare` claims it again)."""
+        self._owners[disk.root].release()
 
     def enqueue(self, disk: Disk, sha: Sha, *, durable: bool = True) -> None:
         """Record that `sha` must be mirrored (call before its copies are linked). Not

@@ -14,5 +14,14 @@ def main() -> None:
     """stor: a content-addressed SHA-256 blob store on mirrored disk pairs."""
 
 
-for command in (serve.serve, serve.check_config, client.put, client.get, client.head, tools.scrub, tools.import_):
+for command in (
+    serve.serve,
+    serve.check_config,
+    client.put,
+    client.get,
+    client.head,
+    tools.scrub,
+    tools.import_,
+    tools.evacuate,
+):
     main.add_command(command)

@@ -86,13 +86,17 @@ def serve(
         multiproc = tempfile.mkdtemp(prefix="stor-metrics-")
         os.environ[ENV_MULTIPROC] = multiproc
     try:
-        servers.serve(server, host, port, workers, logging_config(log_level.upper()), config.body_idle_timeout)
+        started = servers.serve(
+            server, host, port, workers, logging_config(log_level.upper()), config.body_idle_timeout
+        )
     except ConfigError as exc:
         fail(str(exc))
         sys.exit(2)
     finally:
         if multiproc:
             shutil.rmtree(multiproc, ignore_errors=True)
+    if not started:
+        sys.exit(3)  # as uvicorn: the app or the socket failed before serving
 
 
 @click.command("check-config")

@@ -1,4 +1,5 @@
-"""The operator commands that work on the disks directly: `stor scrub`, `stor import`."""
+"""The operator commands that work on the disks directly: `stor scrub`, `stor import`,
+`stor evacuate`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import functools
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import click
@@ -19,8 +21,10 @@ from stor.client import ClientError, hash_file
 from stor.config import ENV_CONFIG_FILE
 from stor.digest import Sha
 from stor.errors import StorError
+from stor.evacuate import Evacuation
 from stor.model import PutResult
-from stor.scrub import Scrubber, ScrubReport
+from stor.names import NamedFiles
+from stor.scrub import Repair, Scrubber, ScrubReport
 from stor.service import BlobService
 from stor.service.offload import blocking_chunks
 from stor.service.portal import Portal
@@ -71,6 +75,7 @@ def scrub(
         report = Scrubber(
             pairs,
             s3=service.s3,
+            names=NamedFiles(service).store if service.pool.pairs[0] in pairs else None,
             repair=_repairer(service, portal) if repair else None,
             rate=rate * 1e6 if rate else None,
             progress=progress,
@@ -87,14 +92,14 @@ def scrub(
     sys.exit(1 if report.damage_left else 0)
 
 
-def _repairer(
-    service: BlobService, portal: Portal
-) -> Callable[[Sha, Pair, list[Disk], Iterator[bytes], int, int], list[str]]:
+def _repairer(service: BlobService, portal: Portal) -> Repair:
     """Scrub's repairs, through the service's upload pipeline on the portal's event loop."""
 
-    def repair(sha: Sha, pair: Pair, targets: list[Disk], chunks: Iterator[bytes], size: int, mtime: int) -> list[str]:
+    def repair(
+        sha: Sha, pair: Pair, targets: list[Disk], chunks: Iterator[bytes], size: int, mtime: int
+    ) -> Future[list[str]]:
         body = blocking_chunks(service.offload, chunks)
-        return portal.call(service.uploads.repair(sha, pair, targets, body, size, mtime))
+        return portal.submit(service.uploads.repair(sha, pair, targets, body, size, mtime))
 
     return repair
 
@@ -108,7 +113,8 @@ def _print_scrub(report: ScrubReport) -> None:
         f"scrubbed {report.blobs} blobs, {report.copies} copies, {report.bytes / 1e6:.1f} MB in {seconds:.1f}s"
         f" ({rate:.0f} MB/s): {report.missing} missing, {report.corrupt} corrupt, {report.truncated} truncated,"
         f" {report.unreadable} unreadable, {report.foreign} foreign, {report.stray_temps} stray temps;"
-        f" {report.repaired} repaired, {report.lost} lost, {report.damage_left} damage left"
+        f" {report.repaired} repaired, {report.lost} lost, {report.damage_left} damage left;"
+        f" {report.names} names, {report.names_stale} missing on a member, {report.names_restored} restored"
     )
 
 
@@ -163,3 +169,59 @@ def import_(directory: Path, config_path: str, move: bool) -> None:
     service.close()
     click.echo(f"imported {stored}, already stored {present}, failed {failed}", err=True)
     sys.exit(1 if failed else 0)
+
+
+@click.command()
+@click.option("--config", "config_path", envvar=ENV_CONFIG_FILE, required=True, type=click.Path(dir_okay=False))
+@click.option("--pair", "pair_index", type=int, required=True, help="The pair to empty (its index in storage_pairs).")
+def evacuate(config_path: str, pair_index: int) -> None:
+    """Move every blob of a pair that takes no writes onto the writable pairs, then remove it
+    from that pair, so its disks can be retired. Safe while the servers run; run it again
+    to resume. Prints a JSON summary.
+
+    Exit 0: the pair holds no blob; 1: blobs left (no room elsewhere, failures); 2: usage or
+    config error; 130: interrupted."""
+    config = validated(config_path)
+    service = build_service(config)
+    pairs = service.pool.pairs
+    if not 0 <= pair_index < len(pairs):
+        raise click.BadParameter(f"there are {len(pairs)} pairs (0..{len(pairs) - 1})", param_hint="--pair")
+    pair = pairs[pair_index]
+    if pair_index == 0:
+        fail("pair 0 holds the name records of the named-file API; it cannot be evacuated")
+        sys.exit(2)
+    if pair.writable:
+        fail(
+            f"pair {pair_index} still takes writes: make writable_pairs_regex leave out its directories "
+            "(and reload the servers with SIGHUP) first"
+        )
+        sys.exit(2)
+    try:
+        service.prepare()
+    except StorError as exc:
+        fail(str(exc))
+        sys.exit(2)
+    with (
+        Portal() as portal,
+        tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="evacuate", disable=not sys.stderr.isatty()) as bar,
+    ):
+        portal.call(service.monitor.check())
+
+        def relocate(sha: Sha, away: Pair, chunks: Iterator[bytes], size: int, mtime: int) -> PutResult:
+            body = blocking_chunks(service.offload, chunks)
+            return portal.call(service.uploads.relocate(sha, away, body, size, mtime))
+
+        report = Evacuation(pair, relocate, progress=lambda count, size: bar.update(size)).run()
+    service.close()
+    click.echo(json.dumps(report.as_dict(), indent=2))
+    click.echo(
+        f"stor: pair {pair_index}: {report.moved} blobs moved ({report.bytes / 1e6:.1f} MB), "
+        f"{report.already_elsewhere} already elsewhere, {report.removed} removed, {report.left} left"
+        + (f"; stopped: {report.stopped}" if report.stopped else "")
+        + (f"; {len(report.failed)} failed" if report.failed else ""),
+        err=True,
+    )
+    if report.interrupted:
+        fail("interrupted; run the same command again to continue")
+        sys.exit(130)
+    sys.exit(0 if report.left == 0 else 1)

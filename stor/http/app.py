@@ -26,6 +26,7 @@ from stor.http.errors import error_response
 from stor.http.fastpath import StorApp
 from stor.http.io import close_if_body_unread, content_length, request_body
 from stor.http.names import named_routes
+from stor.model import StatusReport
 from stor.names import NamedFiles
 from stor.service import BlobService
 
@@ -48,12 +49,19 @@ def create_app(
         return PlainTextResponse(f"This is stor {__version__}")
 
     async def status(request: Request) -> Response:
+        """Stor's meaning, for alerting: 503 as soon as any storage directory is unavailable."""
         report = await service.status()
-        code, headers = (200 if report.ok else 503), {"Cache-Control": "no-store"}
-        if request.query_params.get("format") == "json" or "application/json" in request.headers.get("accept", ""):
-            return JSONResponse(dataclasses.asdict(report), status_code=code, headers=headers)
-        text = "OK\n" if report.ok else "".join(f"{reason}\n" for reason in report.reasons)
-        return PlainTextResponse(text, status_code=code, headers=headers)
+        return _health_answer(request, report, report.ok, report.reasons)
+
+    async def readyz(request: Request) -> Response:
+        """For load balancers: 503 only when some pair has no readable member or no pair
+        takes writes. A degraded pair (one member down) still serves."""
+        report = await service.status()
+        return _health_answer(request, report, report.ready, report.ready_reasons)
+
+    async def healthz(request: Request) -> Response:
+        """Liveness: the process answers. Touches no disk."""
+        return PlainTextResponse("OK\n", headers={"Cache-Control": "no-store"})
 
     async def metrics(request: Request) -> Response:
         if metrics_text is None:
@@ -94,6 +102,8 @@ def create_app(
     routes = [
         Route("/", root, methods=["GET"], name="root"),
         Route("/status", status, methods=["GET"], name="status"),
+        Route("/readyz", readyz, methods=["GET"], name="readyz"),
+        Route("/healthz", healthz, methods=["GET"], name="healthz"),
         Route("/metrics", metrics, methods=["GET"], name="metrics"),
         Route("/stat", stat_many, methods=["POST"], name="stat"),
         *named_routes(service, names, authenticator, max_named_file_size, body_idle_timeout),
@@ -109,6 +119,15 @@ def create_app(
         middleware=[Middleware(RequestMetrics, metrics=service.metrics, routes=route_names)],
         lifespan=lifespan,
     )
+
+
+def _health_answer(request: Request, report: StatusReport, ok: bool, reasons: list[str]) -> Response:
+    """200 or 503, as plain text (`OK`, or the reasons) or, asked for, the whole report in JSON."""
+    code, headers = (200 if ok else 503), {"Cache-Control": "no-store"}
+    if request.query_params.get("format") == "json" or "application/json" in request.headers.get("accept", ""):
+        return JSONResponse(dataclasses.asdict(report), status_code=code, headers=headers)
+    text = "OK\n" if ok else "".join(f"{reason}\n" for reason in reasons)
+    return PlainTextResponse(text, status_code=code, headers=headers)
 
 
 def _sha_list(body: bytes) -> list[Sha]:

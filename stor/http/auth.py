@@ -12,6 +12,10 @@ from stor.errors import Unauthorized
 
 class Authenticator:
     def __init__(self, credentials: tuple[Credential, ...]) -> None:
+        self.replace(credentials)
+
+    def replace(self, credentials: tuple[Credential, ...]) -> None:
+        """Accept these credentials from now on (a config reload)."""
         self._accepted = [f"{c.user}:{c.password}".encode() for c in credentials]
 
     @property

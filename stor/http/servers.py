@@ -13,7 +13,11 @@ the only one importing granian.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
+import os
+import signal
 from typing import Any
 
 import uvicorn
@@ -21,28 +25,32 @@ from granian import Granian
 from granian.constants import HTTPModes, Interfaces, Loops
 from granian.http import HTTP1Settings
 from granian.log import LogLevels
+from uvicorn.supervisors.multiprocess import Multiprocess
 
 from stor.http.server import GuardedHttpToolsProtocol, check_uvicorn
+
+log = logging.getLogger(__name__)
 
 APP = "stor.wiring:app_from_environment"
 SERVERS = ("uvicorn", "granian")
 GRANIAN_MAX_HEAD_TIMEOUT = 60.0
 
 
-def serve(server: str, host: str, port: int, workers: int, log_config: dict[str, Any], head_timeout: float) -> None:
-    """Serve until SIGINT/SIGTERM. `log_config` is a `logging.config.dictConfig` dict."""
+def serve(server: str, host: str, port: int, workers: int, log_config: dict[str, Any], head_timeout: float) -> bool:
+    """Serve until SIGINT/SIGTERM. `log_config` is a `logging.config.dictConfig` dict. False
+    when the server never started (the app failed to load, the port was taken)."""
     if server == "granian":
         _granian(host, port, workers, log_config, head_timeout)
-    elif server == "uvicorn":
-        _uvicorn(host, port, workers, log_config, head_timeout)
-    else:
-        raise ValueError(f"unknown server {server!r} (known: {', '.join(SERVERS)})")
+        return True
+    if server == "uvicorn":
+        return _uvicorn(host, port, workers, log_config, head_timeout)
+    raise ValueError(f"unknown server {server!r} (known: {', '.join(SERVERS)})")
 
 
-def _uvicorn(host: str, port: int, workers: int, log_config: dict[str, Any], head_timeout: float) -> None:
+def _uvicorn(host: str, port: int, workers: int, log_config: dict[str, Any], head_timeout: float) -> bool:
     check_uvicorn()
     level = log_config["loggers"]["stor"]["level"].lower()
-    uvicorn.run(
+    config = uvicorn.Config(
         APP,
         factory=True,
         host=host,
@@ -54,6 +62,25 @@ def _uvicorn(host: str, port: int, workers: int, log_config: dict[str, Any], hea
         access_log=level in ("info", "debug"),  # it formats every line before the level check
         server_header=False,
     )
+    if workers > 1:
+        _HupToWorkers(config, sockets=[config.bind_socket()]).run()
+        return True
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return server.started
+
+
+class _HupToWorkers(Multiprocess):
+    """uvicorn's supervisor, except that SIGHUP goes on to every worker, which re-reads the
+    config itself (`stor.reload`), instead of restarting them all."""
+
+    def handle_hup(self) -> None:
+        log.info("SIGHUP: passed on to %d workers to re-read the config", len(self.processes))
+        for process in self.processes:
+            if process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGHUP)
 
 
 def _granian(host: str, port: int, workers: int, log_config: dict[str, Any], head_timeout: float) -> None:

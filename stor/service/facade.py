@@ -18,7 +18,7 @@ from typing import TypeVar
 from stor.backends.groupcommit import GroupCommits
 from stor.backends.locations import LocationCache
 from stor.backends.openfiles import OpenFiles
-from stor.backends.pairs import StoragePool
+from stor.backends.pairs import Pair, StoragePool
 from stor.digest import Sha
 from stor.errors import BlobLost, BlobNotFound, StorageUnavailable
 from stor.metrics import Metrics
@@ -68,6 +68,18 @@ class BlobService:
         self.s3.prepare()
         return swept
 
+    def add_pair(self, pair: Pair) -> None:
+        """Blocking: serve a pair added at run time (a config reload). Its disks are prepared
+        first; if one cannot be, nothing is added (`StorageUnavailable`)."""
+        for disk in pair.members:
+            disk.prepare()
+        self.pool.add(pair)
+        self.monitor.add(list(pair.members))
+        self.lookup.add(list(pair.members))
+        for disk in pair.members:
+            self.s3.add(disk)
+        self.s3.prepare()
+
     async def run_background(self, health_interval: float) -> None:
         """Health probes, cache checks, healing and the S3 mirror; runs until cancelled."""
         async with asyncio.TaskGroup() as tasks:
@@ -78,17 +90,21 @@ class BlobService:
     async def _health_loop(self, interval: float) -> None:
         while True:
             await self.monitor.check()
-            await self.offload.run(self._drop_unhealthy_open_files)
+            await self.offload.run(self._let_go_of_down_disks)
             await self.offload.run(self.s3.prepare)  # a disk that came back gets a queue again
             await self.reporter.check_cache()
             await self.reporter.read_scrub_runs()
             await asyncio.sleep(interval)
 
-    def _drop_unhealthy_open_files(self) -> None:
+    def _let_go_of_down_disks(self) -> None:
+        """Nothing stays open on a disk that failed its probe (so a dead one can be unmounted
+        at once; its own probe lets go of its temp directory)."""
         for disk in self.pool.disks:
             last = self.monitor.last(disk)
             if last is None or not last.ok:
                 self.open_files.forget_disk(disk.root)
+            if last is not None and not last.readable:
+                self.s3.let_go(disk)
         self.open_files.close_dropped()
 
     def close(self) -> None:

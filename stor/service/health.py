@@ -37,6 +37,10 @@ class HealthMonitor:
         self._started: dict[str, float] = {}
         self._last: dict[str, DiskHealth] = {}
 
+    def add(self, disks: list[Disk]) -> None:
+        """Disks added at run time (a config reload)."""
+        self.disks = [*self.disks, *disks]
+
     async def check(self) -> list[DiskHealth]:
         """Probe every disk now; a probe that misses the deadline reports the disk as hung."""
         futures = [self._probe(disk) for disk in self.disks]
@@ -76,7 +80,7 @@ class HealthMonitor:
         if running is not None and not running.done():
             return running
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=max(1, len(self.disks)), thread_name_prefix="stor-health")
+            self._executor = ThreadPoolExecutor(max_workers=max(8, len(self.disks)), thread_name_prefix="stor-health")
         future = self._executor.submit(disk.probe_health)
         self._inflight[disk.root] = future
         self._started[disk.root] = time.monotonic()
@@ -97,6 +101,6 @@ class HealthMonitor:
         previous = self._last.get(disk.root)
         hung = DiskHealth(disk.root, False, False, False, 0, 0, error, disk.io_errors)
         if previous is not None:
-            hung = replace(previous, ok=False, writable=False, error=error, io_errors=disk.io_errors)
+            hung = replace(previous, ok=False, writable=False, readable=False, error=error, io_errors=disk.io_errors)
         self._last[disk.root] = hung
         return hung

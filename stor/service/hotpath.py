@@ -77,8 +77,8 @@ class HotPath:
             disks.insert(0, first)
         absent: set[str] = set()
         for disk in disks:
-            if not self.open_files.usable(disk) or not self.monitor.responsive(disk):
-                continue
+            if not self.open_files.usable(disk) or not self.monitor.healthy(disk):
+                continue  # nothing is kept open on a disk that failed its probe (see `BlobService`)
             try:
                 kept = self.open_files.open(sha, disk)
             except FileNotFoundError:
@@ -91,17 +91,18 @@ class HotPath:
                     self.open_files.forget(sha)  # the thread path settles it (`Lookup.stat_checked`)
                     return None
                 return kept
-        if len(absent) == len(self.pool.disks) and self._absent_everywhere():
+        if len(absent) == len(self.pool.disks) and self._absent_everywhere(sha):
             self.near.forget(sha)
             self.metrics.lookup(0.0, len(absent))
             raise BlobNotFound(sha)
         return None
 
-    def _absent_everywhere(self) -> bool:
+    def _absent_everywhere(self, sha: Sha) -> bool:
         """After every disk's dentry cache said "no such file": whether that is the whole
-        truth, so a 404 needs no thread. Not with S3 (it must be asked), and only when each
+        truth, so a 404 needs no thread. Not with S3 (it must be asked); only when each
         disk's `.stor-tmp` is in the dentry cache too, proving it is mounted (on a bare
-        mountpoint every blob is absent: that is a 503, which the thread path finds)."""
+        mountpoint every blob is absent: that is a 503, which the thread path finds); and
+        only when no disk's quarantine may hold the blob (then it is lost: a 500)."""
         if self.s3_may_hold:
             return False
         for disk in self.pool.disks:
@@ -112,7 +113,23 @@ class HotPath:
             if fd is None:
                 return False
             os.close(fd)  # an O_PATH fd: closing it touches no filesystem
+            if not self._quarantine_clear(disk, sha):
+                return False
         return True
+
+    @staticmethod
+    def _quarantine_clear(disk: Disk, sha: Sha) -> bool:
+        try:
+            fd = nowait.open_cached(disk.quarantine_root, path_only=True)
+        except FileNotFoundError:
+            return True  # no quarantine on this disk at all
+        if fd is None:
+            return False
+        try:
+            mtime = os.fstat(fd).st_mtime_ns
+        finally:
+            os.close(fd)
+        return disk.quarantine_known_clear(sha, mtime)
 
     def _partners_agree(self, disk: Disk, sha: Sha, size: int) -> bool:
         """`Lookup.check_partners` and the size check of `Lookup.stat_checked`, for a copy

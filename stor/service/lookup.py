@@ -68,6 +68,10 @@ class Lookup:
         self._read_whole = max(READ_WHOLE_BYTES, self.verify_max) if self.verify else READ_WHOLE_BYTES
         self.disk_by_root = {disk.root: disk for disk in self.pool.disks}
 
+    def add(self, disks: list[Disk]) -> None:
+        """Disks added at run time (a config reload)."""
+        self.disk_by_root = {**self.disk_by_root, **{disk.root: disk for disk in disks}}
+
     def answering(self, disks: Iterable[Disk]) -> list[Disk]:
         """The disks worth asking: not hung (see `HealthMonitor.responsive`). Every loop over
         disks on the request path goes through here, so none waits on a hung disk."""
@@ -114,9 +118,22 @@ class Lookup:
             raise StorageUnavailable(f"blob {sha} not found, and some storage was unreachable: {detail}")
         if corrupt:
             raise BlobLost(f"blob {sha} is lost: no copy passed verification ({'; '.join(corrupt)})")
+        self._check_quarantine(sha)
         if self.locations is not None:
             self._cache_do(self.locations.remember_absent, sha)
         raise BlobNotFound(sha)
+
+    def _check_quarantine(self, sha: Sha) -> None:
+        """A blob on no disk whose copies were quarantined is lost (500), not absent (404)."""
+        held = []
+        for disk in self.pool.disks:
+            with contextlib.suppress(StorageUnavailable):
+                if disk.quarantined(sha):
+                    held.append(disk.root)
+        if held:
+            raise BlobLost(
+                f"blob {sha} is lost: its copies failed verification and are quarantined on {', '.join(held)}"
+            )
 
     def _probe_hint(self, sha: Sha, hint: str, probe: Callable[[Disk, Sha], T | None], corrupt: list[str]) -> T | None:
         """The copy at the cached location, or None (and the stale entry dropped)."""
@@ -254,7 +271,10 @@ class Lookup:
             os.close(fd)
             self.integrity.corrupt(disk, sha, st, actual, len(data))
             raise CorruptCopy(f"the copy of {sha} on {disk.root} is corrupt (its sha256 is {actual})")
-        self.open_files.put(sha, disk, fd, st)
+        if self.monitor.healthy(disk):
+            self.open_files.put(sha, disk, fd, st)
+        else:
+            os.close(fd)  # nothing stays open on a disk that is down: it can be unmounted
         return OpenBlob(sha, st, self.offload, disk=disk, data=data, metrics=self.metrics)
 
     def _other_copy(self, sha: Sha, failed: set[str]) -> tuple[Disk, int, BlobStat] | None:
@@ -281,17 +301,19 @@ class Lookup:
             if found is None:
                 continue
             pair = self.pool.pair_of[disk.root]
-            present = {disk.root: found}
-            for partner in self.answering(pair.members):
-                if partner is not disk:
-                    try:
-                        other = partner.stat(sha)
-                    except StorageUnavailable:
-                        other = None
-                    if other is not None:
-                        present[partner.root] = other
-            return Copies(pair, present)
+            others = self.present_on(pair, sha, skip=disk)
+            return Copies(pair, {disk.root: found, **others})
         return None
+
+    def present_on(self, pair: Pair, sha: Sha, *, skip: Disk | None = None) -> dict[str, BlobStat]:
+        """The stats of the copies of `sha` on the answering members of `pair` (but `skip`)."""
+        present = {}
+        for member in self.answering(pair.members):
+            if member is not skip:
+                with contextlib.suppress(StorageUnavailable):
+                    if (found := member.stat(sha)) is not None:
+                        present[member.root] = found
+        return present
 
     def local_path(self, sha: Sha) -> str | None:
         """A readable local copy (for the S3 mirror); None when no disk has one."""

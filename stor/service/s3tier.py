@@ -49,6 +49,13 @@ class S3Part(Protocol):
         """Blocking, at start-up and after each health check: claim the queues of the disks
         that are up, and put back what dead processes had claimed."""
 
+    def add(self, disk: Disk) -> None:
+        """A disk added at run time (a config reload); `prepare` claims it."""
+
+    def let_go(self, disk: Disk) -> None:
+        """Blocking: give up the claim on a disk that went away (it is claimed again by
+        `prepare` when it comes back)."""
+
     async def run(self, locate: Locate) -> None:
         """The mirror worker, until cancelled; `locate` finds a local copy to upload."""
 
@@ -86,6 +93,12 @@ class NoS3:
     may_hold = False
 
     def prepare(self) -> None:
+        pass
+
+    def add(self, disk: Disk) -> None:
+        pass
+
+    def let_go(self, disk: Disk) -> None:
         pass
 
     async def run(self, locate: Locate) -> None:
@@ -147,6 +160,12 @@ class S3Tier:
         returned = self.queue.prepare()
         if returned:
             log.info("s3 mirror: %d blobs claimed by a process that died are queued again", returned)
+
+    def add(self, disk: Disk) -> None:
+        self.queue.add(disk)
+
+    def let_go(self, disk: Disk) -> None:
+        self.queue.let_go(disk)
 
     async def run(self, locate: Locate) -> None:
         await self.mirror.run(locate)

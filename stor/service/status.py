@@ -12,10 +12,10 @@ from dataclasses import KW_ONLY, dataclass
 
 from stor.backends.groupcommit import GroupCommits
 from stor.backends.locations import LocationCache
-from stor.backends.pairs import StoragePool
+from stor.backends.pairs import Pair, StoragePool
 from stor.backends.scrubstate import last_runs
 from stor.metrics import Metrics
-from stor.model import PairState, StatusReport
+from stor.model import DiskHealth, PairState, StatusReport
 from stor.service.health import HealthMonitor
 from stor.service.offload import Offload
 from stor.service.s3tier import S3Part
@@ -42,14 +42,15 @@ class StatusReporter:
         disks, _ = await asyncio.gather(self.monitor.check(), self.check_cache())
         by_root = {h.path: h for h in disks}
         reasons = [f"{h.path}: {h.error}" for h in disks if not h.ok]
-        pairs = []
-        for pair in self.pool.pairs:
-            up = sum(1 for d in pair.members if by_root[d.root].ok)
-            state = "healthy" if up == len(pair.members) else "down" if up == 0 else "degraded"
-            pairs.append(PairState(pair.index, [d.root for d in pair.members], pair.writable, state))
+        pairs = [self._pair_state(pair, by_root) for pair in self.pool.pairs]
+        not_ready = [f"pair {p.index} is down: no member is readable" for p in pairs if p.state == "down"]
+        if not any(p.takes_writes for p in pairs):
+            not_ready.append("no pair takes writes")
         return StatusReport(
             ok=not reasons,
             reasons=reasons,
+            ready=not not_ready,
+            ready_reasons=not_ready,
             disks=disks,
             pairs=pairs,
             memcached={"configured": self.locations is not None, "reachable": self.cache_reachable},
@@ -59,6 +60,15 @@ class StatusReporter:
             reserved_bytes={p.index: self.pool.reserved(p) for p in self.pool.pairs},
             group_commit=self.commits.stats(),
         )
+
+    @staticmethod
+    def _pair_state(pair: Pair, by_root: dict[str, DiskHealth]) -> PairState:
+        members = [by_root[d.root] for d in pair.members]
+        up = sum(1 for h in members if h.ok)
+        readable = sum(1 for h in members if h.ok or h.readable)
+        state = "healthy" if up == len(members) else "down" if readable == 0 else "degraded"
+        takes_writes = pair.writable and up == len(members)
+        return PairState(pair.index, [d.root for d in pair.members], pair.writable, state, takes_writes)
 
     async def check_cache(self) -> None:
         """Ask the cache if it answers, within the status deadline (the breaker makes a dead

@@ -21,6 +21,7 @@ from stor.backends.disk import Disk, now_ns
 from stor.backends.groupcommit import GroupCommits
 from stor.backends.pairs import Pair, PairWrite, StoragePool, settle
 from stor.digest import Sha
+from stor.errors import InsufficientStorage
 from stor.model import PutResult
 from stor.service.health import HealthMonitor
 from stor.service.lookup import Lookup
@@ -162,6 +163,35 @@ class Uploads:
                 tail = await upload.spool(body)
                 await self.offload.run(upload.stage, sha, tail)
                 return (await upload.publish(sha)).paths
+
+    async def relocate(self, sha: Sha, away: Pair, body: AsyncIterator[bytes], size: int, mtime_ns: int) -> PutResult:
+        """Store `sha` on a pair other than `away` (which must take no writes), keeping its
+        mtime (`stor evacuate`). Not created: it was complete on another pair already."""
+        async with self._sha_lock(sha):
+            plan = await self.offload.run(self._relocation_plan, sha, away, size, mtime_ns)
+            if plan.done:
+                return PutResult(False, plan.kept)
+            async with Upload(self, plan, size) as upload:
+                tail = await upload.spool(body)
+                await self.offload.run(upload.stage, sha, tail)
+                return await upload.publish(sha)
+
+    def _relocation_plan(self, sha: Sha, away: Pair, size: int, mtime_ns: int) -> Plan:
+        """`plan`, with the copies on `away` left out of account."""
+        for pair in self.pool.pairs:
+            if pair is away:
+                continue
+            present = self.lookup.present_on(pair, sha)
+            if len(present) == len(pair.members):
+                return Plan(pair, [], None, [present[d.root].path for d in pair.members], True)
+            if present and pair.writable and self.monitor.pair_healthy(pair):
+                missing = [d for d in pair.members if d.root not in present]
+                kept = [st.path for st in present.values()]
+                return Plan(pair, missing, min(st.mtime_ns for st in present.values()), kept, True)
+        target = self.pool.choose_pair(size, self.monitor.pair_healthy)
+        if target is away:
+            raise InsufficientStorage(f"pair {away.index} takes writes: it cannot be evacuated onto itself")
+        return Plan(target, list(target.members), mtime_ns, [], True)
 
     async def put_content(self, body: AsyncIterator[bytes], length: int | None) -> tuple[Sha, int, PutResult]:
         """Store a body whose sha is not known in advance (named files): it is hashed on the

@@ -186,3 +186,27 @@ def test_a_miss_the_kernel_remembers_turns_503_when_a_member_is_unmounted(
     assert list(members[0].iterdir()) == []
     run("mount", "-o", "loop", str(mounts.image_of(members[0])), str(members[0]))
     assert httpx.get(missing).status_code == 404
+
+
+def test_a_disk_that_goes_away_is_let_go_of_so_it_can_be_unmounted(
+    mounts: Mounts, servers: Servers, build: Callable[[list[list[Path]]], Storage], ledger: Ledger
+) -> None:
+    first, second = mounts.ext4("a1"), mounts.ext4("a2")
+    storage = build([[first, second]])
+    server = servers.start(fault_config(storage))
+    blobs = [os.urandom(4096) for _ in range(20)]
+    for data in blobs:
+        assert post(server, data, ledger).status_code == 201
+    for _ in range(2):
+        reads_back(server, blobs)  # small copies are kept open now, on both disks
+    image = mounts.image_of(first)
+
+    def attached() -> bool:
+        return bool(run("losetup", "-j", str(image)).stdout.strip())
+
+    assert attached()
+    run("umount", "-l", str(first))  # the disk goes away; the filesystem lives on while files are open
+    assert wait_for(lambda: not attached(), timeout=8), "stor still holds files on the disk that went away"
+    reads_back(server, blobs)  # from the partner
+    run("mount", "-o", "loop", str(image), str(first))  # back, for the invariant checker
+    assert wait_for(lambda: status(server).status_code == 200)
