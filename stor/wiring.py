@@ -197,6 +197,7 @@ def build_app(config: Config, config_path: str | None = None) -> Starlette:
             yield
         finally:
             reloader.uninstall()
+            authenticator.close()
             background.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await background

@@ -123,7 +123,7 @@ class app_client:
         await self._lifespan.__aexit__(None, None, None)
 
 
-_LISTENING = re.compile(rb"(?:Uvicorn running on|Listening at:) (http://[\d.]+:[1-9]\d*)")
+_LISTENING = re.compile(rb"(?:Uvicorn running on|Listening at:) (https?://[\d.]+:[1-9]\d*)")
 
 
 class StorProcess:
@@ -167,7 +167,7 @@ class StorProcess:
     def _answers(url: str) -> bool:
         """With several workers the parent logs its URL before the workers listen."""
         try:
-            return httpx.get(url + "/", timeout=2).status_code == 200
+            return httpx.get(url + "/", timeout=2, verify=False).status_code == 200
         except httpx.TransportError:
             return False
 

@@ -170,17 +170,29 @@ class StatsdSink:
         self.lines: list[str] = []
 
     def collect(self, wait: float = 0.3) -> list[str]:
-        self.sock.settimeout(wait)
-        while True:
+        """Every line that arrives within `wait` seconds, added to `lines`."""
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
             try:
-                packet = self.sock.recv(65536)
+                self.lines.extend(self.sock.recv(65536).decode().splitlines())
             except TimeoutError:
-                return self.lines
-            self.lines.extend(packet.decode().splitlines())
-            self.sock.settimeout(0.05)
+                break
+        return self.lines
 
-    def names(self, wait: float = 0.3) -> list[str]:
+    def names(self, wait: float = 1.3) -> list[str]:
+        """The metric names so far (counters arrive added up, once a second: wait for them)."""
         return [line.split(":", 1)[0] for line in self.collect(wait)]
+
+    def counts(self, wait: float = 1.3) -> dict[str, float]:
+        """Each counter's total over the lines so far."""
+        totals: dict[str, float] = {}
+        for line in self.collect(wait):
+            name, _, rest = line.partition(":")
+            value, _, kind = rest.partition("|")
+            if kind.startswith("c"):
+                totals[name] = totals.get(name, 0.0) + float(value)
+        return totals
 
     def close(self) -> None:
         self.sock.close()

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
 from tests.conftest import Storage, StorProcess
-from tests.helpers import PASSWORD, USER, sha256
+from tests.helpers import PASSWORD, USER, layout_path, sha256
+from tests.services import free_port
 
 
 def stor(server: StorProcess, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -34,16 +38,16 @@ def test_put_uploads_files_and_skips_known_ones(server: StorProcess, storage: St
         path = tmp_path / f"file{n}.bin"
         path.write_bytes(os.urandom(1000 + n))
         files.append(path)
-    result = stor(server, "put", *map(str, files), str(tmp_path / "missing"), str(tmp_path))
-    assert result.returncode == 1  # two arguments were not files
-    assert "missing: not a regular file" in result.stderr and f"{tmp_path}: not a regular file" in result.stderr
-    lines = result.stdout.splitlines()
-    assert lines == [f"{sha256(p.read_bytes())}  {p}" for p in files]
+    result = stor(server, "put", *map(str, files), str(tmp_path / "missing"))
+    assert result.returncode == 1  # one argument was no file
+    assert result.stderr.strip() == f"stor: {tmp_path / 'missing'}: no such file"
+    assert result.stdout.splitlines() == [f"{sha256(p.read_bytes())}  {p}  stored" for p in files]
     for path in files:
         assert len(storage.copies(sha256(path.read_bytes()))) == 2
     before = posts(server)
     again = stor(server, "put", *map(str, files))
-    assert again.returncode == 0 and again.stdout.splitlines() == lines
+    assert again.returncode == 0
+    assert again.stdout.splitlines() == [f"{sha256(p.read_bytes())}  {p}  exists" for p in files]
     assert posts(server) == before  # asked with POST /stat, uploaded nothing
 
 
@@ -52,7 +56,7 @@ def test_put_reports_a_failed_upload(server: StorProcess, tmp_path: Path) -> Non
     path.write_bytes(b"data")
     env = {**os.environ, "STOR_URL": server.url, "STOR_USER": USER, "STOR_PASSWORD": "wrong"}
     result = subprocess.run([sys.executable, "-m", "stor", "put", str(path)], capture_output=True, text=True, env=env)
-    assert result.returncode == 1
+    assert result.returncode == 2  # credentials are the caller's to fix
     assert "401" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
@@ -97,3 +101,81 @@ def test_head(server: StorProcess) -> None:
     assert result.stdout.startswith(f"{sha256(data)}  {len(data)}  ")
     missing = stor(server, "head", "1" * 64)
     assert missing.returncode == 1 and "not found" in missing.stderr
+
+
+def test_put_takes_directories_in_parallel_and_speaks_json(server: StorProcess, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "deep" / "er").mkdir(parents=True)
+    blobs = {tree / f"f{n}": os.urandom(500 + n) for n in range(5)}
+    blobs[tree / "deep" / "er" / "g"] = os.urandom(99)
+    for path, data in blobs.items():
+        path.write_bytes(data)
+    result = stor(server, "put", str(tree), "-j", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert sorted(line["file"] for line in lines) == sorted(str(p) for p in blobs)
+    assert {(line["sha"], line["result"]) for line in lines} == {(sha256(d), "stored") for d in blobs.values()}
+    again = stor(server, "put", str(tree), "--json", str(tmp_path / "nope"))
+    results = [json.loads(line) for line in again.stdout.splitlines()]
+    assert again.returncode == 1
+    assert {r["result"] for r in results if r["sha"]} == {"exists"}
+    assert [r["error"] for r in results if r["result"] == "error"] == [f"{tmp_path / 'nope'}: no such file"]
+
+
+def test_every_way_of_giving_credentials(server: StorProcess, tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(10))
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("STOR_")}
+
+    def put(*args: str, **env: str) -> int:
+        command = [sys.executable, "-m", "stor", "put", str(path), "--url", server.url, *args]
+        return subprocess.run(command, capture_output=True, text=True, env={**bare, **env}).returncode
+
+    assert put() == 2  # no credentials: 401
+    assert put("-u", f"{USER}:{PASSWORD}") == 0
+    assert put(STOR_CREDENTIALS=f"{USER}:{PASSWORD}") == 0
+    assert put(STOR_USER=USER, STOR_PASSWORD=PASSWORD) == 0
+    assert put("-u", "no-colon") == 2
+
+
+def test_head_by_name_and_exit_codes(server: StorProcess, tmp_path: Path) -> None:
+    source = tmp_path / "r.txt"
+    source.write_bytes(b"named")
+    assert stor(server, "put", str(source), "--name", "docs/r.txt").returncode == 0
+    named = stor(server, "head", "--name", "docs/r.txt")
+    assert named.returncode == 0 and named.stdout.startswith(f"{sha256(b'named')}  5  ")
+    assert stor(server, "head", "--name", "docs/none").returncode == 1
+    assert stor(server, "head").returncode == 2
+    down = subprocess.run(
+        [sys.executable, "-m", "stor", "head", "1" * 64, "--url", f"http://127.0.0.1:{free_port()}", "--retries", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert down.returncode == 3 and "after 2 tries" in down.stderr
+
+
+def test_a_server_that_comes_back_is_retried_until_it_answers(
+    storage: Storage, start_stor: Callable[..., StorProcess], tmp_path: Path
+) -> None:
+    """503 while the blob's pair is unplugged, then 200 once it is back: the client waits it out."""
+    config = storage.write_config()
+    server = start_stor("--config", str(config))
+    data = os.urandom(300)
+    assert httpx.post(f"{server.url}/{sha256(data)}", content=data, auth=(USER, PASSWORD)).status_code == 201
+    pair = next(p for p in storage.pairs if all(layout_path(m, sha256(data)).exists() for m in p))
+    for member in pair:
+        member.rename(member.with_name(member.name + "-away"))
+    assert httpx.head(f"{server.url}/{sha256(data)}").status_code == 503
+    client = subprocess.Popen(
+        [sys.executable, "-m", "stor", "head", sha256(data), "--url", server.url, "--retries", "8"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)
+    for member in pair:
+        member.with_name(member.name + "-away").rename(member)
+    out, err = client.communicate(timeout=60)
+    assert client.returncode == 0, err
+    assert out.startswith(f"{sha256(data)}  300  ")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -26,6 +27,7 @@ SHA = sha256(DATA)
 
 
 def statsd_config(storage: Storage, sink: StatsdSink, **extra: object) -> dict[str, object]:
+    extra.setdefault("open_file_cache_size", 0)  # every read in a thread, timed
     return storage.config(statsite={"host": "127.0.0.1", "port": sink.port, "prefix": "stor.test"}, **extra)
 
 
@@ -67,6 +69,38 @@ async def test_stors_statsd_names_arrive_over_udp(storage: Storage, statsd_sink:
     lines = statsd_sink.lines
     assert any(re.fullmatch(r"stor\.test\.lookup\.time:[\d.]+\|ms", line) for line in lines)
     assert f"stor.test.success.get.ok.size:{len(DATA)}|c" in lines
+
+
+def test_the_fast_path_sends_stors_cache_and_lookup_names(
+    storage: Storage, statsd_sink: StatsdSink, start_stor: Callable[..., StorProcess]
+) -> None:
+    """GETs answered by uvicorn's protocol on the spot (no ASGI cycle) still count as Stor did:
+    the first opens the copy after probing the disks (a miss), later ones find it kept (hits)."""
+    raw = storage.config(statsite={"host": "127.0.0.1", "port": statsd_sink.port, "prefix": "s"})
+    config = storage.base / "statsd.json"
+    config.write_text(json.dumps(raw))
+    server = start_stor("--config", str(config))
+    assert httpx.post(f"{server.url}/{SHA}", content=DATA, auth=AUTH).status_code == 201
+    statsd_sink.counts()
+    statsd_sink.lines.clear()
+    with httpx.Client() as http:
+        for _ in range(5):
+            assert http.get(f"{server.url}/{SHA}").content == DATA
+    counts = statsd_sink.counts()
+    assert counts.get("s.request.get.count") == 5 and counts.get("s.success.get.ok.count") == 5
+    assert counts.get("s.cache.hit", 0) + counts.get("s.cache.miss", 0) == 5
+    assert counts.get("s.cache.hit", 0) >= 3  # kept open after the first
+    attempts = sum(v for k, v in counts.items() if k.startswith("s.lookup.attempt."))
+    assert attempts == counts.get("s.cache.miss", 0)
+    assert any(line.startswith("s.lookup.time:") for line in statsd_sink.lines) == (attempts > 0)
+
+
+@pytest.mark.anyio
+async def test_build_info_and_process_metrics(storage: Storage) -> None:
+    async with app_client(storage.config()) as http:
+        text = (await http.get("/metrics")).text
+    assert re.search(rf'stor_build_info{{python="[\d.]+",version="{re.escape(__version__)}"}} 1\.0', text)
+    assert "process_resident_memory_bytes" in text and "process_open_fds" in text
 
 
 def test_outcome_names() -> None:

@@ -67,6 +67,15 @@ def test_import_stores_both_copies_and_skips_known_files(storage: Storage) -> No
     assert (again / "x").exists()  # without --move the source stays
 
 
+def test_the_summary_is_json_on_stdout_and_a_line_on_stderr(storage: Storage) -> None:
+    config = storage.write_config()
+    import_blobs(storage, config, 2)
+    result = stor("scrub", "--config", str(config))
+    assert result.returncode == 0
+    assert json.loads(result.stdout)["blobs"] == 2
+    assert result.stderr.startswith("stor: scrubbed 2 blobs, 4 copies")
+
+
 def test_a_clean_scrub(storage: Storage) -> None:
     config = storage.write_config()
     blobs = import_blobs(storage, config, 8)

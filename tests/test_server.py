@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -19,7 +21,7 @@ import pytest
 from stor.backends import syscalls
 from stor.backends.disk import GROUP_COMMIT_FILESYSTEMS
 from tests.conftest import Storage, StorProcess
-from tests.helpers import AUTH, AUTH_HEADER, debris, layout_path, sha256, temp_files, wait_for
+from tests.helpers import AUTH, AUTH_HEADER, PASSWORD, USER, debris, layout_path, sha256, temp_files, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -309,6 +311,12 @@ def test_the_embedded_default(tmp_path: Path, start_stor: Callable[..., StorProc
     credentials = (data_dir / "credentials").read_text().strip()
     assert oct((data_dir / "credentials").stat().st_mode & 0o777) == "0o600"
     assert server.log().count(credentials) == 1  # printed once
+    config = data_dir / "stor.json"  # for the operator commands
+    assert oct(config.stat().st_mode & 0o777) == "0o600" and str(config) in server.log()
+    checked = subprocess.run(
+        [sys.executable, "-m", "stor", "check-config", "--config", str(config)], capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stderr
     user, password = credentials.split(":", 1)
     data = b"embedded"
     sha = sha256(data)
@@ -381,3 +389,47 @@ def test_config_file_comes_from_the_environment_too(storage: Storage, start_stor
     data = b"via CONFIG_FILE"
     assert httpx.post(f"{server.url}/{sha256(data)}", content=data, auth=AUTH).status_code == 201
     assert len(storage.copies(sha256(data))) == 2
+
+
+def test_json_logs_carry_the_access_fields(storage: Storage, start_stor: Callable[..., StorProcess]) -> None:
+    server = start_stor("--config", str(storage.write_config()), "--log-format", "json")
+    data = b"logged"
+    assert httpx.post(f"{server.url}/{sha256(data)}", content=data, auth=(USER, PASSWORD)).status_code == 201
+    for _ in range(2):  # the second is answered on the spot by the server's protocol
+        assert httpx.get(f"{server.url}/{sha256(data)}").content == data
+    assert httpx.get(f"{server.url}/status").status_code == 200
+    assert wait_for(lambda: server.log().count('"logger": "stor.access"') >= 4)
+    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    access = [line for line in lines if line["logger"] == "stor.access" and line["path"] != "/"]  # not the ready check
+    assert [(a["method"], a["status"]) for a in access] == [("POST", 201), ("GET", 200), ("GET", 200), ("GET", 200)]
+    assert [a["bytes"] for a in access[1:3]] == [len(data), len(data)] and access[3]["path"] == "/status"
+    assert all(a["remote"].startswith("127.0.0.1:") and a["duration_ms"] >= 0 for a in access)
+    assert not any(line["logger"].startswith("uvicorn") for line in lines)
+    assert any(line["logger"] == "stor.server" and line["level"] == "info" for line in lines)
+
+
+@pytest.mark.parametrize("http_server", ["uvicorn", "granian"])
+def test_tls_with_a_certificate_made_here(
+    storage: Storage, start_stor: Callable[..., StorProcess], tmp_path: Path, http_server: str
+) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    config = str(storage.write_config())
+    args = ["--config", config, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--server", http_server]
+    server = start_stor(*args)
+    assert server.url.startswith("https://")
+    data = b"over tls"
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(cert))) as https:
+        assert https.post(f"{server.url}/{sha256(data)}", content=data, auth=(USER, PASSWORD)).status_code == 201
+        assert https.get(f"{server.url}/{sha256(data)}").content == data
+    with pytest.raises(httpx.TransportError):
+        httpx.get(server.url.replace("https://", "http://") + "/", timeout=5)
+    half = subprocess.run(
+        [sys.executable, "-m", "stor", "serve", "--config", config, "--ssl-certfile", str(cert)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert half.returncode == 2 and "go together" in half.stderr

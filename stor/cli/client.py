@@ -1,17 +1,28 @@
-"""The client commands: `stor put`, `stor get`, `stor head`."""
+"""The client commands: `stor put`, `stor get`, `stor head`.
+
+The server comes from `--url` or `STOR_URL`; credentials from `-u/--user USER:PASS` (as curl),
+`STOR_CREDENTIALS`, or `STOR_USER` + `STOR_PASSWORD`. Connection failures and 5xx answers are
+retried with backoff (`--retries`). Exit codes: 0 done, 1 not found or content mismatch, 2 usage
+or credentials, 3 server unreachable or still failing after the retries. Machine-readable
+output on stdout, errors and progress bars (on a terminal only) on stderr.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 from tqdm import tqdm
 
 from stor.cli.common import DEFAULT_PORT, fail
-from stor.client import ClientError, StorClient, hash_file
+from stor.client import NOT_FOUND, ClientError, StorClient, hash_file, parse_credentials
 from stor.digest import Sha, parse_sha
 from stor.errors import InvalidDigest
 
@@ -19,11 +30,49 @@ BIG_FILE = 8 * 1024 * 1024
 
 
 def _client_options(command: Callable[..., None]) -> Callable[..., None]:
-    command = click.option("--password", envvar="STOR_PASSWORD", help="[env STOR_PASSWORD]")(command)
-    command = click.option("--user", envvar="STOR_USER", help="[env STOR_USER]")(command)
-    url_help = "stor's URL [env STOR_URL]"
-    default_url = f"http://127.0.0.1:{DEFAULT_PORT}"
-    return click.option("--url", envvar="STOR_URL", default=default_url, show_default=True, help=url_help)(command)
+    options = [
+        click.option(
+            "--url",
+            envvar="STOR_URL",
+            default=f"http://127.0.0.1:{DEFAULT_PORT}",
+            show_default=True,
+            help="stor's URL [env STOR_URL]",
+        ),
+        click.option(
+            "-u",
+            "--user",
+            "credentials",
+            envvar="STOR_CREDENTIALS",
+            metavar="USER:PASS",
+            help="Writer credentials, as curl's -u [env STOR_CREDENTIALS, or STOR_USER and STOR_PASSWORD].",
+        ),
+        click.option(
+            "--retries",
+            default=3,
+            show_default=True,
+            type=click.IntRange(0, 20),
+            help="Retries of a request that found the server unreachable or got a 5xx.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _client(url: str, credentials: str | None, retries: int) -> StorClient:
+    return StorClient(url, _credentials(credentials), retries=retries)
+
+
+def _credentials(given: str | None) -> tuple[str, str] | None:
+    if given:
+        try:
+            return parse_credentials(given)
+        except ClientError as exc:
+            raise click.BadParameter(str(exc), param_hint="-u/--user") from None
+    user, password = os.environ.get("STOR_USER"), os.environ.get("STOR_PASSWORD")
+    if user and password is not None:
+        return user, password
+    return None
 
 
 def _bar(total: int, what: str, show: bool) -> tqdm[None]:
@@ -37,66 +86,109 @@ def _sha_or_usage(text: str) -> Sha:
         raise click.BadParameter(str(exc)) from None
 
 
+def _exit(error: ClientError) -> None:
+    fail(str(error))
+    sys.exit(error.exit_code)
+
+
+# -- put ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Outcome:
+    file: Path
+    sha: Sha | None = None
+    result: str = "error"  # stored, exists, error
+    error: str | None = None
+    exit_code: int = 0
+
+    def line(self, as_json: bool) -> str:
+        if as_json:
+            fields: dict[str, Any] = {"sha": self.sha, "file": str(self.file), "result": self.result}
+            if self.error:
+                fields["error"] = self.error
+            return json.dumps(fields)
+        return f"{self.sha}  {self.file}  {self.result}"
+
+
+def _files(arguments: tuple[Path, ...]) -> Iterator[Path | _Outcome]:
+    """The files to upload: each argument, or every file under a directory (recursively)."""
+    for path in arguments:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file())
+        elif path.is_file():
+            yield path
+        else:
+            reason = "no such file" if not path.exists() and not path.is_symlink() else "not a regular file"
+            yield _Outcome(path, error=f"{path}: {reason}", exit_code=NOT_FOUND)
+
+
 @click.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--name", help="Store the one FILE under this path name (the named-file API).")
+@click.option("-j", "--jobs", default=4, show_default=True, type=click.IntRange(1, 64), help="Parallel uploads.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per file on stdout.")
 @_client_options
-def put(files: tuple[Path, ...], name: str | None, url: str, user: str | None, password: str | None) -> None:
-    """Upload FILES, skipping those the server already has. Prints `sha  file` per file."""
+def put(
+    files: tuple[Path, ...], name: str | None, jobs: int, as_json: bool, url: str, credentials: str | None, retries: int
+) -> None:
+    """Upload FILES (directories: every file in them), skipping those the server has already.
+    Prints `sha  file  stored|exists` per file (or JSON with --json)."""
     if name is not None:
-        _put_named(files, name, url, user, password)
+        _put_named(files, name, _client(url, credentials, retries))
         return
-    failed = 0
-    readable: list[Path] = []
-    for path in files:
-        if not path.is_file():
-            fail(f"{path}: not a regular file")
-            failed += 1
-        elif not os.access(path, os.R_OK):
-            fail(f"{path}: not readable")
-            failed += 1
-        else:
-            readable.append(path)
-    total = sum(p.stat().st_size for p in readable)
-    show = sys.stderr.isatty() and (len(readable) > 1 or total > BIG_FILE)
-    hashed: list[tuple[Sha, Path]] = []
-    with _bar(total, "hashing", show) as bar:
-        for path in readable:
-            try:
-                hashed.append((hash_file(path, bar.update), path))
-            except ClientError as exc:
-                fail(str(exc))
-                failed += 1
-    with StorClient(url, user, password) as client:
+    found = list(_files(files))
+    outcomes = [item for item in found if isinstance(item, _Outcome)]
+    paths = [item for item in found if isinstance(item, Path)]
+    total = sum(p.stat().st_size for p in paths)
+    show = sys.stderr.isatty() and (len(paths) > 1 or total > BIG_FILE)
+    with _client(url, credentials, retries) as client:
+        hashed: list[_Outcome] = []
+        with _bar(total, "hashing", show) as bar:
+            for path in paths:
+                try:
+                    hashed.append(_Outcome(path, hash_file(path, bar.update)))
+                except ClientError as exc:
+                    outcomes.append(_Outcome(path, error=str(exc), exit_code=exc.exit_code))
         try:
-            known = client.stat([sha for sha, _ in hashed]) if hashed else {}
+            known = client.stat([o.sha for o in hashed if o.sha]) if hashed else {}
         except ClientError as exc:
-            fail(str(exc))
-            sys.exit(1)
-        todo = [(sha, path) for sha, path in hashed if not known.get(sha)]
-        with _bar(sum(p.stat().st_size for _, p in todo), "uploading", show) as bar:
-            for sha, path in hashed:
-                if (sha, path) in todo:
-                    try:
-                        client.put(sha, path, bar.update)
-                    except ClientError as exc:
-                        fail(f"{path}: {exc}")
-                        failed += 1
-                        continue
-                click.echo(f"{sha}  {path}")
-    sys.exit(1 if failed else 0)
+            _exit(exc)
+        todo = [o for o in hashed if not known.get(o.sha)]  # type: ignore[arg-type]
+        for outcome in hashed:
+            if outcome not in todo:
+                outcome.result = "exists"
+        with _bar(sum(o.file.stat().st_size for o in todo), "uploading", show) as bar:
+
+            def upload(outcome: _Outcome) -> None:
+                assert outcome.sha is not None
+                try:
+                    outcome.result = "stored" if client.put(outcome.sha, outcome.file, bar.update) else "exists"
+                except ClientError as exc:
+                    outcome.result, outcome.error, outcome.exit_code = "error", str(exc), exc.exit_code
+
+            with ThreadPoolExecutor(jobs) as pool:
+                list(pool.map(upload, todo))
+    for outcome in outcomes + hashed:
+        if outcome.error:
+            fail(outcome.error)
+        if outcome.sha is not None or as_json:
+            click.echo(outcome.line(as_json))
+    sys.exit(max((o.exit_code for o in outcomes + hashed), default=0))
 
 
-def _put_named(files: tuple[Path, ...], name: str, url: str, user: str | None, password: str | None) -> None:
+def _put_named(files: tuple[Path, ...], name: str, client: StorClient) -> None:
     if len(files) != 1 or not files[0].is_file():
         raise click.UsageError("--name takes exactly one regular FILE")
-    with StorClient(url, user, password) as client:
+    with client:
         try:
             sha = client.put_named(name, files[0])
         except ClientError as exc:
-            fail(str(exc))
-            sys.exit(1)
+            _exit(exc)
     click.echo(f"{sha}  {name}")
+
+
+# -- get and head ------------------------------------------------------------------------------
 
 
 @click.command()
@@ -105,53 +197,41 @@ def _put_named(files: tuple[Path, ...], name: str, url: str, user: str | None, p
 @click.option("--name", help="Get the file stored under this path name instead of a SHA.")
 @_client_options
 def get(
-    sha: str | None, output: Path | None, name: str | None, url: str, user: str | None, password: str | None
+    sha: str | None, output: Path | None, name: str | None, url: str, credentials: str | None, retries: int
 ) -> None:
     """Download a blob (or a named file), verify its hash and write it atomically."""
     if (sha is None) == (name is None):
         raise click.UsageError("give either a SHA or --name")
-    if name is not None:
-        _get_named(name, output, url, user, password)
-        return
-    assert sha is not None
-    blob = _sha_or_usage(sha)
-    target = output or Path(blob)
+    what = name if name is not None else _sha_or_usage(sha or "")
+    target = output or Path(Path(what).name)
     if target.is_dir():
-        target = target / blob
-    with StorClient(url, user, password) as client:
+        target = target / Path(what).name
+    with _client(url, credentials, retries) as client:
         try:
-            size = client.head(blob).size
-            with _bar(size, "downloading", sys.stderr.isatty() and size > BIG_FILE) as bar:
-                client.get(blob, target, bar.update)
+            if name is not None:
+                client.get_named(name, target)
+            else:
+                blob = Sha(what)
+                size = client.head(blob).size
+                with _bar(size, "downloading", sys.stderr.isatty() and size > BIG_FILE) as bar:
+                    client.get(blob, target, bar.update)
         except ClientError as exc:
-            fail(f"{blob}: not found" if exc.status == 404 else str(exc))
-            sys.exit(1)
-    click.echo(f"{blob}  {target}")
-
-
-def _get_named(name: str, output: Path | None, url: str, user: str | None, password: str | None) -> None:
-    target = output or Path(Path(name).name)
-    if target.is_dir():
-        target = target / Path(name).name
-    with StorClient(url, user, password) as client:
-        try:
-            client.get_named(name, target)
-        except ClientError as exc:
-            fail(f"{name}: not found" if exc.status == 404 else str(exc))
-            sys.exit(1)
-    click.echo(f"{name}  {target}")
+            _exit(ClientError(f"{what}: not found", 404) if exc.status == 404 else exc)
+    click.echo(f"{what}  {target}")
 
 
 @click.command()
-@click.argument("sha")
+@click.argument("sha", required=False)
+@click.option("--name", help="Ask about the file stored under this path name instead of a SHA.")
 @_client_options
-def head(sha: str, url: str, user: str | None, password: str | None) -> None:
-    """Show a blob's size and date; exit 1 if the server does not have it."""
-    name = _sha_or_usage(sha)
-    with StorClient(url, user, password) as client:
+def head(sha: str | None, name: str | None, url: str, credentials: str | None, retries: int) -> None:
+    """Show a blob's (or named file's) sha, size and date: `sha  size  date`. Exit 1 if the
+    server does not have it, 3 if it cannot be asked."""
+    if (sha is None) == (name is None):
+        raise click.UsageError("give either a SHA or --name")
+    with _client(url, credentials, retries) as client:
         try:
-            info = client.head(name)
+            info = client.head_named(name) if name is not None else client.head(_sha_or_usage(sha or ""))
         except ClientError as exc:
-            fail(f"{name}: not found" if exc.status == 404 else str(exc))
-            sys.exit(1)
+            _exit(ClientError(f"{name or sha}: not found", 404) if exc.status == 404 else exc)
     click.echo(f"{info.sha}  {info.size}  {info.last_modified}")

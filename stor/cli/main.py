@@ -23,5 +23,6 @@ for command in (
     tools.scrub,
     tools.import_,
     tools.evacuate,
+    tools.hash_password,
 ):
     main.add_command(command)

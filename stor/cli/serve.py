@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging.config
 import os
 import secrets
@@ -13,12 +14,12 @@ from pathlib import Path
 import click
 
 from stor.cli.common import DEFAULT_PORT, fail, validated
-from stor.cli.logs import logging_config
+from stor.cli.logs import FORMATS, logging_config
 from stor.config import ENV_BASIC_AUTH, ENV_CONFIG_FILE, Config
 from stor.errors import ConfigError
 from stor.http import servers
 from stor.metrics.prometheus import ENV_MULTIPROC
-from stor.wiring import ENV_DATA_DIR, embedded_config
+from stor.wiring import ENV_DATA_DIR
 
 
 @click.command()
@@ -61,6 +62,27 @@ from stor.wiring import ENV_DATA_DIR, embedded_config
     show_default=True,
 )
 @click.option(
+    "--log-format",
+    envvar="STOR_LOG_FORMAT",
+    default="text",
+    type=click.Choice(FORMATS),
+    show_default=True,
+    help="Log lines as text, or one JSON object per line (access lines carry method, path, status, "
+    "bytes, duration_ms and remote) [env STOR_LOG_FORMAT].",
+)
+@click.option(
+    "--ssl-certfile",
+    envvar="STOR_SSL_CERTFILE",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Serve HTTPS: the PEM certificate (chain) [env STOR_SSL_CERTFILE]; with --ssl-keyfile.",
+)
+@click.option(
+    "--ssl-keyfile",
+    envvar="STOR_SSL_KEYFILE",
+    type=click.Path(exists=True, dir_okay=False),
+    help="The certificate's private key, PEM [env STOR_SSL_KEYFILE].",
+)
+@click.option(
     "--server",
     envvar="STOR_SERVER",
     default="uvicorn",
@@ -71,10 +93,22 @@ from stor.wiring import ENV_DATA_DIR, embedded_config
     "(see docs/deployment.md) [env STOR_SERVER].",
 )
 def serve(
-    config_path: str | None, host: str, port: int, workers: int, data_dir: str, log_level: str, server: str
+    config_path: str | None,
+    host: str,
+    port: int,
+    workers: int,
+    data_dir: str,
+    log_level: str,
+    log_format: str,
+    ssl_certfile: str | None,
+    ssl_keyfile: str | None,
+    server: str,
 ) -> None:
     """Serve the HTTP API."""
-    logging.config.dictConfig(logging_config(log_level.upper()))
+    if bool(ssl_certfile) != bool(ssl_keyfile):
+        raise click.UsageError("--ssl-certfile and --ssl-keyfile go together")
+    logs = logging_config(log_level.upper(), log_format)
+    logging.config.dictConfig(logs)
     if config_path:
         config = validated(config_path)
         os.environ[ENV_CONFIG_FILE] = os.path.abspath(config_path)
@@ -86,9 +120,8 @@ def serve(
         multiproc = tempfile.mkdtemp(prefix="stor-metrics-")
         os.environ[ENV_MULTIPROC] = multiproc
     try:
-        started = servers.serve(
-            server, host, port, workers, logging_config(log_level.upper()), config.body_idle_timeout
-        )
+        listen = servers.Listen(host, port, workers, config.body_idle_timeout, ssl_certfile, ssl_keyfile)
+        started = servers.serve(server, listen, logs)
     except ConfigError as exc:
         fail(str(exc))
         sys.exit(2)
@@ -117,20 +150,33 @@ def check_config(config_path: str) -> None:
 
 
 def _prepare_embedded(data_dir: Path) -> Config:
-    """Create the embedded default's directories and writer credentials, and say so once."""
+    """Create the embedded default's directories, writer credentials and config file
+    (`stor.json`, so that `stor scrub`, `stor import`, `stor check-config` and SIGHUP work on it
+    as on any deployment), say so once, and serve that file."""
     for disk in ("disk1", "disk2"):
         (data_dir / disk).mkdir(parents=True, exist_ok=True)
-    os.environ[ENV_DATA_DIR] = str(data_dir)
     if os.environ.get(ENV_BASIC_AUTH):
         credentials = f"from {ENV_BASIC_AUTH}"
+        raw: dict[str, object] = {}
     else:
         credentials = _embedded_credentials(data_dir / "credentials")
-        os.environ[ENV_BASIC_AUTH] = credentials
-    config = embedded_config(str(data_dir), os.environ)  # validate now, before the workers start
+        raw = {"basic_auth": credentials}
+    path = data_dir / "stor.json"
+    if not path.exists():  # never over an operator's edits
+        raw = {"storage_pairs": [[str(data_dir / "disk1"), str(data_dir / "disk2")]], "check_mountpoints": False, **raw}
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # it holds the credentials
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(raw, handle, indent=2)
+            handle.write("\n")
+    config = validated(str(path))
+    os.environ[ENV_CONFIG_FILE] = str(path)
     click.echo(
         f"stor: no config given; serving the embedded default from {data_dir} (one pair: disk1 + disk2)", err=True
     )
-    click.echo(f"stor: writer credentials: {credentials}", err=True)
+    click.echo(f"stor: its config: {path} (stor scrub --config {path}, or export CONFIG_FILE={path})", err=True)
+    click.echo(
+        f"stor: writer credentials: {credentials} (export STOR_CREDENTIALS=$(cat {data_dir}/credentials))", err=True
+    )
     return config
 
 

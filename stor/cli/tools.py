@@ -22,6 +22,7 @@ from stor.config import ENV_CONFIG_FILE
 from stor.digest import Sha
 from stor.errors import StorError
 from stor.evacuate import Evacuation
+from stor.http import auth
 from stor.model import PutResult
 from stor.names import NamedFiles
 from stor.scrub import Repair, Scrubber, ScrubReport
@@ -34,7 +35,7 @@ from stor.wiring import build_service
 @click.command()
 @click.option("--config", "config_path", envvar=ENV_CONFIG_FILE, required=True, type=click.Path(dir_okay=False))
 @click.option("--repair", is_flag=True, help="Quarantine bad copies and rewrite missing or bad ones.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--json", "as_json", is_flag=True, hidden=True, help="Accepted: the summary is always JSON.")
 @click.option("--rate", type=click.FloatRange(min=0.1), help="Hash at most this many MB/s.")
 @click.option("--pair", "pair_index", type=int, help="Scrub only this pair (its index in storage_pairs).")
 @click.option("--restart", is_flag=True, help="Ignore the checkpoint of an interrupted scrub.")
@@ -59,7 +60,7 @@ def scrub(
     except StorError as exc:
         fail(str(exc))
         sys.exit(2)
-    show = sys.stderr.isatty() and not as_json
+    show = sys.stderr.isatty()
     with (
         Portal() as portal,
         tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="scrub", disable=not show) as bar,
@@ -82,10 +83,8 @@ def scrub(
             restart=restart,
         ).run()
     service.close()
-    if as_json:
-        click.echo(json.dumps(report.as_dict(), indent=2))
-    else:
-        _print_scrub(report)
+    click.echo(json.dumps(report.as_dict(), indent=2))  # machine-readable: stdout
+    _print_scrub(report)  # for people: stderr
     if report.interrupted:
         fail("interrupted; run the same command again to continue where it stopped")
         sys.exit(130)
@@ -106,15 +105,16 @@ def _repairer(service: BlobService, portal: Portal) -> Repair:
 
 def _print_scrub(report: ScrubReport) -> None:
     for finding in report.findings:
-        click.echo(f"{finding.problem:<11} {finding.sha}  {finding.disk}  {finding.action}")
+        click.echo(f"stor: {finding.problem:<11} {finding.sha}  {finding.disk}  {finding.action}", err=True)
     seconds = (report.finished or time.time()) - report.started
     rate = report.bytes / seconds / 1e6 if seconds > 0 else 0.0
     click.echo(
-        f"scrubbed {report.blobs} blobs, {report.copies} copies, {report.bytes / 1e6:.1f} MB in {seconds:.1f}s"
+        f"stor: scrubbed {report.blobs} blobs, {report.copies} copies, {report.bytes / 1e6:.1f} MB in {seconds:.1f}s"
         f" ({rate:.0f} MB/s): {report.missing} missing, {report.corrupt} corrupt, {report.truncated} truncated,"
         f" {report.unreadable} unreadable, {report.foreign} foreign, {report.stray_temps} stray temps;"
         f" {report.repaired} repaired, {report.lost} lost, {report.damage_left} damage left;"
-        f" {report.names} names, {report.names_stale} missing on a member, {report.names_restored} restored"
+        f" {report.names} names, {report.names_stale} missing on a member, {report.names_restored} restored",
+        err=True,
     )
 
 
@@ -225,3 +225,18 @@ def evacuate(config_path: str, pair_index: int) -> None:
         fail("interrupted; run the same command again to continue")
         sys.exit(130)
     sys.exit(0 if report.left == 0 else 1)
+
+
+@click.command("hash-password")
+@click.option("--bcrypt", "use_bcrypt", is_flag=True, help="A bcrypt hash instead of argon2id.")
+def hash_password(use_bcrypt: bool) -> None:
+    """Read a password on stdin (asked for, twice and unechoed, on a terminal) and print its
+    hash, for `basic_auth` as `user:<hash>` (htpasswd-style)."""
+    if sys.stdin.isatty():
+        password = click.prompt("password", hide_input=True, confirmation_prompt=True, err=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        fail("the password is empty")
+        sys.exit(2)
+    click.echo(auth.hash_password(password, "bcrypt" if use_bcrypt else "argon2"))

@@ -1,11 +1,14 @@
-"""Every request counted once: method, route, status, time and bytes each way.
+"""Every request counted once: method, route, status, time and bytes each way; and logged
+once on `stor.access` (at INFO) with `method`, `path`, `status`, `bytes`, `duration_ms` and
+`remote` as fields (`stor serve --log-format json` prints them as such).
 
-`RequestMetrics` wraps the ordinary ASGI stack; the fast paths (`fastpath`) count their own
-requests with the same `SendCounter` and the same `Metrics.request` call.
+`RequestMetrics` wraps the ordinary ASGI stack; the fast paths (`fastpath`, and the server's
+answers made on the spot) count and log their own requests the same way.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 
@@ -14,6 +17,29 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from stor.metrics import Metrics
 
 _SHA_PATH = re.compile(r"/[0-9a-fA-F]{64}")
+ACCESS = logging.getLogger("stor.access")
+
+
+def access(method: str, path: str, status: int, sent: int, seconds: float, remote: str) -> None:
+    """One access line (when INFO is on for `stor.access`: formatting costs a hot GET's time)."""
+    if ACCESS.isEnabledFor(logging.INFO):
+        duration_ms = round(seconds * 1000, 3)
+        fields = {"method": method, "path": path, "status": status, "bytes": sent, "duration_ms": duration_ms}
+        ACCESS.info(
+            '%s "%s %s" %d %d %.1fms',
+            remote,
+            method,
+            path,
+            status,
+            sent,
+            duration_ms,
+            extra={**fields, "remote": remote},
+        )
+
+
+def remote_of(scope: Scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "-"
 
 
 def is_sha_path(path: str) -> bool:
@@ -46,9 +72,12 @@ class SendCounter:
             self.sent += len(message.get("body", b""))
         await self._send(message)
 
-    def report(self, metrics: Metrics, method: str, route: str) -> None:
+    def report(self, metrics: Metrics, method: str, route: str, scope: Scope | None = None) -> None:
+        """Count the request; log it too, given its `scope`."""
         seconds = time.perf_counter() - self.started
         metrics.request(method, route, self.status, seconds, self.received, self.sent)
+        if scope is not None:
+            access(method, scope["path"], self.status, self.sent, seconds, remote_of(scope))
 
 
 class RequestMetrics:
@@ -68,7 +97,7 @@ class RequestMetrics:
         try:
             await self.app(scope, counter.receive, counter.send)
         finally:
-            counter.report(self.metrics, scope["method"], self.route_of(scope["path"]))
+            counter.report(self.metrics, scope["method"], self.route_of(scope["path"]), scope)
 
     def route_of(self, path: str) -> str:
         return self.routes.get(path) or ("blob" if is_sha_path(path) else "other")

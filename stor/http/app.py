@@ -70,7 +70,7 @@ def create_app(
         return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
 
     async def write_blob(request: Request) -> Response:
-        authenticator.check(request.headers.get("authorization"))
+        await authenticator.check(request.headers.get("authorization"))
         sha = parse_sha(request.path_params["name"])
         length = content_length(request)
         if length is not None and length > max_upload_size:
@@ -91,7 +91,7 @@ def create_app(
 
     async def bad_path(request: Request) -> Response:
         if request.method in ("POST", "PUT"):
-            authenticator.check(request.headers.get("authorization"))
+            await authenticator.check(request.headers.get("authorization"))
             raise InvalidDigest(request.url.path.lstrip("/"))
         raise BlobNotFound(request.url.path)
 

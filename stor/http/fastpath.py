@@ -86,7 +86,7 @@ class StorApp(Starlette):
                 response = error_response(exc, method, scope["path"], {})
             await response(scope, receive, counter.send)
         finally:
-            counter.report(self.service.metrics, method, "blob")
+            counter.report(self.service.metrics, method, "blob", scope)
 
     async def _write_blob(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The `write_blob` route, with what the stack around it does: errors mapped to
@@ -100,4 +100,4 @@ class StorApp(Starlette):
                 response = error_response(exc, scope["method"], scope["path"], close_if_body_unread(request))
             await response(scope, counter.receive, counter.send)
         finally:
-            counter.report(self.service.metrics, scope["method"], "blob")
+            counter.report(self.service.metrics, scope["method"], "blob", scope)

@@ -28,7 +28,7 @@ def named_routes(
     body_idle_timeout: float,
 ) -> list[Route]:
     async def named_write(request: Request) -> Response:
-        authenticator.check(request.headers.get("authorization"))
+        await authenticator.check(request.headers.get("authorization"))
         name = check_name(request.query_params.get("path"))
         content_type = request.headers.get("content-type")
         multipart = is_multipart(content_type)
@@ -53,7 +53,7 @@ def named_routes(
         return blob_response(request.headers, record.sha, blob.stat, blob, content_type)
 
     async def named_delete(request: Request) -> Response:
-        authenticator.check(request.headers.get("authorization"))
+        await authenticator.check(request.headers.get("authorization"))
         await names.delete(check_name(request.query_params.get("path")))
         return Response(status_code=204)
 

@@ -18,6 +18,7 @@ The only module that touches uvicorn's protocol internals.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from stor.errors import ConfigError
+from stor.http.accounting import access
 from stor.http.io import HOT_TRIED, Answer
 
 AnswerNow = Callable[[str, str, list[tuple[bytes, bytes]]], Answer | None]
@@ -124,6 +126,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if any(name in _BODY_HEADERS for name, _ in self.headers):
             return False
         path = httptools.parse_url(self.url).path.decode("ascii")
+        started = time.perf_counter()
         answer = self._answer_now(method.decode("ascii"), path, self.headers)
         if answer is None:
             return None
@@ -138,15 +141,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if method == b"GET":
             content.append(body)
         self.transport.write(b"".join(content))
-        if self.access_log:
-            self.access_logger.info(
-                '%s - "%s %s HTTP/%s" %d',
-                f"{self.client[0]}:{self.client[1]}" if self.client else "-",  # the peer: no proxy headers here
-                method.decode("ascii"),
-                path,
-                self.parser.get_http_version(),
-                status,
-            )
+        remote = f"{self.client[0]}:{self.client[1]}" if self.client else "-"  # the peer: no proxy headers here
+        sent = len(body) if method == b"GET" else 0
+        access(method.decode("ascii"), path, status, sent, time.perf_counter() - started, remote)
         self._answered = True
         if not keep_alive:
             self.transport.close()

@@ -18,6 +18,8 @@ import functools
 import logging
 import os
 import signal
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -36,30 +38,45 @@ SERVERS = ("uvicorn", "granian")
 GRANIAN_MAX_HEAD_TIMEOUT = 60.0
 
 
-def serve(server: str, host: str, port: int, workers: int, log_config: dict[str, Any], head_timeout: float) -> bool:
+@dataclass(frozen=True)
+class Listen:
+    """Where and how to serve: the address, the worker processes, the limit on a request's
+    head, and TLS (a PEM certificate chain and its key) when both files are given."""
+
+    host: str
+    port: int
+    workers: int = 1
+    head_timeout: float = 30.0
+    certfile: str | None = None
+    keyfile: str | None = None
+
+
+def serve(server: str, listen: Listen, log_config: dict[str, Any]) -> bool:
     """Serve until SIGINT/SIGTERM. `log_config` is a `logging.config.dictConfig` dict. False
     when the server never started (the app failed to load, the port was taken)."""
     if server == "granian":
-        _granian(host, port, workers, log_config, head_timeout)
+        _granian(listen, log_config)
         return True
     if server == "uvicorn":
-        return _uvicorn(host, port, workers, log_config, head_timeout)
+        return _uvicorn(listen, log_config)
     raise ValueError(f"unknown server {server!r} (known: {', '.join(SERVERS)})")
 
 
-def _uvicorn(host: str, port: int, workers: int, log_config: dict[str, Any], head_timeout: float) -> bool:
+def _uvicorn(listen: Listen, log_config: dict[str, Any]) -> bool:
     check_uvicorn()
-    level = log_config["loggers"]["stor"]["level"].lower()
+    workers, head_timeout = listen.workers, listen.head_timeout
     config = uvicorn.Config(
         APP,
         factory=True,
-        host=host,
-        port=port,
+        host=listen.host,
+        port=listen.port,
+        ssl_certfile=listen.certfile,
+        ssl_keyfile=listen.keyfile,
         workers=workers,
         loop="uvloop",
         http=functools.partial(GuardedHttpToolsProtocol, head_timeout=head_timeout),  # type: ignore[arg-type]  # called like the class
         log_config=log_config,
-        access_log=level in ("info", "debug"),  # it formats every line before the level check
+        access_log=False,  # stor logs each request itself (`stor.access`), with its size and time
         server_header=False,
     )
     if workers > 1:
@@ -83,22 +100,28 @@ class _HupToWorkers(Multiprocess):
                     os.kill(process.pid, signal.SIGHUP)
 
 
-def _granian(host: str, port: int, workers: int, log_config: dict[str, Any], head_timeout: float) -> None:
+def _granian(listen: Listen, log_config: dict[str, Any]) -> None:
     level = log_config["loggers"]["stor"]["level"].lower()
-    timeout_ms = int(min(head_timeout, GRANIAN_MAX_HEAD_TIMEOUT) * 1000)
+    timeout_ms = int(min(listen.head_timeout, GRANIAN_MAX_HEAD_TIMEOUT) * 1000)
+    tls = (
+        {"ssl_cert": Path(listen.certfile), "ssl_key": Path(listen.keyfile)}
+        if listen.certfile and listen.keyfile
+        else {}
+    )
     Granian(
         APP,
         factory=True,
-        address=host,
-        port=port,
+        address=listen.host,
+        port=listen.port,
         interface=Interfaces.ASGI,
-        workers=workers,
+        workers=listen.workers,
         loop=Loops.uvloop,
         http=HTTPModes.http1,
         websockets=False,
         http1_settings=HTTP1Settings(header_read_timeout=max(1, timeout_ms)),
         log_level=LogLevels(level),
         log_dictconfig=log_config,
-        log_access=level in ("info", "debug"),
+        log_access=False,  # as under uvicorn: `stor.access`
         respawn_failed_workers=True,
+        **tls,  # type: ignore[arg-type]
     ).serve()

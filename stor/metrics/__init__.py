@@ -16,10 +16,13 @@ class Metrics(Protocol):
         status, duration and body bytes each way."""
 
     def cache(self, result: str, seconds: float) -> None:
-        """A location-cache lookup: result is `hit`, `miss`, `negative`, `stale` or `error`."""
+        """Where a blob's location came from: `kept` (a copy kept open), `local` (this
+        process's near cache), `hit` (memcached) — each a hit in Stor's sense, the location
+        known without probing the disks — or `miss` (the disks are probed), `negative`,
+        `stale` or `error`. Called on the hot path: must cost next to nothing."""
 
     def lookup(self, seconds: float, attempts: int) -> None:
-        """A probe of the disks for a blob, and how many disks it asked."""
+        """A probe of the disks for a blob (after a cache miss), and how many disks it asked."""
 
     def disk_read(self, disk: str, size: int, seconds: float) -> None:
         """Bytes read from a disk for a GET."""

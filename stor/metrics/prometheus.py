@@ -12,15 +12,26 @@ from __future__ import annotations
 
 import bisect
 import os
+import platform
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+
+from stor import __version__
 
 ENV_MULTIPROC = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -31,6 +42,15 @@ class DiskGauge:
     up: bool
     free_bytes: int
     total_bytes: int
+
+
+class _BuildInfo(Collector):
+    """`stor_build_info{version, python}` 1: which stor answers, for dashboards and alerts."""
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("stor_build_info", "The stor version serving", labels=["version", "python"])
+        info.add_metric([__version__, platform.python_version()], 1)
+        yield info
 
 
 class _DiskCollector(Collector):
@@ -152,6 +172,8 @@ class PrometheusMetrics:
         self.registry = CollectorRegistry()
         self._disk_collector = _DiskCollector(disks, scrubs)
         self.registry.register(self._disk_collector)
+        self.registry.register(_BuildInfo())
+        self.registry.register(PROCESS_COLLECTOR)  # process_cpu_seconds_total, resident memory, open fds
         r = self.registry
         self._requests = Counter("stor_http_requests", "HTTP requests", ["route", "method", "status"], registry=r)
         self._latency = Histogram(
@@ -203,11 +225,11 @@ class PrometheusMetrics:
             self._tally.flush()
 
     def cache(self, result: str, seconds: float) -> None:
-        self._child(self._cache, result).inc()
+        self._tally.inc(self._child(self._cache, result))  # on the hot path too: tallied
 
     def lookup(self, seconds: float, attempts: int) -> None:
-        self._lookup.observe(seconds)
-        self._attempts.inc(attempts)
+        self._tally.observe(self._lookup, seconds)
+        self._tally.inc(self._attempts, attempts)
 
     def disk_read(self, disk: str, size: int, seconds: float) -> None:
         self._tally.inc(self._child(self._disk_read, disk), size)
@@ -243,4 +265,6 @@ class PrometheusMetrics:
         registry = CollectorRegistry()
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         registry.register(self._disk_collector)
+        registry.register(_BuildInfo())
+        registry.register(PROCESS_COLLECTOR)  # of the worker that answers the scrape
         return generate_latest(registry)

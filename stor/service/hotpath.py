@@ -29,6 +29,13 @@ from stor.service.offload import Background
 from stor.service.stream import OpenBlob
 
 
+@dataclass(frozen=True)
+class _Found:
+    copy: OpenCopy
+    how: str  # kept, local (the near cache's disk) or miss (the disks were probed)
+    tried: int  # disks probed, for a miss
+
+
 @dataclass(eq=False)
 class HotPath:
     pool: StoragePool
@@ -45,38 +52,46 @@ class HotPath:
 
     def stat_now(self, sha: Sha) -> BlobStat | None:
         """The stat of a kept-open copy; None: a thread must look."""
-        kept = self._kept(sha)
-        return None if kept is None else kept.stat
+        found = self._kept(sha)
+        if found is None:
+            return None
+        self._count(found)
+        return found.copy.stat
 
     def open_now(self, sha: Sha) -> OpenBlob | None:
         """A small blob read on the event loop from a kept-open copy, when the page cache has
         it (see `OpenFiles`), and verified; None: a thread must look."""
-        kept = self._kept(sha)
-        if kept is None:
+        found = self._kept(sha)
+        if found is None:
             return None
+        kept = found.copy
         data = self.open_files.read(kept)
         if data is None:
             return None
         if self.verify and sha_of(data) != sha:
             self.open_files.forget(sha)  # the thread path reads it again and quarantines it
             return None
+        self._count(found)
         self.metrics.disk_read(kept.disk.root, len(data), 0.0)
         return OpenBlob(sha, kept.stat, self.lookup.offload, disk=kept.disk, data=data, metrics=self.metrics)
 
-    def _kept(self, sha: Sha) -> OpenCopy | None:
-        """The kept-open copy of `sha`, or one opened now from the kernel's caches alone.
+    def _kept(self, sha: Sha) -> _Found | None:
+        """The kept-open copy of `sha`, or one opened now from the kernel's caches alone (the
+        near cache's disk first, then Stor's order), and how its location was known.
 
         Raises `BlobNotFound` when those caches prove the blob is nowhere (see
         `_absent_everywhere`); None means only that a thread must look."""
         kept = self.open_files.get(sha)
         if kept is not None:
-            return kept if self.monitor.responsive(kept.disk) else None
+            return _Found(kept, "kept", 0) if self.monitor.responsive(kept.disk) else None
         hint = self.near.get(sha)
         disks = self.pool.probe_order()
-        if hint is not None and (first := self.lookup.disk_by_root.get(hint)) is not None:
-            disks.insert(0, first)
+        first = None if hint is None else self.lookup.disk_by_root.get(hint)
+        hinted = first is not None
+        if first is not None:
+            disks = [first, *(disk for disk in disks if disk is not first)]
         absent: set[str] = set()
-        for disk in disks:
+        for tried, disk in enumerate(disks, 1):
             if not self.open_files.usable(disk) or not self.monitor.healthy(disk):
                 continue  # nothing is kept open on a disk that failed its probe (see `BlobService`)
             try:
@@ -90,12 +105,20 @@ class HotPath:
                 if not self._partners_agree(disk, sha, kept.stat.size):
                     self.open_files.forget(sha)  # the thread path settles it (`Lookup.stat_checked`)
                     return None
-                return kept
+                return _Found(kept, "local", 0) if hinted and tried == 1 else _Found(kept, "miss", tried)
         if len(absent) == len(self.pool.disks) and self._absent_everywhere(sha):
             self.near.forget(sha)
+            self.metrics.cache("miss", 0.0)
             self.metrics.lookup(0.0, len(absent))
             raise BlobNotFound(sha)
         return None
+
+    def _count(self, found: _Found) -> None:
+        """Stor's cache and lookup events, for an answer that took no thread: a location known
+        without probing is a hit (kept open, or the near cache's disk had it)."""
+        self.metrics.cache(found.how, 0.0)
+        if found.how == "miss":
+            self.metrics.lookup(0.0, found.tried)
 
     def _absent_everywhere(self, sha: Sha) -> bool:
         """After every disk's dentry cache said "no such file": whether that is the whole

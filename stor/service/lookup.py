@@ -179,6 +179,7 @@ class Lookup:
             self.metrics.cache("local", 0.0)
             return near
         if self.locations is None:
+            self.metrics.cache("miss", 0.0)  # Stor's meaning: the disks must be probed
             return None
         started = time.monotonic()
         try:

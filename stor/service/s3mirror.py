@@ -119,7 +119,7 @@ class S3Mirror:
         except S3Unavailable as exc:
             self._failed(exc, started, operation="check")
         else:
-            self.reachable = True
+            self._reached(True)
 
     async def _upload(self, pending: _Pending, semaphore: asyncio.Semaphore) -> None:
         sha = pending.claim.sha
@@ -150,13 +150,21 @@ class S3Mirror:
 
     def _succeeded(self, started: float) -> None:
         self._metrics.s3("put", True, time.monotonic() - started)
-        self.reachable = True
+        self._reached(True)
         self.last_error = None
+
+    def _reached(self, reachable: bool) -> None:
+        """Note whether S3 answers, and say so when that changes."""
+        if reachable and self.reachable is False:
+            log.warning("s3 mirror: S3 is reachable again; the backlog drains")
+        elif not reachable and self.reachable is not False:
+            log.warning("s3 mirror: S3 is unreachable; uploads stay queued on the disks until it is back")
+        self.reachable = reachable
 
     def _failed(self, exc: Exception, started: float, operation: str = "put") -> None:
         self._metrics.s3(operation, False, time.monotonic() - started)
         if isinstance(exc, S3Unavailable):
-            self.reachable = False
+            self._reached(False)
         if str(exc) != self.last_error:
             log.warning("s3 mirror: %s", exc)
         self.last_error = str(exc)

@@ -7,6 +7,7 @@ a report comes back in time even when a disk or memcached hangs.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import KW_ONLY, dataclass
 
@@ -19,6 +20,8 @@ from stor.model import DiskHealth, PairState, StatusReport
 from stor.service.health import HealthMonitor
 from stor.service.offload import Offload
 from stor.service.s3tier import S3Part
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -75,6 +78,7 @@ class StatusReporter:
         cache answer at once)."""
         if self.locations is None:
             return
+        was = self.cache_reachable
         probe = asyncio.ensure_future(self.offload.run(self.locations.reachable))
         try:
             # not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives as
@@ -83,6 +87,10 @@ class StatusReporter:
                 self.cache_reachable = await asyncio.shield(probe)
         except TimeoutError:
             self.cache_reachable = False
+        if self.cache_reachable is False and was is not False:
+            log.warning("memcached is unreachable: locations come from the disks until it is back")
+        elif self.cache_reachable and was is False:
+            log.warning("memcached is reachable again")
 
     async def read_scrub_runs(self) -> None:
         self.scrub_runs = await self.offload.run(last_runs, self.pool.pairs)
