@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import email.utils
 import hashlib
 import json
 import os
@@ -433,3 +434,12 @@ def test_tls_with_a_certificate_made_here(
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert half.returncode == 2 and "go together" in half.stderr
+
+
+def test_last_modified_is_never_later_than_date(server: StorProcess) -> None:
+    data = os.urandom(100)
+    assert httpx.post(f"{server.url}/{sha256(data)}", content=data, auth=(USER, PASSWORD)).status_code == 201
+    for _ in range(2):  # the thread path, then the server's answer on the spot
+        answer = httpx.get(f"{server.url}/{sha256(data)}")
+        shown = email.utils.parsedate_to_datetime(answer.headers["last-modified"])
+        assert shown <= email.utils.parsedate_to_datetime(answer.headers["date"])

@@ -46,7 +46,7 @@ def create_app(
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
 ) -> Starlette:
     async def root(request: Request) -> Response:
-        return PlainTextResponse(f"This is stor {__version__}")
+        return PlainTextResponse(f"This is stor {__version__}\n")
 
     async def status(request: Request) -> Response:
         """Stor's meaning, for alerting: 503 as soon as any storage directory is unavailable."""

@@ -13,7 +13,14 @@ from starlette.types import Receive, Scope, Send
 
 from stor.digest import Sha, repr_digest
 from stor.errors import BadRequest, ClientDisconnected, ClientTimeout, PayloadTooLarge
-from stor.http.semantics import RangeNotSatisfiable, http_date, not_modified, parse_range, range_applies
+from stor.http.semantics import (
+    RangeNotSatisfiable,
+    http_date,
+    not_modified,
+    parse_range,
+    range_applies,
+    shown_mtime_ns,
+)
 from stor.model import BlobStat
 from stor.service.stream import OpenBlob
 
@@ -77,11 +84,12 @@ _NOT_MODIFIED_KEEPS = frozenset({b"etag", b"last-modified", b"cache-control"})
 _SHAPING = frozenset({b"range", b"if-range", b"if-none-match", b"if-modified-since"})
 
 
-def blob_headers(sha: Sha, stat: BlobStat, content_type: str = _OCTETS) -> list[tuple[bytes, bytes]]:
-    """The headers every answer about a blob carries, raw, as they go on the wire."""
+def blob_headers(sha: Sha, mtime_ns: int, content_type: str = _OCTETS) -> list[tuple[bytes, bytes]]:
+    """The headers every answer about a blob carries, raw, as they go on the wire
+    (`mtime_ns` as `shown_mtime_ns` gives it)."""
     return [
         (b"etag", b'"' + sha.encode() + b'"'),
-        (b"last-modified", http_date(stat.mtime_ns).encode()),
+        (b"last-modified", http_date(mtime_ns).encode()),
         (b"repr-digest", repr_digest(sha).encode()),
         (b"accept-ranges", b"bytes"),
         (b"cache-control", _IMMUTABLE),
@@ -94,13 +102,14 @@ def blob_response(
 ) -> Response:
     """HEAD (blob is None: a stat was all it took) or GET, with conditional requests and a
     single Range."""
-    headers = blob_headers(sha, stat, content_type)
+    mtime = shown_mtime_ns(stat.mtime_ns)
+    headers = blob_headers(sha, mtime, content_type)
     etag = f'"{sha}"'
-    if not_modified(asked.get("if-none-match"), asked.get("if-modified-since"), etag, stat.mtime_ns):
+    if not_modified(asked.get("if-none-match"), asked.get("if-modified-since"), etag, mtime):
         _close(blob)
         return BlobResponse(304, [header for header in headers if header[0] in _NOT_MODIFIED_KEEPS])
     start, end, code = 0, stat.size, 200
-    if range_applies(asked.get("if-range"), etag, stat.mtime_ns):
+    if range_applies(asked.get("if-range"), etag, mtime):
         try:
             wanted = parse_range(asked.get("range"), stat.size)
         except RangeNotSatisfiable:
@@ -131,7 +140,7 @@ def plain_answer(asked: list[tuple[bytes, bytes]], sha: Sha, stat: BlobStat, dat
     when some such header was sent."""
     if any(name in _SHAPING for name, _ in asked):
         return None
-    headers = [*blob_headers(sha, stat), (b"content-length", str(stat.size).encode())]
+    headers = [*blob_headers(sha, shown_mtime_ns(stat.mtime_ns)), (b"content-length", str(stat.size).encode())]
     return 200, headers, b"" if data is None else data
 
 
