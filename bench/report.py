@@ -116,8 +116,11 @@ corpus, {refilled.files:,} blobs, {refilled.mb:,.0f} MB, from a warm page cache.
 | `cp -a` of the partner's blob directories, then `sync` | {cp_row} |
 | `stor scrub --pair 0 --repair` | {scrub_row} |
 
-`stor scrub --repair` runs at {scrub / cp:.2f}x the rate of `cp -a`: it also hashes every copy it reads (the
-partner's) and writes each blob through the upload pipeline (hash checked again, group-committed,
-durable before it is visible), {REPAIRS_IN_FLIGHT} at a time.
+`stor scrub --repair` runs at {scrub / cp:.2f}x the rate of `cp -a`. It also hashes every copy it reads (the
+partner's), and writes each blob through the upload pipeline, {REPAIRS_IN_FLIGHT} at a time: hash checked again,
+a temp file, a group-committed `syncfs` before the copy is linked and another after. `cp -a` then one `sync`
+orders nothing and makes nothing durable until the end. A profile of the refill (`py-spy`) shows the
+kernel's work for the temp, the new `AB/CD/EF` directories and the links, and the waits for `syncfs`,
+ahead of the Python: it runs at about the rate of POST (the durable-write limit above), not of `cp`.
 
 """

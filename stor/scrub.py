@@ -38,7 +38,7 @@ Repair = Callable[[Sha, Pair, list[Disk], Iterator[bytes], int, int], Future[lis
 """Start rewriting `sha` on some members of a pair: (sha, pair, targets, chunks, size,
 mtime_ns) → a future of the paths written, which raises when the copies could not be made
 durable."""
-REPAIRS_IN_FLIGHT = 64
+REPAIRS_IN_FLIGHT = 256
 """Repairs under way at once: each waits for a group commit, so one at a time would make a
 refill a disk commit per blob (about 25 ms each here) instead of one per cycle."""
 

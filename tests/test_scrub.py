@@ -155,8 +155,10 @@ def test_an_unwritable_quarantine_leaves_damage(storage: Storage) -> None:
 def test_interrupted_scrub_resumes(storage: Storage) -> None:
     config = storage.write_config()
     import_blobs(storage, config, 60, size=20_000)
+    # 2.4 MB at 0.1 MB/s: a checkpoint within a second, the end far off even on a loaded machine
+    # (at 0.5 MB/s, a test process starved under load saw a checkpoint only as the scrub ended)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stor", "scrub", "--config", str(config), "--json", "--rate", "0.5"],
+        [sys.executable, "-m", "stor", "scrub", "--config", str(config), "--json", "--rate", "0.1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -27,7 +27,7 @@ from stor.model import PutResult
 from stor.names import NamedFiles
 from stor.scrub import Repair, Scrubber, ScrubReport
 from stor.service import BlobService
-from stor.service.offload import blocking_chunks
+from stor.service.offload import blocking_chunks, one_piece
 from stor.service.portal import Portal
 from stor.wiring import build_service
 
@@ -91,13 +91,19 @@ def scrub(
     sys.exit(1 if report.damage_left else 0)
 
 
+SMALL_REPAIR = 1024 * 1024
+"""Repairs of blobs up to this size read their source in the scrub's thread, in one piece."""
+
+
 def _repairer(service: BlobService, portal: Portal) -> Repair:
     """Scrub's repairs, through the service's upload pipeline on the portal's event loop."""
 
     def repair(
         sha: Sha, pair: Pair, targets: list[Disk], chunks: Iterator[bytes], size: int, mtime: int
     ) -> Future[list[str]]:
-        body = blocking_chunks(service.offload, chunks)
+        # a small one is read here, in the scrub's thread, in one piece: no thread hop per chunk
+        small = size <= SMALL_REPAIR
+        body = one_piece(b"".join(chunks)) if small else blocking_chunks(service.offload, chunks)
         return portal.submit(service.uploads.repair(sha, pair, targets, body, size, mtime))
 
     return repair

@@ -18,6 +18,7 @@ The only module that touches uvicorn's protocol internals.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +28,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from stor.errors import ConfigError
-from stor.http.accounting import access
+from stor.http.accounting import ACCESS, access
 from stor.http.io import HOT_TRIED, Answer
 
 AnswerNow = Callable[[str, str, list[tuple[bytes, bytes]]], Answer | None]
@@ -141,9 +142,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if method == b"GET":
             content.append(body)
         self.transport.write(b"".join(content))
-        remote = f"{self.client[0]}:{self.client[1]}" if self.client else "-"  # the peer: no proxy headers here
-        sent = len(body) if method == b"GET" else 0
-        access(method.decode("ascii"), path, status, sent, time.perf_counter() - started, remote)
+        if ACCESS.isEnabledFor(logging.INFO):  # off, this costs one check, not a formatted line
+            remote = f"{self.client[0]}:{self.client[1]}" if self.client else "-"  # the peer: no proxy headers here
+            sent = len(body) if method == b"GET" else 0
+            access(method.decode("ascii"), path, status, sent, time.perf_counter() - started, remote)
         self._answered = True
         if not keep_alive:
             self.transport.close()

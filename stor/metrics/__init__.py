@@ -15,11 +15,11 @@ class Metrics(Protocol):
         """One HTTP request finished: its method, route (`blob`, `status`, `file`, …, `other`),
         status, duration and body bytes each way."""
 
-    def cache(self, result: str, seconds: float) -> None:
-        """Where a blob's location came from: `kept` (a copy kept open), `local` (this
-        process's near cache), `hit` (memcached) — each a hit in Stor's sense, the location
-        known without probing the disks — or `miss` (the disks are probed), `negative`,
-        `stale` or `error`. Called on the hot path: must cost next to nothing."""
+    def cache(self, result: str, seconds: float, count: int = 1) -> None:
+        """Where a blob's location came from (`count` times): `kept` (a copy kept open),
+        `local` (this process's near cache), `hit` (memcached) — each a hit in Stor's sense,
+        the location known without probing the disks — or `miss` (the disks are probed),
+        `negative`, `stale` or `error`."""
 
     def lookup(self, seconds: float, attempts: int) -> None:
         """A probe of the disks for a blob (after a cache miss), and how many disks it asked."""
@@ -49,7 +49,7 @@ class NullMetrics:
     def request(self, method: str, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int) -> None:
         pass
 
-    def cache(self, result: str, seconds: float) -> None:
+    def cache(self, result: str, seconds: float, count: int = 1) -> None:
         pass
 
     def lookup(self, seconds: float, attempts: int) -> None:
@@ -84,9 +84,9 @@ class FanoutMetrics:
         for target in self.targets:
             target.request(method, route, status, seconds, bytes_in, bytes_out)
 
-    def cache(self, result: str, seconds: float) -> None:
+    def cache(self, result: str, seconds: float, count: int = 1) -> None:
         for target in self.targets:
-            target.cache(result, seconds)
+            target.cache(result, seconds, count)
 
     def lookup(self, seconds: float, attempts: int) -> None:
         for target in self.targets:

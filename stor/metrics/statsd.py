@@ -49,8 +49,8 @@ class StatsdMetrics:
         if self._flusher is None:
             self._start_flusher()
 
-    def cache(self, result: str, seconds: float) -> None:
-        self._count(f"cache.{_STOR_CACHE.get(result, result)}")
+    def cache(self, result: str, seconds: float, count: int = 1) -> None:
+        self._count(f"cache.{_STOR_CACHE.get(result, result)}", count)
         if seconds:
             self._client.timing("cache.time", seconds * 1000, rate=self._rate)
 

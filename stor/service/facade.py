@@ -86,6 +86,7 @@ class BlobService:
             tasks.create_task(self._health_loop(health_interval))
             tasks.create_task(self.integrity.healer.run(self.heal))
             tasks.create_task(self.s3.run(self.lookup.local_path))
+            tasks.create_task(self.hot.flush_counts())
 
     async def _health_loop(self, interval: float) -> None:
         while True:

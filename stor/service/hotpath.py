@@ -10,8 +10,10 @@ closing dropped fds) starts in the background.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import KW_ONLY, dataclass
+from typing import NamedTuple
 
 from stor.backends import nowait
 from stor.backends.disk import Disk
@@ -29,8 +31,7 @@ from stor.service.offload import Background
 from stor.service.stream import OpenBlob
 
 
-@dataclass(frozen=True)
-class _Found:
+class _Found(NamedTuple):
     copy: OpenCopy
     how: str  # kept, local (the near cache's disk) or miss (the disks were probed)
     tried: int  # disks probed, for a miss
@@ -49,6 +50,9 @@ class HotPath:
     metrics: Metrics
     verify: bool
     s3_may_hold: bool
+
+    def __post_init__(self) -> None:
+        self._counts: dict[str, int] = {}  # event-loop only
 
     def stat_now(self, sha: Sha) -> BlobStat | None:
         """The stat of a kept-open copy; None: a thread must look."""
@@ -108,17 +112,33 @@ class HotPath:
                 return _Found(kept, "local", 0) if hinted and tried == 1 else _Found(kept, "miss", tried)
         if len(absent) == len(self.pool.disks) and self._absent_everywhere(sha):
             self.near.forget(sha)
-            self.metrics.cache("miss", 0.0)
+            self._counts["miss"] = self._counts.get("miss", 0) + 1
             self.metrics.lookup(0.0, len(absent))
             raise BlobNotFound(sha)
         return None
 
     def _count(self, found: _Found) -> None:
         """Stor's cache and lookup events, for an answer that took no thread: a location known
-        without probing is a hit (kept open, or the near cache's disk had it)."""
-        self.metrics.cache(found.how, 0.0)
-        if found.how == "miss":
+        without probing is a hit (kept open, or the near cache's disk had it). Counted here and
+        handed to the metrics by `flush_counts`: on the loop, a dict increment is all it costs."""
+        how = found.how
+        self._counts[how] = self._counts.get(how, 0) + 1
+        if how == "miss":
             self.metrics.lookup(0.0, found.tried)
+
+    async def flush_counts(self, interval: float = 1.0) -> None:
+        """Hand the counts to the metrics every `interval` seconds, until cancelled."""
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                self._flush()
+        finally:
+            self._flush()
+
+    def _flush(self) -> None:
+        counts, self._counts = self._counts, {}
+        for how, count in counts.items():
+            self.metrics.cache(how, 0.0, count)
 
     def _absent_everywhere(self, sha: Sha) -> bool:
         """After every disk's dentry cache said "no such file": whether that is the whole

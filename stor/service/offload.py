@@ -82,3 +82,8 @@ async def blocking_chunks(offload: Offload, source: Iterator[bytes]) -> AsyncIte
     """A blocking iterator's chunks (a file, an S3 object), each read in a worker thread."""
     while (chunk := await offload.run(next, source, None)) is not None:
         yield chunk
+
+
+async def one_piece(data: bytes) -> AsyncIterator[bytes]:
+    """A body already in memory, as the upload pipeline takes bodies."""
+    yield data

@@ -24,7 +24,7 @@ from stor.errors import CorruptCopy, StorageUnavailable
 from stor.metrics import Metrics
 from stor.model import BlobInfo, BlobStat, PutResult
 from stor.service.integrity import Integrity
-from stor.service.offload import Offload, blocking_chunks
+from stor.service.offload import Offload, blocking_chunks, one_piece
 from stor.service.s3mirror import S3Mirror
 from stor.service.stream import OpenBlob
 
@@ -263,7 +263,7 @@ class S3Tier:
     async def _fill(self, sha: Sha, data: bytes | None, size: int, restore: Restore) -> None:
         try:
             if data is not None:
-                await restore(sha, _once(data), size)
+                await restore(sha, one_piece(data), size)
                 return
             found = await self.offload.run(self.store.open, sha)
             if found is None:
@@ -291,10 +291,6 @@ class S3Tier:
     def close(self) -> None:
         for task in self._fills.values():
             task.cancel()
-
-
-async def _once(data: bytes) -> AsyncIterator[bytes]:
-    yield data
 
 
 def _checked(found: S3Object, sha: Sha) -> Iterator[bytes]:
