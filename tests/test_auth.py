@@ -35,7 +35,9 @@ async def test_a_hashed_password_is_accepted_and_a_wrong_one_is_not(storage: Sto
             assert answer.status_code == status, (user, password)
 
 
-async def test_a_verified_credential_is_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def verified(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The passwords that go through a hash verification, in order."""
     calls: list[str] = []
     real = auth._verify
 
@@ -44,6 +46,10 @@ async def test_a_verified_credential_is_remembered(monkeypatch: pytest.MonkeyPat
         return real(hashed, password)
 
     monkeypatch.setattr(auth, "_verify", counted)
+    return calls
+
+
+async def test_a_verified_credential_is_remembered(verified: list[str]) -> None:
     checker = Authenticator((Credential("w", hash_password("right", "bcrypt")),))
     try:
         for _ in range(5):
@@ -55,18 +61,10 @@ async def test_a_verified_credential_is_remembered(monkeypatch: pytest.MonkeyPat
             await checker.check(basic("nobody", "right"))  # no hash to try: no CPU spent
     finally:
         checker.close()
-    assert calls == ["right", "wrong", "wrong"]
+    assert verified == ["right", "wrong", "wrong"]
 
 
-async def test_a_flood_of_wrong_passwords_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[str] = []
-    real = auth._verify
-
-    def counted(hashed: str, password: str) -> bool:
-        calls.append(password)
-        return real(hashed, password)
-
-    monkeypatch.setattr(auth, "_verify", counted)
+async def test_a_flood_of_wrong_passwords_is_bounded(verified: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(auth, "MAX_WAITING", 4)  # each bcrypt verification takes a quarter second
     checker = Authenticator((Credential("w", hash_password("right", "bcrypt")),))
 
@@ -82,7 +80,7 @@ async def test_a_flood_of_wrong_passwords_is_bounded(monkeypatch: pytest.MonkeyP
     finally:
         checker.close()
     assert all(isinstance(outcome, Unauthorized) for outcome in outcomes)
-    assert len(calls) <= 4  # the rest were refused without hashing
+    assert len(verified) <= 4  # the rest were refused without hashing
 
 
 def test_stor_hash_password_prints_a_usable_hash() -> None:

@@ -158,23 +158,14 @@ class Uploads:
         """Rewrite the copies of `sha` on `targets` (members of `pair`) from a verified source,
         with the surviving copies' mtime (`stor scrub --repair`)."""
         async with self._sha_lock(sha):
-            plan = Plan(pair, targets, mtime_ns, [], queue_s3=True)
-            async with Upload(self, plan, size) as upload:
-                tail = await upload.spool(body)
-                await self.offload.run(upload.stage, sha, tail)
-                return (await upload.publish(sha)).paths
+            return (await self._write(Plan(pair, targets, mtime_ns, [], queue_s3=True), sha, body, size)).paths
 
     async def relocate(self, sha: Sha, away: Pair, body: AsyncIterator[bytes], size: int, mtime_ns: int) -> PutResult:
         """Store `sha` on a pair other than `away` (which must take no writes), keeping its
         mtime (`stor evacuate`). Not created: it was complete on another pair already."""
         async with self._sha_lock(sha):
             plan = await self.offload.run(self._relocation_plan, sha, away, size, mtime_ns)
-            if plan.done:
-                return PutResult(False, plan.kept)
-            async with Upload(self, plan, size) as upload:
-                tail = await upload.spool(body)
-                await self.offload.run(upload.stage, sha, tail)
-                return await upload.publish(sha)
+            return await self._write(plan, sha, body, size)
 
     def _relocation_plan(self, sha: Sha, away: Pair, size: int, mtime_ns: int) -> Plan:
         """`plan`, with the copies on `away` left out of account."""
@@ -225,6 +216,10 @@ class Uploads:
 
     async def _store(self, sha: Sha, body: AsyncIterator[bytes], size: int, *, queue_s3: bool) -> PutResult:
         plan = await self.offload.run(lambda: self.plan(sha, size, queue_s3=queue_s3))
+        return await self._write(plan, sha, body, size)
+
+    async def _write(self, plan: Plan, sha: Sha, body: AsyncIterator[bytes], size: int) -> PutResult:
+        """The pipeline after the plan: spool, stage, publish (or abort, on any failure)."""
         if plan.done:
             return PutResult(False, plan.kept)
         async with Upload(self, plan, size) as upload:
