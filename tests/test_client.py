@@ -153,6 +153,7 @@ def test_head_by_name_and_exit_codes(server: StorProcess, tmp_path: Path) -> Non
         timeout=60,
     )
     assert down.returncode == 3 and "after 2 tries" in down.stderr
+    assert len(down.stderr.strip().splitlines()) == 1  # one line: no retry chatter
 
 
 def test_a_server_that_comes_back_is_retried_until_it_answers(

@@ -10,6 +10,7 @@ output on stdout, errors and progress bars (on a terminal only) on stderr.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -60,6 +61,7 @@ def _client_options(command: Callable[..., None]) -> Callable[..., None]:
 
 
 def _client(url: str, credentials: str | None, retries: int) -> StorClient:
+    logging.getLogger("stamina").setLevel(logging.ERROR)  # a retry is not news: the last failure is
     return StorClient(url, _credentials(credentials), retries=retries)
 
 
