@@ -9,7 +9,6 @@ from stor.http.semantics import (
     not_modified,
     parse_range,
     range_applies,
-    shown_mtime_ns,
 )
 
 ETAG = '"abc"'
@@ -77,10 +76,3 @@ def test_if_range() -> None:
     assert not range_applies('W/"abc"', ETAG, MTIME)  # If-Range needs a strong match
     assert range_applies(http_date(MTIME), ETAG, MTIME)
     assert not range_applies(http_date(MTIME - 10**9), ETAG, MTIME)
-
-
-def test_a_shown_mtime_is_never_later_than_the_date() -> None:
-    now = 1_800_000_000_500_000_000
-    assert shown_mtime_ns(now - 10**10, now) == now - 10**10  # an old blob: its own mtime
-    assert shown_mtime_ns(now, now) == now - 10**9  # stored just now: a second before
-    assert shown_mtime_ns(now + 10**9, now) <= now - 10**9

@@ -19,7 +19,6 @@ from stor.http.semantics import (
     not_modified,
     parse_range,
     range_applies,
-    shown_mtime_ns,
 )
 from stor.model import BlobStat
 from stor.service.stream import OpenBlob
@@ -85,8 +84,7 @@ _SHAPING = frozenset({b"range", b"if-range", b"if-none-match", b"if-modified-sin
 
 
 def blob_headers(sha: Sha, mtime_ns: int, content_type: str = _OCTETS) -> list[tuple[bytes, bytes]]:
-    """The headers every answer about a blob carries, raw, as they go on the wire
-    (`mtime_ns` as `shown_mtime_ns` gives it)."""
+    """The headers every answer about a blob carries, raw, as they go on the wire."""
     return [
         (b"etag", b'"' + sha.encode() + b'"'),
         (b"last-modified", http_date(mtime_ns).encode()),
@@ -102,7 +100,7 @@ def blob_response(
 ) -> Response:
     """HEAD (blob is None: a stat was all it took) or GET, with conditional requests and a
     single Range."""
-    mtime = shown_mtime_ns(stat.mtime_ns)
+    mtime = stat.mtime_ns
     headers = blob_headers(sha, mtime, content_type)
     etag = f'"{sha}"'
     if not_modified(asked.get("if-none-match"), asked.get("if-modified-since"), etag, mtime):
@@ -140,7 +138,7 @@ def plain_answer(asked: list[tuple[bytes, bytes]], sha: Sha, stat: BlobStat, dat
     when some such header was sent."""
     if any(name in _SHAPING for name, _ in asked):
         return None
-    headers = [*blob_headers(sha, shown_mtime_ns(stat.mtime_ns)), (b"content-length", str(stat.size).encode())]
+    headers = [*blob_headers(sha, stat.mtime_ns), (b"content-length", str(stat.size).encode())]
     return 200, headers, b"" if data is None else data
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import email.utils
 import functools
 import re
-import time
 from dataclasses import dataclass
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -51,14 +50,6 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     if start >= size:
         raise RangeNotSatisfiable
     return ByteRange(start, min(end, size))
-
-
-def shown_mtime_ns(mtime_ns: int, now_ns: int | None = None) -> int:
-    """The modification time a response may show: never later than its `Date` (RFC 9110
-    §8.8.2.1). A blob stored within the last second shows one second before now, since the
-    server's `Date` may lag the clock by up to a second."""
-    limit = (time.time_ns() if now_ns is None else now_ns) - 1_000_000_000
-    return min(mtime_ns, limit)
 
 
 def http_date(mtime_ns: int) -> str:

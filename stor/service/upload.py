@@ -31,6 +31,10 @@ from stor.service.s3tier import S3Part
 
 SPOOL_BYTES = 1024 * 1024
 """Upload bytes buffered in memory before a thread hop writes them: bounds memory per upload."""
+DATE_LAG_NS = 1_000_000_000
+"""A new blob's mtime is its upload time less this: the servers' `Date` header lags the clock
+by up to a second, and `Last-Modified` (the mtime) must never be later than `Date` (RFC 9110
+§8.8.2.1). Set once at upload, it is stable for good, whichever copy answers."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,7 @@ class Upload:
         """Blocking: check the digest and complete every temp, and write the S3 queue marker
         (durable before any copy is linked: here, or by the first copy's group commit). When
         no copy can be group-committed, they are committed here too."""
-        mtime = now_ns() if self.plan.mtime_ns is None else self.plan.mtime_ns
+        mtime = now_ns() - DATE_LAG_NS if self.plan.mtime_ns is None else self.plan.mtime_ns
         self.writer.stage(sha, mtime, tail, group=True)
         temps = self.writer.temps
         if self.plan.queue_s3:
