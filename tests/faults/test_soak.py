@@ -70,7 +70,11 @@ def call(
 @pytest.mark.timeout(SECONDS + 120)
 def test_soak(mounts: Mounts, servers: Servers, build: Callable[[list[list[Path]]], Storage], ledger: Ledger) -> None:
     faulty: FuseDisk = mounts.fuse("a1")
-    storage = build([[faulty.path, mounts.tmpfs("a2")], [mounts.tmpfs("b1"), mounts.tmpfs("b2")]])
+    # Room for a minute of traffic: with 64 MiB members both pairs filled up in some runs (a
+    # minute of uploads is 100 MB or more), and the 507s and 503s of full disks failed the soak.
+    room = "768m"
+    members = [mounts.tmpfs(name, size=room) for name in ("a2", "b1", "b2")]
+    storage = build([[faulty.path, members[0]], members[1:]])
     server = servers.start(fault_config(storage, body_idle_timeout=5.0))
     url = server.url
     acked: dict[str, bytes] = {}
