@@ -233,10 +233,9 @@ class StorClient:
             tries = f" (after {self.retries + 1} tries)" if self.retries else ""
             raise ClientError(f"{method} {self._http.base_url}{url}: {exc or type(exc).__name__}{tries}") from None
         except _ServerError as exc:
-            response = exc.response
-            detail = response.text.strip().splitlines()[0] if response.text.strip() else response.reason_phrase
             tries = f" (after {self.retries + 1} tries)" if self.retries else ""
-            raise ClientError(f"{method} {url}: {response.status_code} {detail}{tries}", response.status_code) from None
+            status = exc.response.status_code
+            raise ClientError(f"{method} {url}: {status} {_detail(exc.response)}{tries}", status) from None
         raise AssertionError("unreachable")  # stamina either returns or raises
 
     def _check(self, response: httpx.Response, method: str, url: str) -> None:
@@ -248,8 +247,13 @@ class StorClient:
             raise _ServerError(response)
         if response.status_code == 404:
             raise ClientError(f"{method} {url}: 404 not found", 404)
-        detail = response.text.strip().splitlines()[0] if response.text.strip() else response.reason_phrase
-        raise ClientError(f"{method} {url}: {response.status_code} {detail}", response.status_code)
+        raise ClientError(f"{method} {url}: {response.status_code} {_detail(response)}", response.status_code)
+
+
+def _detail(response: httpx.Response) -> str:
+    """The first line of an error answer's body (stor's explanation), else the reason phrase."""
+    text = response.text.strip()
+    return text.splitlines()[0] if text else response.reason_phrase
 
 
 def _size(path: Path) -> int:

@@ -293,6 +293,8 @@ class Config:
 
 
 _KEYS = {key.name: key.metadata["check"] for key in fields(Config) if "check" in key.metadata}
+KEYS = frozenset(_KEYS)
+"""The names of the config file's keys."""
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:

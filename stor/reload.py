@@ -19,7 +19,7 @@ import signal
 from collections.abc import Callable
 
 from stor.backends.pairs import Pair
-from stor.config import Config, check_storage_dirs, load_config
+from stor.config import KEYS, Config, check_storage_dirs, load_config
 from stor.errors import ConfigError, StorError
 from stor.http.auth import Authenticator
 from stor.service import BlobService
@@ -77,9 +77,7 @@ class Reloader:
         changes = self._regex(new) + self._auth(new)
         for members in added:
             changes += await self._add_pair(members, new)
-        waiting = sorted(
-            key for key in _keys(new) if key not in LIVE_KEYS and getattr(new, key) != getattr(self.config, key)
-        )
+        waiting = sorted(key for key in KEYS - LIVE_KEYS if getattr(new, key) != getattr(self.config, key))
         if waiting:
             log.warning("config reload: %s changed; that takes effect at the next restart", ", ".join(waiting))
         log.info("config reloaded from %s: %s", self.path, "; ".join(changes) or "nothing to apply")
@@ -122,7 +120,3 @@ class Reloader:
             return []
         self.config = dataclasses.replace(self.config, storage_pairs=(*self.config.storage_pairs, members))
         return [f"pair {index} added ({', '.join(members)}){'' if pair.writable else ', taking no writes'}"]
-
-
-def _keys(config: Config) -> list[str]:
-    return [key.name for key in dataclasses.fields(config) if "check" in key.metadata]

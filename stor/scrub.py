@@ -304,7 +304,11 @@ class Scrubber:
                 report.note(Finding(sha, pair.index, disk.root, problem, error), damage=True)
             return
         chunks, size, mtime = source
-        future = rewrite(sha, pair, targets, chunks, size, mtime)
+        try:
+            future = rewrite(sha, pair, targets, chunks, size, mtime)
+        except Exception as exc:  # failed before it got under way (the source unreadable, …)
+            future = Future()
+            future.set_exception(exc)
         self._pending.append(_Pending(future, sha, pair.index, problems, quarantined))
         self._settle(report, keep=REPAIRS_IN_FLIGHT)
 

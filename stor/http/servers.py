@@ -64,7 +64,6 @@ def serve(server: str, listen: Listen, log_config: dict[str, Any]) -> bool:
 
 def _uvicorn(listen: Listen, log_config: dict[str, Any]) -> bool:
     check_uvicorn()
-    workers, head_timeout = listen.workers, listen.head_timeout
     config = uvicorn.Config(
         APP,
         factory=True,
@@ -72,14 +71,14 @@ def _uvicorn(listen: Listen, log_config: dict[str, Any]) -> bool:
         port=listen.port,
         ssl_certfile=listen.certfile,
         ssl_keyfile=listen.keyfile,
-        workers=workers,
+        workers=listen.workers,
         loop="uvloop",
-        http=functools.partial(GuardedHttpToolsProtocol, head_timeout=head_timeout),  # type: ignore[arg-type]  # called like the class
+        http=functools.partial(GuardedHttpToolsProtocol, head_timeout=listen.head_timeout),  # type: ignore[arg-type]  # called like the class
         log_config=log_config,
         access_log=False,  # stor logs each request itself (`stor.access`), with its size and time
         server_header=False,
     )
-    if workers > 1:
+    if listen.workers > 1:
         _HupToWorkers(config, sockets=[config.bind_socket()]).run()
         return True
     server = uvicorn.Server(config)

@@ -95,9 +95,11 @@ class HotPath:
         if first is not None:
             disks = [first, *(disk for disk in disks if disk is not first)]
         absent: set[str] = set()
-        for tried, disk in enumerate(disks, 1):
+        tried = 0
+        for disk in disks:
             if not self.open_files.usable(disk) or not self.monitor.healthy(disk):
                 continue  # nothing is kept open on a disk that failed its probe (see `BlobService`)
+            tried += 1
             try:
                 kept = self.open_files.open(sha, disk)
             except FileNotFoundError:
@@ -109,22 +111,23 @@ class HotPath:
                 if not self._partners_agree(disk, sha, kept.stat.size):
                     self.open_files.forget(sha)  # the thread path settles it (`Lookup.stat_checked`)
                     return None
-                return _Found(kept, "local", 0) if hinted and tried == 1 else _Found(kept, "miss", tried)
+                return _Found(kept, "local", 0) if hinted and disk is first else _Found(kept, "miss", tried)
         if len(absent) == len(self.pool.disks) and self._absent_everywhere(sha):
             self.near.forget(sha)
-            self._counts["miss"] = self._counts.get("miss", 0) + 1
-            self.metrics.lookup(0.0, len(absent))
+            self._tally("miss", len(absent))
             raise BlobNotFound(sha)
         return None
 
     def _count(self, found: _Found) -> None:
+        self._tally(found.how, found.tried)
+
+    def _tally(self, how: str, tried: int) -> None:
         """Stor's cache and lookup events, for an answer that took no thread: a location known
         without probing is a hit (kept open, or the near cache's disk had it). Counted here and
         handed to the metrics by `flush_counts`: on the loop, a dict increment is all it costs."""
-        how = found.how
         self._counts[how] = self._counts.get(how, 0) + 1
         if how == "miss":
-            self.metrics.lookup(0.0, found.tried)
+            self.metrics.lookup(0.0, tried)
 
     async def flush_counts(self, interval: float = 1.0) -> None:
         """Hand the counts to the metrics every `interval` seconds, until cancelled."""

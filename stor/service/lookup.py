@@ -292,9 +292,12 @@ class Lookup:
 
     # -- every copy ------------------------------------------------------------------------
 
-    def copies(self, sha: Sha) -> Copies | None:
-        """Which members of which pair hold `sha`; unreachable disks count as not holding it."""
+    def copies(self, sha: Sha, *, skip: Pair | None = None) -> Copies | None:
+        """Which members of which pair (not `skip`) hold `sha`; unreachable disks count as not
+        holding it."""
         for disk in self.answering(self.pool.probe_order()):
+            if skip is not None and disk in skip.members:
+                continue
             try:
                 found = disk.stat(sha)
             except StorageUnavailable:

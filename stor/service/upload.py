@@ -168,25 +168,8 @@ class Uploads:
         """Store `sha` on a pair other than `away` (which must take no writes), keeping its
         mtime (`stor evacuate`). Not created: it was complete on another pair already."""
         async with self._sha_lock(sha):
-            plan = await self.offload.run(self._relocation_plan, sha, away, size, mtime_ns)
+            plan = await self.offload.run(lambda: self.plan(sha, size, queue_s3=True, away=away, mtime_ns=mtime_ns))
             return await self._write(plan, sha, body, size)
-
-    def _relocation_plan(self, sha: Sha, away: Pair, size: int, mtime_ns: int) -> Plan:
-        """`plan`, with the copies on `away` left out of account."""
-        for pair in self.pool.pairs:
-            if pair is away:
-                continue
-            present = self.lookup.present_on(pair, sha)
-            if len(present) == len(pair.members):
-                return Plan(pair, [], None, [present[d.root].path for d in pair.members], True)
-            if present and pair.writable and self.monitor.pair_healthy(pair):
-                missing = [d for d in pair.members if d.root not in present]
-                kept = [st.path for st in present.values()]
-                return Plan(pair, missing, min(st.mtime_ns for st in present.values()), kept, True)
-        target = self.pool.choose_pair(size, self.monitor.pair_healthy)
-        if target is away:
-            raise InsufficientStorage(f"pair {away.index} takes writes: it cannot be evacuated onto itself")
-        return Plan(target, list(target.members), mtime_ns, [], True)
 
     async def put_content(self, body: AsyncIterator[bytes], length: int | None) -> tuple[Sha, int, PutResult]:
         """Store a body whose sha is not known in advance (named files): it is hashed on the
@@ -202,11 +185,14 @@ class Uploads:
             await self.offload.run(upload.stage, sha, b"")
             return sha, upload.received, await upload.publish(sha)
 
-    def plan(self, sha: Sha, size: int, *, queue_s3: bool) -> Plan:
+    def plan(
+        self, sha: Sha, size: int, *, queue_s3: bool, away: Pair | None = None, mtime_ns: int | None = None
+    ) -> Plan:
         """Blocking. Nothing to write when the blob is stored on a pair already; else the
         missing members of a healthy pair that holds some copies (keeping their mtime), else
-        every member of a pair chosen by free space."""
-        copies = self.lookup.copies(sha)
+        every member of a pair chosen by free space (given `mtime_ns`, or now). Copies on
+        `away` (a pair being evacuated, which takes no writes) are left out of account."""
+        copies = self.lookup.copies(sha, skip=away)
         if copies is not None:
             if copies.complete:
                 paths = [copies.present[d.root].path for d in copies.pair.members]
@@ -216,7 +202,9 @@ class Uploads:
                 mtime = min(st.mtime_ns for st in copies.present.values())
                 return Plan(copies.pair, missing, mtime, [st.path for st in copies.present.values()], queue_s3)
         pair = self.pool.choose_pair(size, self.monitor.pair_healthy)
-        return Plan(pair, list(pair.members), None, [], queue_s3)
+        if pair is away:
+            raise InsufficientStorage(f"pair {pair.index} takes writes: it cannot be evacuated onto itself")
+        return Plan(pair, list(pair.members), mtime_ns, [], queue_s3)
 
     async def _store(self, sha: Sha, body: AsyncIterator[bytes], size: int, *, queue_s3: bool) -> PutResult:
         plan = await self.offload.run(lambda: self.plan(sha, size, queue_s3=queue_s3))
