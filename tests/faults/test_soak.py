@@ -160,8 +160,8 @@ def test_soak(mounts: Mounts, servers: Servers, build: Callable[[list[list[Path]
             mode = MODES[period % len(MODES)]
             same_sha_uploads()
             racing_get()
-            faulty.set(mode)
-            start = time.monotonic()
+            start = time.monotonic()  # before the fault is on: with six client threads the
+            faulty.set(mode)  # GIL may keep this thread from reading the clock for 0.1 s after it
             record.windows.append((start, start + FAULT_ON))
             time.sleep(FAULT_ON)
             faulty.set("ok")
