@@ -278,7 +278,7 @@ class Config:
     location_cache_size: int = _key(_natural, 100_000)
     open_file_cache_size: int = _key(_natural, 32_768)
     verify_on_read: bool = _key(_bool, True)
-    verify_on_read_max: int = _key(_natural, 4 * 1024 * 1024)
+    verify_on_read_max: int = _key(_natural, 64 * 1024 * 1024)
     group_commit: bool = _key(_bool, True)
     statsite: StatsiteSettings | None = _key(_statsite, None)
     secret: str | None = field(default=None, repr=False, metadata={"check": _str})

@@ -1,5 +1,5 @@
 """The shared vocabulary: plain records that every layer may import, and that import nothing
-of stor but `digest`. Backends fill them in, the service composes them, the HTTP layer shows
+of stor but `digest` and `checksum`. Backends fill them in, the service composes them, the HTTP layer shows
 them; none of them does I/O."""
 
 from __future__ import annotations
@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from stor import __version__
+from stor.checksum import FastSum
+from stor.digest import Sha
 
 
 @dataclass(frozen=True)
@@ -16,6 +18,17 @@ class BlobStat:
     path: str
     size: int
     mtime_ns: int
+
+
+@dataclass(frozen=True)
+class HashedCopy:
+    """A copy read whole: its SHA-256, its stat (the size is what was read), its fast checksum
+    as computed and as recorded on it (None: it has none)."""
+
+    sha: Sha
+    stat: BlobStat
+    fast: FastSum
+    recorded: FastSum | None
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from stor.backends.pairs import Pair, leaves
 from stor.backends.scrubstate import read_json, state_dir, write_json
 from stor.digest import Sha, sha_from_filename
 from stor.errors import InsufficientStorage, StorageUnavailable
+from stor.model import HashedCopy
 from stor.service.integrity import quarantine_note
 from stor.service.s3tier import NoS3, S3Part
 
@@ -79,6 +80,9 @@ class ScrubReport:
     names: int = 0
     names_stale: int = 0  # name records some member of the names pair lacks (or holds older)
     names_restored: int = 0
+    checksums_missing: int = 0  # good copies without a fast checksum (Stor's, imported, no xattrs)
+    checksums_wrong: int = 0  # good copies whose fast checksum disagrees with them (a damaged attribute)
+    checksums_written: int = 0  # of those, given one (with --repair)
     repaired: int = 0
     lost: int = 0
     damage_left: int = 0
@@ -227,7 +231,7 @@ class Scrubber:
         bad: list[_Copy] = []
         missing: list[Disk] = []
         for disk in pair.members:
-            copy = self._check_copy(disk, sha, report)
+            copy = self._check_copy(pair, disk, sha, report)
             if copy is None:
                 missing.append(disk)
             elif copy.state == "ok":
@@ -253,7 +257,7 @@ class Scrubber:
             return
         self._repair(self.rewrite, pair, sha, good, bad, problems, report)
 
-    def _check_copy(self, disk: Disk, sha: Sha, report: ScrubReport) -> _Copy | None:
+    def _check_copy(self, pair: Pair, disk: Disk, sha: Sha, report: ScrubReport) -> _Copy | None:
         """The state of the copy on `disk` (hashed), or None when there is none."""
         try:
             result = disk.hash_copy(sha)
@@ -261,12 +265,26 @@ class Scrubber:
             return _Copy(disk, "unreadable", 0, 0, None)
         if result is None:
             return None
-        digest, stat = result
+        stat = result.stat
         report.copies += 1
         report.bytes += stat.size
         self.progress(1, stat.size)
         self.throttle.spent(stat.size)
-        return _Copy(disk, "ok" if digest == sha else "corrupt", stat.size, stat.mtime_ns, digest)
+        good = result.sha == sha
+        if good and result.recorded != result.fast:
+            self._check_sum(pair, disk, sha, result, report)
+        return _Copy(disk, "ok" if good else "corrupt", stat.size, stat.mtime_ns, result.sha)
+
+    def _check_sum(self, pair: Pair, disk: Disk, sha: Sha, copy: HashedCopy, report: ScrubReport) -> None:
+        """A good copy whose fast checksum is absent or wrong: counted, and with --repair
+        written (SHA-256 vouched for the bytes; the attribute is what was wrong)."""
+        if copy.recorded is None:
+            report.checksums_missing += 1
+        else:
+            report.checksums_wrong += 1
+            report.note(Finding(sha, pair.index, disk.root, "checksum-wrong"), damage=False)
+        if self.rewrite is not None and disk.record_sum(sha, copy.fast):
+            report.checksums_written += 1
 
     # -- repair --------------------------------------------------------------------------------
 

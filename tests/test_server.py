@@ -90,6 +90,54 @@ def test_big_blobs_stream_both_ways(server: StorProcess, storage: Storage) -> No
         assert b"".join(response.iter_bytes()) == data
 
 
+def test_large_blobs_go_out_whole_in_ranges_and_back_to_back(server: StorProcess, storage: Storage) -> None:
+    """Over 1 MiB a copy is checked whole, then sent from the file (uvicorn: `sendfile`)."""
+    data = os.urandom(8 * 1024 * 1024 + 5)
+    sha = sha256(data)
+    assert httpx.post(f"{server.url}/{sha}", content=data, auth=AUTH, timeout=30).status_code == 201
+    with httpx.Client(base_url=server.url, timeout=30) as client:  # one kept-alive connection
+        for _ in range(3):
+            response = client.get(f"/{sha}")
+            assert response.status_code == 200 and response.content == data
+            ranged = client.get(f"/{sha}", headers={"Range": "bytes=1048570-3145727"})
+            assert ranged.status_code == 206 and ranged.content == data[1048570:3145728]
+    metrics = httpx.get(f"{server.url}/metrics").text
+    line = next(x for x in metrics.splitlines() if x.startswith('stor_http_sent_bytes_total{route="blob"}'))
+    sent = float(line.split()[-1]) - (3 * len(data) + 3 * 2097158)  # what `sendfile` sent is counted
+    assert 0 < sent < 1000  # and the POST's answer
+
+
+def test_a_client_that_stops_reading_a_large_body(server: StorProcess) -> None:
+    data = os.urandom(8 * 1024 * 1024)
+    sha = sha256(data)
+    assert httpx.post(f"{server.url}/{sha}", content=data, auth=AUTH, timeout=30).status_code == 201
+    fds = len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+    for _ in range(5):
+        sock = connect(server)
+        sock.sendall(request_head("GET", f"/{sha}", {}))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        sock.close()  # with most of the body unread
+    response = httpx.get(f"{server.url}/{sha}", timeout=30)
+    assert response.status_code == 200 and response.content == data
+    assert wait_for(lambda: len(os.listdir(f"/proc/{server.proc.pid}/fd")) <= fds + 2)
+
+
+def test_a_corrupt_large_copy_is_answered_from_its_partner(server: StorProcess, storage: Storage) -> None:
+    """Checked whole before the first header, a bad copy costs no broken transfer."""
+    data = os.urandom(3 * 1024 * 1024)
+    sha = sha256(data)
+    assert httpx.post(f"{server.url}/{sha}", content=data, auth=AUTH, timeout=30).status_code == 201
+    first = storage.copies(sha)[0]
+    damaged = bytearray(data)
+    damaged[-7] ^= 1
+    first.write_bytes(bytes(damaged))  # keeps its fast checksum: the attribute names the good bytes
+    for _ in range(4):
+        response = httpx.get(f"{server.url}/{sha}", timeout=30)
+        assert response.status_code == 200 and response.content == data
+    quarantine = first.parents[3] / ".stor-quarantine"
+    assert wait_for(lambda: quarantine.exists() and len(list(quarantine.glob("*.dat"))) == 1)
+
+
 def test_exists_is_answered_before_the_body(server: StorProcess) -> None:
     data = b"already here"
     sha = sha256(data)

@@ -7,6 +7,8 @@ Contract:
 - A blob becomes visible only complete and durable: bytes go to a temp file in
   `<root>/.stor-tmp/<owner>/` (same filesystem), are fsynced, then linked to their final name
   and the directory fsynced. An existing final name is never replaced.
+- Each copy is given its fast checksum (`stor.checksum`) with its bytes, where the filesystem
+  keeps user xattrs; a copy without one is still a valid copy.
 - `<root>/.stor-tmp` doubles as a mount sentinel: stor creates it only on a verified root, so
   a bare mountpoint (disk unmounted) lacks it and every use of that disk fails instead of
   writing onto the wrong filesystem or answering a false "absent".
@@ -26,13 +28,14 @@ import shutil
 import threading
 import time
 
-from stor.backends import nowait, syscalls
+from stor.backends import nowait, syscalls, xattrs
 from stor.backends.inflight import InflightOps, guarded
 from stor.backends.owners import OwnedDir, dead_owner_dirs
 from stor.backends.temps import TempFile, disk_error, fsync_dir
+from stor.checksum import FastHasher, FastSum
 from stor.digest import Sha, blob_relpath, new_hasher
 from stor.errors import StorageUnavailable
-from stor.model import BlobStat, DiskHealth
+from stor.model import BlobStat, DiskHealth, HashedCopy
 
 TMP_DIR = ".stor-tmp"
 QUARANTINE_DIR = ".stor-quarantine"
@@ -194,27 +197,64 @@ class Disk:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     @guarded
+    def read_into(self, fd: int, buffer: memoryview, offset: int) -> int:
+        """Fill `buffer` from `offset` with one `preadv` (no new bytes object): the count read,
+        0 at the end of the file."""
+        try:
+            return os.preadv(fd, [buffer], offset)
+        except OSError as exc:
+            raise disk_error(self, "read", exc) from exc
+
+    @guarded
     def read_some(self, fd: int, offset: int, size: int) -> bytes:
         """Up to `size` bytes at `offset`; empty at the end of the file."""
         return self._pread(fd, size, offset)
 
     @guarded
-    def hash_copy(self, sha: Sha) -> tuple[str, BlobStat] | None:
-        """(sha256 hex, stat) of the copy here, or None when there is none. The stat's size is
-        the number of bytes actually read and hashed."""
+    def hash_copy(self, sha: Sha) -> HashedCopy | None:
+        """The copy here hashed (SHA-256 and its fast checksum) with its recorded fast checksum,
+        or None when there is none. The stat's size is the number of bytes actually read."""
         opened = self.open(sha)
         if opened is None:
             return None
         fd, stat = opened
-        hasher = new_hasher()
+        hasher, fast = new_hasher(), FastHasher()
         offset = 0
         try:
+            recorded = xattrs.read_sum(fd)
             while chunk := self._pread(fd, 1024 * 1024, offset):
                 hasher.update(chunk)
+                fast.update(chunk)
                 offset += len(chunk)
         finally:
             os.close(fd)
-        return hasher.hexdigest(), BlobStat(stat.path, offset, stat.mtime_ns)
+        return HashedCopy(Sha(hasher.hexdigest()), BlobStat(stat.path, offset, stat.mtime_ns), fast.digest(), recorded)
+
+    def read_sum(self, fd: int) -> FastSum | None:
+        """The fast checksum recorded on the open copy `fd`, or None (see `xattrs`)."""
+        return xattrs.read_sum(fd)
+
+    def write_sum(self, fd: int, digest: FastSum) -> bool:
+        """Record `digest` on the open copy `fd`, verified by the caller; best effort (a copy
+        without one is checked by SHA-256): False when it was not kept."""
+        try:
+            return xattrs.write_sum(fd, digest)
+        except OSError:
+            self.count_error()
+            return False
+
+    @guarded
+    def record_sum(self, sha: Sha, digest: FastSum) -> bool:
+        """Give the copy of `sha` here the fast checksum `digest` (of bytes verified as `sha`)
+        unless it has it already; best effort, like `write_sum`. True: it has it now."""
+        try:
+            fd = os.open(self.blob_path(sha), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            return xattrs.read_sum(fd) == digest or self.write_sum(fd, digest)
+        finally:
+            os.close(fd)
 
     def _pread(self, fd: int, size: int, offset: int) -> bytes:
         try:

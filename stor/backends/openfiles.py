@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from stor.backends import nowait
 from stor.backends.disk import Disk
+from stor.checksum import FastSum
 from stor.digest import Sha
 from stor.model import BlobStat
 
@@ -44,12 +45,14 @@ CLOSE_BATCH = 64
 """Dropped fds that may wait for a worker thread to close them."""
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class OpenCopy:
     disk: Disk
     fd: int
     stat: BlobStat
     expires: float
+    fast: FastSum | None = None
+    """The fast checksum of the bytes this fd held when they were verified (None: not yet)."""
 
 
 class OpenFiles:
@@ -102,11 +105,12 @@ class OpenFiles:
             return None
         return self._keep(sha, disk, fd, BlobStat(path, st.st_size, st.st_mtime_ns))
 
-    def put(self, sha: Sha, disk: Disk, fd: int, stat: BlobStat) -> None:
-        """Keep `fd`, opened by a worker thread (ownership passes here, kept or not). Call
-        from a worker thread: it closes what was dropped."""
+    def put(self, sha: Sha, disk: Disk, fd: int, stat: BlobStat, fast: FastSum | None = None) -> None:
+        """Keep `fd`, opened by a worker thread (ownership passes here, kept or not), with the
+        fast checksum of its verified bytes. Call from a worker thread: it closes what was
+        dropped."""
         if self.usable(disk):
-            self._keep(sha, disk, fd, stat)
+            self._keep(sha, disk, fd, stat).fast = fast
         else:
             self._drop(fd)
         self.close_dropped()

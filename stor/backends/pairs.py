@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from stor.backends.disk import Disk
 from stor.backends.temps import TempFile
+from stor.checksum import FastHasher
 from stor.digest import Sha, new_hasher
 from stor.errors import DigestMismatch, InsufficientStorage, StorageUnavailable
 
@@ -146,6 +147,7 @@ class PairWrite:
         self.disks = disks
         self._temps: list[TempFile] = []
         self._hasher = new_hasher()
+        self._fast = FastHasher()  # the copies' fast checksum, from the same bytes
 
     @property
     def temps(self) -> list[TempFile]:
@@ -156,6 +158,7 @@ class PairWrite:
         try:
             self._open_temps()
             self._hasher.update(data)
+            self._fast.update(data)
             for temp in self._temps:
                 temp.write(data)
                 if temp.groupable:  # so the group's syncfs finds little of it left to write
@@ -190,9 +193,12 @@ class PairWrite:
         actual = self._hasher.hexdigest()
         if actual != sha:
             raise DigestMismatch(sha, actual)
+        self._fast.update(tail)
+        fast = self._fast.digest()
         self._open_temps()
         for temp in self._temps:
             temp.write(tail)
+            temp.set_sum(fast)
             if group and temp.groupable:
                 temp.set_mtime(mtime_ns)
             else:

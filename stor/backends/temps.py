@@ -12,8 +12,9 @@ import os
 import time
 from typing import Protocol
 
-from stor.backends import syscalls
+from stor.backends import syscalls, xattrs
 from stor.backends.inflight import InflightOps, guarded
+from stor.checksum import FastSum
 from stor.digest import Sha
 from stor.errors import InsufficientStorage, StorageUnavailable
 
@@ -93,6 +94,14 @@ class TempFile:
             os.fsync(self._require_fd())  # a failed fsync is final: the caller fails the request, never retries
         except OSError as exc:
             raise disk_error(self.disk, "fsync", exc) from exc
+
+    def set_sum(self, digest: FastSum) -> None:
+        """Record the copy's fast checksum (before the sync that makes it durable with the bytes).
+        A filesystem that cannot keep it leaves the copy without one (see `xattrs`)."""
+        try:
+            xattrs.write_sum(self._require_fd(), digest)
+        except OSError as exc:
+            raise disk_error(self.disk, "setxattr", exc) from exc
 
     def set_mtime(self, mtime_ns: int) -> None:
         try:

@@ -14,6 +14,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from stor.http.io import SENDFILE, SendFile
 from stor.metrics import Metrics
 
 _SHA_PATH = re.compile(r"/[0-9a-fA-F]{64}")
@@ -71,6 +72,19 @@ class SendCounter:
         else:
             self.sent += len(message.get("body", b""))
         await self._send(message)
+
+    def counting_sendfile(self, scope: Scope) -> Scope:
+        """`scope`, with the bytes its server's `SENDFILE` (if any) sends counted too."""
+        sendfile: SendFile | None = scope.get(SENDFILE)
+        if sendfile is None:
+            return scope
+
+        async def counted(fd: int, offset: int, count: int) -> int:
+            sent = await sendfile(fd, offset, count)
+            self.sent += sent
+            return sent
+
+        return {**scope, SENDFILE: counted}
 
     def report(self, metrics: Metrics, method: str, route: str, scope: Scope | None = None) -> None:
         """Count the request; log it too, given its `scope`."""

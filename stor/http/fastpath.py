@@ -84,7 +84,7 @@ class StorApp(Starlette):
                     response = blob_response(Headers(scope=scope), sha, blob.stat, blob)
             except StorError as exc:
                 response = error_response(exc, method, scope["path"], {})
-            await response(scope, receive, counter.send)
+            await response(counter.counting_sendfile(scope), receive, counter.send)
         finally:
             counter.report(self.service.metrics, method, "blob", scope)
 

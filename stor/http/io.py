@@ -4,7 +4,7 @@ and blob responses with ETag, Range and conditional requests."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -127,6 +127,14 @@ def blob_response(
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
 """A response whose bytes are all at hand: status, raw headers, body."""
 
+SENDFILE = "stor.sendfile"
+"""A scope key a server sets to a `SendFile` when it can send a file's bytes to the client
+itself, zero-copy, after the response's start (`http.server`)."""
+
+SendFile = Callable[[int, int, int], Awaitable[int]]
+"""Send `count` bytes of the open file `fd` from `offset` as (part of) the response body; the
+bytes sent (fewer: the client went away, and the server has ended the response)."""
+
 HOT_TRIED = "stor.hot_tried"
 """A scope key a server sets when `answer_now` was asked and could not answer: the ordinary
 path then goes straight to a worker thread instead of asking the kernel's caches again."""
@@ -160,7 +168,8 @@ def _close(blob: OpenBlob | None) -> None:
 
 class BlobResponse(Response):
     """An answer about a blob, with its raw headers: none (HEAD, 304) or [start, end) of an
-    open copy, streamed (the bytes never sit whole in memory) unless read already."""
+    open copy, streamed (the bytes never sit whole in memory) unless read already; a copy
+    verified whole goes by the server's `SENDFILE` when it offers one."""
 
     def __init__(
         self,
@@ -182,6 +191,14 @@ class BlobResponse(Response):
             return
         if self.blob.data is not None:  # read already: one message
             await send({"type": "http.response.body", "body": self.blob.data[self.start : self.end]})
+            return
+        sendfile: SendFile | None = scope.get(SENDFILE)
+        if sendfile is not None and self.blob.zero_copy and self.blob.fd is not None:
+            try:
+                await sendfile(self.blob.fd, self.start, self.end - self.start)
+            finally:
+                self.blob.close()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         chunks = self.blob.chunks(self.start, self.end)
         try:

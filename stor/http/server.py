@@ -6,6 +6,9 @@ a client that connects and sends its headers slowly or never finishes them: each
 connection would be held forever. Here the whole head must arrive within `head_timeout`
 seconds (else 408 and close), and may not exceed `max_head_bytes` (else 431 and close).
 
+A response body that the app hands over as an open file (`io.SENDFILE`: a large copy verified
+already) goes from the page cache to the socket with `sendfile`, never through Python.
+
 A GET or HEAD that the app can answer at once (`StorApp.answer_now`: a hot blob) is answered
 as soon as its head is parsed, with one write, instead of through a task, an ASGI cycle and
 its messages, which cost several times what the answer itself does. Anything else (a body,
@@ -18,7 +21,9 @@ The only module that touches uvicorn's protocol internals.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,12 +34,14 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from stor.errors import ConfigError
 from stor.http.accounting import ACCESS, access
-from stor.http.io import HOT_TRIED, Answer
+from stor.http.io import HOT_TRIED, SENDFILE, Answer
 
 AnswerNow = Callable[[str, str, list[tuple[bytes, bytes]]], Answer | None]
 _BODY_HEADERS = (b"content-length", b"transfer-encoding")
 
 MAX_HEAD_BYTES = 64 * 1024
+SEND_IDLE_TIMEOUT = 60.0
+"""A `sendfile` that cannot send a byte for this long (the client stopped reading) gives up."""
 
 TESTED_UVICORN = ("0.54", "0.55")
 """The uvicorn minor versions this subclass of its internal protocol was tested on (the suite
@@ -103,6 +110,32 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         if self.cycle is not None:
             self.cycle.transport = _HeadHeldBack(self.transport, self.loop)  # type: ignore[assignment]
+            self.scope[SENDFILE] = functools.partial(self._sendfile, self.cycle)  # type: ignore[literal-required]
+
+    async def _sendfile(self, cycle: Any, fd: int, offset: int, count: int) -> int:
+        """`io.SendFile` for the response of `cycle`: the head goes out first, then the file's
+        bytes from the page cache, on a duplicate of the socket's fd (so it stays valid should
+        the connection close meanwhile). The bytes sent; fewer than `count` only when the client
+        went away or stopped reading (the connection is then closed: the client sees a short
+        body, never a wrong one)."""
+        if count > cycle.expected_content_length or cycle.response_complete:
+            raise RuntimeError("sendfile: more than the response's Content-Length")
+        cycle.transport.flush()
+        transport = self.transport
+        while transport.get_write_buffer_size() and not transport.is_closing():
+            await asyncio.sleep(0.001)  # the head (rarely more) still leaving
+        sent = 0
+        if not transport.is_closing():
+            sock = os.dup(transport.get_extra_info("socket").fileno())
+            try:
+                sent = await _send_file(self.loop, sock, fd, offset, count)
+            finally:
+                os.close(sock)
+        cycle.expected_content_length -= sent
+        if sent < count:
+            cycle.disconnected = True  # the rest of the cycle's messages go nowhere
+            transport.close()
+        return sent
 
     def on_body(self, body: bytes) -> None:
         if not self._answered:
@@ -205,18 +238,19 @@ class _HeadHeldBack:
         elif self._first:
             self._first = False
             self._held = data
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self.flush)
         else:
             self._transport.write(data)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Send the held head now."""
         if self._held is not None:
             held, self._held = self._held, None
             if not self._transport.is_closing():
                 self._transport.write(held)
 
     def close(self) -> None:
-        self._flush()
+        self.flush()
         self._transport.close()
 
     def is_closing(self) -> bool:
@@ -224,6 +258,43 @@ class _HeadHeldBack:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
+
+
+async def _send_file(loop: asyncio.AbstractEventLoop, sock: int, fd: int, offset: int, count: int) -> int:
+    """`sendfile` on a non-blocking socket from the event loop, waiting for room in the socket
+    between calls. The bytes sent: fewer when the peer is gone or stopped reading for
+    `SEND_IDLE_TIMEOUT`, or the file ended early."""
+    sent = 0
+    while sent < count:
+        try:
+            done = os.sendfile(sock, fd, offset + sent, count - sent)
+        except BlockingIOError:
+            if not await _writable(loop, sock):
+                break
+            continue
+        except OSError:  # EPIPE, ECONNRESET: the client went away
+            break
+        if done == 0:  # the file is shorter than it was
+            break
+        sent += done
+    return sent
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, sock: int) -> bool:
+    ready = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(True)
+
+    loop.add_writer(sock, wake)
+    try:
+        async with asyncio.timeout(SEND_IDLE_TIMEOUT):
+            return await ready  # type: ignore[no-any-return]
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_writer(sock)
 
 
 def _hot_path(app: Any) -> AnswerNow | None:

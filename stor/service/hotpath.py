@@ -19,6 +19,7 @@ from stor.backends import nowait
 from stor.backends.disk import Disk
 from stor.backends.openfiles import OpenCopy, OpenFiles
 from stor.backends.pairs import StoragePool
+from stor.checksum import fast_sum
 from stor.digest import Sha, sha_of
 from stor.errors import BlobNotFound
 from stor.metrics import Metrics
@@ -72,12 +73,25 @@ class HotPath:
         data = self.open_files.read(kept)
         if data is None:
             return None
-        if self.verify and sha_of(data) != sha:
-            self.open_files.forget(sha)  # the thread path reads it again and quarantines it
+        if self.verify and not self._intact(kept, sha, data):
+            self.open_files.forget(sha)  # the thread path reads it again, and SHA-256 decides
             return None
         self._count(found)
         self.metrics.disk_read(kept.disk.root, len(data), 0.0)
         return OpenBlob(sha, kept.stat, self.lookup.offload, disk=kept.disk, data=data, metrics=self.metrics)
+
+    def _intact(self, kept: OpenCopy, sha: Sha, data: bytes) -> bool:
+        """`data` read from `kept` checked against the fast checksum of the bytes it held when
+        they were verified. A copy opened on the loop has none yet: SHA-256 checks it once, its
+        fast checksum is kept for the reads that follow, and a thread makes sure the copy on
+        disk records it (by path: the fd may be closed by then)."""
+        if kept.fast is not None:
+            return fast_sum(data) == kept.fast
+        if sha_of(data) != sha:
+            return False
+        kept.fast = fast_sum(data)
+        self.background.start(kept.disk.record_sum, sha, kept.fast)
+        return True
 
     def _kept(self, sha: Sha) -> _Found | None:
         """The kept-open copy of `sha`, or one opened now from the kernel's caches alone (the

@@ -22,7 +22,8 @@ from stor.backends.disk import Disk
 from stor.backends.locations import ABSENT, CacheUnavailable, LocationCache
 from stor.backends.openfiles import OpenFiles
 from stor.backends.pairs import Pair, StoragePool
-from stor.digest import Sha, sha_of
+from stor.checksum import FastSum
+from stor.digest import Sha
 from stor.errors import BlobLost, BlobNotFound, CorruptCopy, StorageUnavailable
 from stor.metrics import Metrics
 from stor.model import BlobStat
@@ -31,6 +32,7 @@ from stor.service.integrity import Integrity
 from stor.service.nearcache import NearCache
 from stor.service.offload import Offload
 from stor.service.stream import OpenBlob
+from stor.service.verify import check_bytes, check_copy, sha_of_copy
 
 T = TypeVar("T")
 
@@ -65,7 +67,6 @@ class Lookup:
     verify_max: int
 
     def __post_init__(self) -> None:
-        self._read_whole = max(READ_WHOLE_BYTES, self.verify_max) if self.verify else READ_WHOLE_BYTES
         self.disk_by_root = {disk.root: disk for disk in self.pool.disks}
 
     def add(self, disks: list[Disk]) -> None:
@@ -233,11 +234,10 @@ class Lookup:
                 hashed = member.hash_copy(sha)
                 if hashed is None:
                     continue
-                digest, st = hashed
-                if digest == sha:
-                    good = good or st
+                if hashed.sha == sha:
+                    good = good or hashed.stat
                 else:
-                    self.integrity.corrupt(member, sha, st, digest, st.size)
+                    self.integrity.corrupt(member, sha, hashed.stat, hashed.sha, hashed.stat.size)
         if good is None:
             raise CorruptCopy(f"no copy of {sha} on pair {pair.index} passed verification")
         return good
@@ -250,33 +250,64 @@ class Lookup:
         if opened is None:
             return None
         fd, st = opened
-        if st.size > self._read_whole:
+        if st.size > READ_WHOLE_BYTES:
+            try:
+                checked = self.verify and st.size <= self.verify_max and self._check_whole(disk, fd, sha, st)
+                recorded = disk.read_sum(fd) if self.verify and not checked else None
+            except BaseException:
+                os.close(fd)
+                raise
             return OpenBlob(
                 sha,
                 st,
                 self.offload,
                 disk=disk,
                 fd=fd,
-                verify=self.verify,
+                checked=checked,
+                verify=self.verify and not checked,
+                recorded=recorded,
                 on_corrupt=functools.partial(self.integrity.corrupt, disk, sha, st),
                 metrics=self.metrics,
                 reopen=functools.partial(self._other_copy, sha),
             )
         try:
             data = disk.read_at(fd, 0, st.size)
+            fast = self._check(disk, fd, sha, st, data) if self.verify else None
         except BaseException:
             os.close(fd)
             raise
         self.metrics.disk_read(disk.root, st.size, time.monotonic() - began)
-        if self.verify and (actual := sha_of(data)) != sha:
-            os.close(fd)
-            self.integrity.corrupt(disk, sha, st, actual, len(data))
-            raise CorruptCopy(f"the copy of {sha} on {disk.root} is corrupt (its sha256 is {actual})")
         if self.monitor.healthy(disk):
-            self.open_files.put(sha, disk, fd, st)
+            self.open_files.put(sha, disk, fd, st, fast)
         else:
             os.close(fd)  # nothing stays open on a disk that is down: it can be unmounted
         return OpenBlob(sha, st, self.offload, disk=disk, data=data, metrics=self.metrics)
+
+    def _check_whole(self, disk: Disk, fd: int, sha: Sha, st: BlobStat) -> bool:
+        """Verify a copy too big to read into memory before anything of it is sent (see
+        `verify.check_copy`), so that it can be sent without passing through Python (see
+        `OpenBlob.zero_copy`), and a corrupt one is answered from another copy, not aborted."""
+        began = time.monotonic()
+        verdict, size = check_copy(functools.partial(disk.read_into, fd), sha, disk.read_sum(fd))
+        self.metrics.disk_read(disk.root, size, time.monotonic() - began)
+        if size != st.size or not verdict.good:
+            actual = verdict.actual or sha_of_copy(functools.partial(disk.read_into, fd))
+            self.integrity.corrupt(disk, sha, st, actual, size)
+            raise CorruptCopy(f"the copy of {sha} on {disk.root} is corrupt (its sha256 is {actual})")
+        if verdict.record is not None:
+            disk.write_sum(fd, verdict.record)
+        return True
+
+    def _check(self, disk: Disk, fd: int, sha: Sha, st: BlobStat, data: bytes) -> FastSum:
+        """Verify a copy read whole (see `verify`): its fast checksum, for the kept-open copy's
+        later reads. A corrupt one is quarantined; a good one missing its checksum gets it."""
+        verdict = check_bytes(sha, data, disk.read_sum(fd))
+        if not verdict.good:
+            self.integrity.corrupt(disk, sha, st, verdict.actual or "", len(data))
+            raise CorruptCopy(f"the copy of {sha} on {disk.root} is corrupt (its sha256 is {verdict.actual})")
+        if verdict.record is not None:
+            disk.write_sum(fd, verdict.record)
+        return verdict.fast
 
     def _other_copy(self, sha: Sha, failed: set[str]) -> tuple[Disk, int, BlobStat] | None:
         """A copy of `sha` on a responsive disk not in `failed`, opened (for a stream whose

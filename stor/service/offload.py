@@ -53,22 +53,23 @@ class Background:
 
     def __init__(self, offload: Offload) -> None:
         self.offload = offload
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._once: dict[str, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._once: dict[str, asyncio.Task[object]] = {}
 
-    def start(self, call: Callable[..., None], *args: object) -> asyncio.Task[None]:
+    def start(self, call: Callable[..., object], *args: object) -> asyncio.Task[object]:
+        """Run `call(*args)` in a worker thread; what it returns is dropped."""
         task = asyncio.get_running_loop().create_task(self.offload.run(call, *args))
         self._tasks.add(task)
         task.add_done_callback(self._done)
         return task
 
-    def start_once(self, key: str, call: Callable[[], None]) -> None:
+    def start_once(self, key: str, call: Callable[[], object]) -> None:
         """`start`, unless the call started under `key` is still running."""
         running = self._once.get(key)
         if running is None or running.done():
             self._once[key] = self.start(call)
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _done(self, task: asyncio.Task[object]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("background disk call failed: %s", task.exception())

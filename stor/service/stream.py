@@ -3,6 +3,7 @@ while it streams) or from S3 (always verified). Reads run off the event loop via
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
@@ -10,11 +11,13 @@ from dataclasses import dataclass, field
 
 from stor.backends.disk import Disk
 from stor.backends.s3 import S3Object
-from stor.digest import Hasher, Sha, new_hasher
+from stor.checksum import FastSum
+from stor.digest import Sha
 from stor.errors import StorageUnavailable, TransferAborted
 from stor.metrics import Metrics, NullMetrics
 from stor.model import BlobStat
 from stor.service.offload import Offload
+from stor.service.verify import StreamCheck, sha_of_copy
 
 STREAM_CHUNK = 1024 * 1024
 
@@ -26,9 +29,9 @@ Reopen = Callable[[set[str]], tuple[Disk, int, BlobStat] | None]
 class OpenBlob:
     """A located copy: its bytes when small, else an open fd or S3 stream (caller closes).
 
-    `verify` streams hash the whole copy, whatever range is asked, and hold the last piece
-    back until the hash matches; on a mismatch `on_corrupt` runs (in a worker thread) with
-    the actual digest and the transfer is aborted.
+    `verify` streams check the whole copy, whatever range is asked (see `verify.StreamCheck`),
+    and hold the last piece back until it passes; when SHA-256 finds the copy bad, `on_corrupt`
+    runs (in a worker thread) with the actual digest and the transfer is aborted.
 
     When a disk read fails mid-stream, `reopen` (in a worker thread) is asked for another
     copy, not on the disks that failed, and the stream carries on from it at the same offset:
@@ -41,25 +44,50 @@ class OpenBlob:
     data: bytes | None = None
     fd: int | None = None
     s3: S3Object | None = None
+    checked: bool = False
+    """The whole copy was verified before it was opened for sending (see `Lookup.open_copy`)."""
     verify: bool = False
+    recorded: FastSum | None = None
+    """The copy's recorded fast checksum: a verified stream checks that instead of SHA-256."""
     on_corrupt: Callable[[str, int], None] | None = None
     metrics: Metrics = field(default_factory=NullMetrics)
     reopen: Reopen | None = None
     _failed: set[str] = field(default_factory=set, init=False)
 
+    @property
+    def zero_copy(self) -> bool:
+        """The bytes may go from the file to the socket without passing through Python
+        (`sendfile`): verified already, on a filesystem served from the page cache."""
+        return self.checked and self.fd is not None and self.disk is not None and self.disk.takes_nowait
+
     def chunks(self, start: int, end: int) -> AsyncGenerator[bytes, None]:
         """Bytes [start, end), read off the event loop; closes the source when done."""
         if self.data is not None:
             return _slice(self.data, start, end)
-        hasher = new_hasher()
         if self.s3 is not None:
-            source = self.s3.chunks()
-            return _verified(self, start, end, hasher, lambda: self.offload.run(_next_hashed, source, hasher))
+            source, check = self.s3.chunks(), StreamCheck(None)
+            return _verified(self, start, end, check, lambda: self.offload.run(_next_hashed, source, check))
         if self.verify:
-            return _verified(self, start, end, hasher, self._next_disk_chunk(hasher))
+            check = StreamCheck(self.recorded)
+            return _verified(self, start, end, check, self._next_disk_chunk(check))
         return _disk_range(self, start, end)
 
-    def _next_disk_chunk(self, hasher: Hasher) -> Callable[[], Awaitable[bytes | None]]:
+    def rehash(self) -> Sha | None:
+        """Blocking: the SHA-256 of the copy read again from the start (after its fast checksum
+        disagreed); None when it cannot be read."""
+        if self.fd is None or self.disk is None:
+            return None
+        try:
+            return sha_of_copy(functools.partial(self.disk.read_into, self.fd))
+        except StorageUnavailable:
+            return None
+
+    def record_sum(self, digest: FastSum) -> None:
+        """Blocking: give the copy being read the fast checksum SHA-256 just vouched for."""
+        if self.fd is not None and self.disk is not None:
+            self.disk.write_sum(self.fd, digest)
+
+    def _next_disk_chunk(self, hasher: StreamCheck) -> Callable[[], Awaitable[bytes | None]]:
         offset = 0
 
         async def read() -> bytes | None:
@@ -70,7 +98,7 @@ class OpenBlob:
 
         return read
 
-    async def read_disk(self, offset: int, size: int, *, exact: bool, hasher: Hasher | None = None) -> bytes:
+    async def read_disk(self, offset: int, size: int, *, exact: bool, hasher: StreamCheck | None = None) -> bytes:
         """`size` bytes at `offset` (fewer at the end unless `exact`), moving to another copy
         when this one fails; hashed into `hasher` in the same thread hop (sha256 releases the
         GIL, so the event loop sends the previous piece meanwhile)."""
@@ -112,7 +140,7 @@ class OpenBlob:
 
 
 def _read_hashed(
-    read: Callable[[int, int, int], bytes], fd: int, offset: int, size: int, hasher: Hasher | None
+    read: Callable[[int, int, int], bytes], fd: int, offset: int, size: int, hasher: StreamCheck | None
 ) -> bytes:
     chunk = read(fd, offset, size)
     if hasher is not None:
@@ -120,7 +148,7 @@ def _read_hashed(
     return chunk
 
 
-def _next_hashed(source: Iterator[bytes], hasher: Hasher) -> bytes | None:
+def _next_hashed(source: Iterator[bytes], hasher: StreamCheck) -> bytes | None:
     chunk = next(source, None)
     if chunk is not None:
         hasher.update(chunk)
@@ -145,10 +173,10 @@ async def _disk_range(blob: OpenBlob, start: int, end: int) -> AsyncGenerator[by
 
 
 async def _verified(
-    blob: OpenBlob, start: int, end: int, hasher: Hasher, read: Callable[[], Awaitable[bytes | None]]
+    blob: OpenBlob, start: int, end: int, check: StreamCheck, read: Callable[[], Awaitable[bytes | None]]
 ) -> AsyncGenerator[bytes, None]:
-    """Stream the whole source and yield [start, end) of it; `read` hashes every chunk into
-    `hasher` as it reads it. The last piece is held back until the hash matches, so a corrupt
+    """Stream the whole source and yield [start, end) of it; `read` feeds every chunk to
+    `check` as it reads it. The last piece is held back until the check passes, so a corrupt
     copy ends in a broken transfer, never in a complete response."""
     position = 0
     held: bytes | None = None
@@ -160,11 +188,13 @@ async def _verified(
                 if held is not None:
                     yield held
                 held = piece
-        actual = hasher.hexdigest()
-        if position != blob.stat.size or actual != blob.sha:
-            if blob.on_corrupt is not None:
-                await blob.offload.run(blob.on_corrupt, actual, position)
+        verdict = await blob.offload.run(check.verdict, blob.sha, blob.rehash)
+        if position != blob.stat.size or not verdict.good:
+            if blob.on_corrupt is not None and verdict.actual is not None:
+                await blob.offload.run(blob.on_corrupt, verdict.actual, position)
             raise TransferAborted(f"the copy of {blob.sha} at {blob.stat.path} is corrupt; transfer aborted")
+        if verdict.record is not None:
+            await blob.offload.run(blob.record_sum, verdict.record)
         if held is not None:
             yield held
     finally:
