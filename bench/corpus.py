@@ -1,5 +1,6 @@
-"""The corpus: a pair of members (fresh ext4 images as root, else plain directories) holding
-random blobs in Stor's layout, and the page cache warmed before each run."""
+"""The corpus: a pair of members (plain directories on the machine's disk, or fresh ext4
+images) holding random blobs in Stor's layout, each copy with the fast checksum stor gives the
+copies it stores, and the page cache warmed before each run."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 from bench.settings import CORPUS, IMAGE_BYTES
+from stor.checksum import ATTR, fast_sum
 
 
 def layout(root: Path, sha: str) -> Path:
@@ -17,16 +19,21 @@ def layout(root: Path, sha: str) -> Path:
     return root / up[0:2] / up[2:4] / up[4:6] / f"{up}.dat"
 
 
-class Members:
-    """The pair stor stores on: two fresh ext4 filesystems (loop-mounted sparse images, as two
-    data disks would be) when root, else two plain directories under the work directory."""
+def can_mount_images() -> bool:
+    return os.geteuid() == 0 and shutil.which("mkfs.ext4") is not None
 
-    def __init__(self, work: Path) -> None:
+
+class Members:
+    """The pair stor stores on: two plain directories under the work directory (on the
+    machine's own disk), or with `images` two fresh ext4 filesystems (loop-mounted sparse
+    images, as two data disks would be)."""
+
+    def __init__(self, work: Path, *, images: bool) -> None:
         self.paths = [work / "disk1", work / "disk2"]
         self.mounted: list[Path] = []
         for path in self.paths:
-            path.mkdir()
-        if os.geteuid() == 0 and shutil.which("mkfs.ext4") and not os.environ.get("BENCH_PLAIN_DIRS"):
+            path.mkdir(parents=True)
+        if images:
             for path in self.paths:
                 image = work / f"{path.name}.img"
                 with image.open("wb") as f:
@@ -38,7 +45,7 @@ class Members:
         self.kind = (
             f"two fresh ext4 filesystems, one per member (loop-mounted {IMAGE_BYTES >> 30} GiB sparse images)"
             if self.mounted
-            else "two plain directories on one filesystem"
+            else "two plain directories on the machine's own disk"
         )
 
     def close(self) -> None:
@@ -57,6 +64,7 @@ def build_corpus(members: list[Path]) -> dict[str, list[str]]:
                 path = layout(disk, sha)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)
+                os.setxattr(path, ATTR, fast_sum(data))
             shas[name].append(sha)
     return shas
 

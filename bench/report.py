@@ -5,65 +5,61 @@ from __future__ import annotations
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench.settings import CORPUS, DURATION, FD_LIMIT, ONLY, ROOT
+from bench.settings import CORPUS, DURATION, FD_LIMIT, ONLY, ROOT, WRK_THREADS
 from bench.workloads import Refill, Result
 from stor.scrub import REPAIRS_IN_FLIGHT
 
 
-def write_report(
-    results: list[tuple[Result, Result | None]],
-    limits: dict[str, float | None],
-    refilled: Refill | None,
-    seconds: float,
-    storage: str,
-) -> None:
-    rows = []
-    for ours, theirs in results:
-        ratio = f"{100 * ours.rps / theirs.rps:.0f}%" if theirs and theirs.rps else "-"
-        nginx = f"{theirs.rps:,.0f}" if theirs else "-"
-        rows.append(
-            f"| {ours.workload} | {ours.rps:,.0f} | {ours.p50} | {ours.p99} | {ours.mbs:,.1f} | {nginx} | {ratio} "
-            f"| {ours.rss_mib:.0f} | {ours.errors} |"
-        )
+@dataclass
+class Section:
+    """One storage kind's results."""
+
+    storage: str
+    results: list[tuple[Result, Result | None]]
+    limits: dict[str, float | None]
+    refilled: Refill | None
+
+
+def write_report(sections: list[Section], rates: dict[str, float], seconds: float) -> None:
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    body = "\n".join(_section(section, n) for n, section in enumerate(sections))
+    hashes = "\n".join(f"| {name} | {rate:,.0f} |" for name, rate in rates.items())
     text = f"""# Benchmarks
 
 Written by `make bench` ({when}, {seconds:.0f} s). Machine: {os.cpu_count()} cores
 ({cpu}), {platform.system()} {platform.release()}, Python {platform.python_version()}. stor runs with 2 workers under
 its default server (uvicorn; the rows marked `--server granian` under granian) and the default config (every GET
-verified, group commit on) on one pair: {storage}. nginx (2 workers, sendfile) serves the same files from the first
-member. wrk: 2 threads, 64 connections, {DURATION} s after a 2 s warm-up, random shas from the corpus
+verified, group commit on) on one pair. nginx (2 workers, sendfile) serves the same files from the first member.
+wrk: {WRK_THREADS} thread(s) (one client thread takes less of the two cores the servers need), 64 connections,
+{DURATION} s after a 2 s warm-up, random shas from the corpus
 ({", ".join(f"{c:,} x {s // 1024} KiB" for s, c in CORPUS.values())}), every copy read into the page cache before each
-run. The "one blob (hey)" rows ask for one blob over and over with `hey` (64 connections), because wrk cannot measure
-HEAD (it waits for a body that never comes); their GET is there to compare HEAD with GET under the same client. wrk or
-hey, stor and nginx share the 2 cores, so every figure is CPU-bound on this machine; compare ratios, not absolutes
-(two runs a minute apart differ by up to ±10% here). wrk is not pinned to a core: on 2 cores, pinning it apart from the
-server made no consistent difference. stor runs with an open-file limit of {FD_LIMIT:,} (an operator's
-`LimitNOFILE`), so that its open-file cache, a quarter of the limit, holds every small blob of the corpus; each worker
-still opens each blob once during the run (on the event loop when the kernel has its path cached, else in a thread).
+run, each copy with the fast checksum stor gives what it stores. The "one blob (hey)" rows ask for one blob over and
+over with `hey` (64 connections), because wrk cannot measure HEAD (it waits for a body that never comes). The client,
+stor and nginx share the 2 cores, so every figure is CPU-bound on this machine; compare ratios, not absolutes (two runs
+a minute apart differ by up to ±10% here). "CPU s/GiB" is the server's CPU time (all its processes) per GiB of bodies
+served. stor runs with an open-file limit of {FD_LIMIT:,} (an operator's `LimitNOFILE`), so that its open-file cache,
+a quarter of the limit, holds every small blob of the corpus; each worker still opens each blob once during the run
+(on the event loop when the kernel has its path cached, else in a thread).
 
-| workload | stor req/s | p50 | p99 | MB/s | nginx req/s | stor/nginx | stor RSS MiB | non-2xx |
-|---|---|---|---|---|---|---|---|---|
-{chr(10).join(rows)}
+Everything runs on two plain directories on the machine's own disk; the headline rows run again on two fresh ext4
+filesystems (loop-mounted sparse images, as two data disks would be).
 
-nginx's URL carries the sha in uppercase (core nginx cannot change case; the files are the same). GET 404 counts
-404s as non-2xx by design. Each POST stores a new 4 KiB blob (the warm-up posts others): 201 only once both copies
-and their names are durable; "group_commit off" is the per-copy protocol (fsync the file, link, fsync the directory,
-one copy after the other).
+{body}
+## Hashes, one core, in the same run
 
-## Physical limits measured in the same run
-
-Pair writes use stor's own code (`PairWrite`, `GroupCommits`) on the same pair, without HTTP.
-
-| limit | value |
+| hash | MB/s |
 |---|---|
-{chr(10).join(f"| {k} | {'-' if v is None else f'{v:,.1f}'} |" for k, v in limits.items())}
+{hashes}
 
-{_refill_section(refilled)}
+SHA-256 names a blob and decides; xxh3-128 is the per-copy fast checksum every GET checks (BLAKE3, measured by hand
+with its Python package here: ~1,900 MB/s for 8 MiB, ~550 MB/s for 4 KiB, against xxh3-128's ~16,500 and ~8,800:
+xxh3-128 was chosen).
+
 ## What limits each figure
 
 From profiles of the GIL holder under wrk (`py-spy record --gil`), `perf record` and `perf trace -s` on this
@@ -91,12 +87,60 @@ machine:
 
 `make bench` (installs wrk, hey, nginx and memcached from Debian when missing, and runs in a private mount namespace
 so the images it mounts vanish with it; `BENCH_SECONDS` changes the run length, `BENCH_DIR` where the work directory
-is made, `BENCH_PLAIN_DIRS=1` uses plain directories instead of ext4 images). It is not part of `make test` and asserts
-nothing.
+is made, `BENCH_WRK_THREADS` wrk's threads, `BENCH_ONLY=get,post,...` a choice of groups, printed only). It is not
+part of `make test` and asserts nothing. `make bench-scale` measures how costs grow with the store (below, when run).
 """
     if not ONLY:
         (ROOT / "docs" / "benchmarks.md").write_text(text)
     print(text)
+
+
+def _section(section: Section, n: int) -> str:
+    rows = []
+    for ours, theirs in section.results:
+        ratio = f"{ours.rps / theirs.rps:.2f}x" if theirs and theirs.rps else "-"
+        nginx = f"{theirs.rps:,.0f}" if theirs else "-"
+        rows.append(
+            f"| {ours.workload} | {ours.rps:,.0f} | {ours.p50} | {ours.p99} | {ours.mbs:,.1f} | {nginx} | {ratio} "
+            f"| {_cpu(ours)} | {_cpu(theirs)} | {ours.rss_mib:.0f} | {ours.errors} |"
+        )
+    post = next((o for o, _ in section.results if o.workload.startswith("POST 4k (durable, both copies;")), None)
+    bare = next((v for k, v in section.limits.items() if "bare protocol" in k and "32 threads" in k), None)
+    versus = f"POST runs at **{post.rps / bare:.2f}x** the bare protocol with 32 threads.\n" if post and bare else ""
+    limits = "\n".join(f"| {k} | {'-' if v is None else f'{v:,.1f}'} |" for k, v in section.limits.items())
+    notes = _NOTES if n == 0 else ""
+    return f"""## On {section.storage}
+
+| workload | stor req/s | p50 | p99 | MB/s | nginx req/s | stor/nginx | CPU s/GiB | nginx CPU s/GiB | RSS MiB | errors |
+|---|---|---|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+{notes}
+### Write limits measured in the same run, on the same pair
+
+The bare protocol is DESIGN.md §2's per-copy protocol in a plain Python script, no stor code, no HTTP (O_EXCL temp,
+write, fsync, rename into a new `AB/CD/EF`, fsync the directories; both copies of each blob, one after the other).
+stor's pair writes use its own code (`PairWrite`, `GroupCommits`) without HTTP. Each write measurement and each POST
+run starts after a `sync`, with nothing dirty.
+
+| limit | value |
+|---|---|
+{limits}
+
+{versus}
+{_refill_section(section.refilled)}"""
+
+
+_NOTES = """
+nginx's URL carries the sha in uppercase (core nginx cannot change case; the files are the same). GET 404 counts
+404s as errors by design. Each POST stores a new 4 KiB blob (the warm-up posts others): 201 only once both copies
+and their names are durable; "group_commit off" is the per-copy protocol (fsync the file, link, fsync the directory,
+one copy after the other).
+"""
+
+
+def _cpu(result: Result | None) -> str:
+    per_gib = None if result is None else result.cpu_per_gib
+    return "-" if per_gib is None else f"{per_gib:.2f}"
 
 
 def _refill_section(refilled: Refill | None) -> str:

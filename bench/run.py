@@ -1,9 +1,11 @@
 """`make bench`: stor against nginx serving the same files, on this machine, in one run.
 
 Builds a corpus in Stor's layout (`corpus`), starts stor and nginx on free loopback ports
-(`servers`), drives both with wrk (64 connections, random shas), measures the physical limits
-(sha256, durable pair writes) and RSS under 1 GiB transfers (`workloads`), and writes
-docs/benchmarks.md (`report`). Not part of `make test`; nothing here asserts a time.
+(`servers`), drives both with wrk (one client thread, 64 connections, random shas), measures
+the physical limits (hashes, the bare durable-write protocol, stor's pair writes) and RSS under
+1 GiB transfers (`workloads`), and writes docs/benchmarks.md (`report`). Everything runs on two
+plain directories on the machine's own disk; the headline rows run again on two loop-mounted
+ext4 images. Not part of `make test`; nothing here asserts a time.
 """
 
 from __future__ import annotations
@@ -17,38 +19,50 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.corpus import Members, build_corpus, warm
-from bench.report import write_report
+from bench.corpus import Members, build_corpus, can_mount_images, warm
+from bench.report import Section, write_report
 from bench.servers import Nginx, Stor, free_port, raise_fd_limit
 from bench.settings import AUTH, POST_BLOBS, wanted
 from bench.workloads import (
     Result,
+    bare_protocol,
     big_transfer_rss,
+    hash_rates,
     hey,
     lua_get,
     lua_post,
     pair_writes,
     post_blobs,
     refill,
-    sha256_rate,
     wrk,
 )
 
 
-def main() -> None:  # noqa: PLR0915 - one linear script, read top to bottom
+def main() -> None:
     started = time.time()
     raise_fd_limit()
     work = Path(tempfile.mkdtemp(prefix="stor-bench-", dir=os.environ.get("BENCH_DIR")))
     work.chmod(0o755)  # nginx's workers run unprivileged: 0700 would make every answer a 403
-    members = Members(work)
+    try:
+        sections = [run_on(work / "plain", images=False, full=True)]
+        if can_mount_images() and wanted("images"):
+            sections.append(run_on(work / "images", images=True, full=False))
+        write_report(sections, hash_rates() if wanted("limits") else {}, time.time() - started)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_on(base: Path, *, images: bool, full: bool) -> Section:  # noqa: PLR0915 - one linear script
+    """Every workload (`full`), or the headline ones: GET 4k and 8m, POST, the write limits."""
+    members = Members(base, images=images)
     try:
         print(f"building the corpus on {members.kind}…", flush=True)
         shas = build_corpus(members.paths)
-        scripts = work / "lua"
+        scripts = base / "lua"
         scripts.mkdir()
 
         def post_script(name: str, count: int) -> Path:
-            return lua_post(scripts / f"{name}.lua", post_blobs(work / f"{name}.bin", count), count)
+            return lua_post(scripts / f"{name}.lua", post_blobs(base / f"{name}.bin", count), count)
 
         base_config: dict[str, object] = {
             "storage_pairs": [[str(p) for p in members.paths]],
@@ -56,28 +70,31 @@ def main() -> None:  # noqa: PLR0915 - one linear script, read top to bottom
             "basic_auth": f"{AUTH[0]}:{AUTH[1]}",
         }
         lua_get(scripts / "4k.lua", shas["4k"])  # the variants' workload too
-        nginx = Nginx(work, members.paths[0])
-        stor = Stor(work, base_config)
+        nginx = Nginx(base, members.paths[0])
+        stor = Stor(base, base_config)
         results: list[tuple[Result, Result | None]] = []
         try:
-            for name in ("4k", "64k", "8m") if wanted("get") else ():
+            for name in ("4k", "64k", "8m") if full else ("4k", "8m"):
+                if not wanted("get"):
+                    break
                 script = lua_get(scripts / f"{name}.lua", shas[name])
                 warm(members.paths, shas[name])
                 ours = wrk(stor.url, script, f"GET {name}", stor.pids())
                 warm(members.paths, shas[name])
-                theirs = wrk(nginx.url, lua_get(scripts / f"{name}-up.lua", shas[name], upper=True), "nginx")
+                upper = lua_get(scripts / f"{name}-up.lua", shas[name], upper=True)
+                theirs = wrk(nginx.url, upper, "nginx", nginx.pids())
                 if theirs.errors:
                     print(f"  warning: nginx answered {theirs.errors} errors for {name}", flush=True)
                 results.append((ours, theirs))
                 print(f"  {ours.workload}: stor {ours.rps:,.0f}/s vs nginx {theirs.rps:,.0f}/s", flush=True)
-            for name in ("4k", "64k", "8m") if wanted("hey") else ():
+            for name in ("4k", "64k", "8m") if wanted("hey") and full else ():
                 sha = shas[name][0]
                 for method in ("HEAD", "GET"):
                     ours = hey(f"{stor.url}/{sha}", method, f"{method} {name}, one blob (hey)", stor.pids())
                     theirs = hey(f"{nginx.url}/{sha.upper()}", method, "nginx")
                     results.append((ours, theirs))
                     print(f"  {ours.workload}: stor {ours.rps:,.0f}/s vs nginx {theirs.rps:,.0f}/s", flush=True)
-            if wanted("404"):
+            if wanted("404") and full:
                 missing = [hashlib.sha256(os.urandom(8)).hexdigest() for _ in range(1000)]
                 ours = wrk(stor.url, lua_get(scripts / "404.lua", missing), "GET 404", stor.pids())
                 theirs = wrk(nginx.url, lua_get(scripts / "404-up.lua", missing, upper=True), "nginx")
@@ -89,17 +106,18 @@ def main() -> None:  # noqa: PLR0915 - one linear script, read top to bottom
                 ours = wrk(stor.url, post_script("post", POST_BLOBS), label, stor.pids(), warm_up)
                 results.append((ours, None))
                 print(f"  {label}: {ours.rps:,.0f}/s", flush=True)
-            up, down = big_transfer_rss(stor) if wanted("rss") else (0.0, 0.0)
+            up, down = big_transfer_rss(stor) if wanted("rss") and full else (0.0, 0.0)
         finally:
             stor.stop()
         variants: list[tuple[str, dict[str, object], str | None, Path]] = [
             ("GET 4k, verify_on_read off", {**base_config, "verify_on_read": False}, None, scripts / "4k.lua"),
             ("GET 4k, --server granian", base_config, "granian", scripts / "4k.lua"),
+            ("GET 8m, --server granian (no sendfile)", base_config, "granian", scripts / "8m.lua"),
             (
-                "GET 4k, verify_on_read off, --server granian",
-                {**base_config, "verify_on_read": False},
-                "granian",
-                scripts / "4k.lua",
+                "GET 8m, checked while streaming (verify_on_read_max 0)",
+                {**base_config, "verify_on_read_max": 0},
+                None,
+                scripts / "8m.lua",
             ),
             (
                 "POST 4k (durable, both copies), group_commit off",
@@ -127,25 +145,26 @@ def main() -> None:  # noqa: PLR0915 - one linear script, read top to bottom
             memcached_config = {**base_config, "memcached_servers": [f"127.0.0.1:{mc_port}"]}
             variants.append(("GET 4k, memcached", memcached_config, None, scripts / "4k.lua"))
         try:
-            nginx_4k = results[0][1] if results else None
-            for label, config, http_server, script in variants if wanted("variants") else []:
+            nginx_of = {result.workload: theirs for result, theirs in results}
+            for label, config, http_server, script in variants if wanted("variants") and full else []:
                 posting = label.startswith("POST")
-                server = Stor(work, config, server=http_server)
+                server = Stor(base, config, server=http_server)
                 try:
-                    warm(members.paths, shas["4k"])
+                    corpus = shas["8m" if "8m" in label else "4k"]
+                    warm(members.paths, corpus)
                     warm_posts = post_script("post-off-warm", 6000) if posting else None
                     ours = wrk(server.url, script, label, server.pids(), warm_posts)
                 finally:
                     server.stop()
-                results.append((ours, None if posting else nginx_4k))
+                results.append((ours, None if posting else nginx_of.get(label.split(",")[0])))
                 print(f"  {label}: {ours.rps:,.0f}/s", flush=True)
         finally:
             if mc:
                 mc.kill()
             nginx.stop()
         refilled = None
-        if wanted("refill"):
-            config_path = work / "refill.json"
+        if wanted("refill") and full:
+            config_path = base / "refill.json"
             config_path.write_text(json.dumps(base_config))
             refilled = refill(
                 members.paths, config_path, lambda: warm(members.paths[1:], [s for v in shas.values() for s in v])
@@ -155,26 +174,24 @@ def main() -> None:  # noqa: PLR0915 - one linear script, read top to bottom
                 f"stor scrub --repair {refilled.mb / refilled.scrub_seconds:,.0f} MB/s",
                 flush=True,
             )
-        limits = (
-            {}
-            if not wanted("limits")
-            else {
-                "sha256 (MB/s, one core)": sha256_rate(),
-                "durable pair writes/s, one copy at a time with fsyncs, 1 thread": pair_writes(
-                    members.paths, 1, grouped=False
-                ),
-                "durable pair writes/s, one copy at a time with fsyncs, 32 threads": pair_writes(
+        limits: dict[str, float | None] = {}
+        if wanted("limits"):
+            limits = {
+                "the bare protocol: pair writes/s, plain Python, 32 threads": bare_protocol(members.paths, 32),
+                "the bare protocol: pair writes/s, plain Python, 1 thread": bare_protocol(members.paths, 1),
+                "stor's pair writes/s (`PairWrite`), one copy at a time with fsyncs, 32 threads": pair_writes(
                     members.paths, 32, grouped=False
                 ),
-                "durable pair writes/s, group-committed, 64 at once": pair_writes(members.paths, 64, grouped=True),
-                "peak RSS growth, 1 GiB upload (MiB)": up,
-                "peak RSS growth, 1 GiB download (MiB)": down,
+                "stor's pair writes/s, group-committed (`GroupCommits`), 64 at once": pair_writes(
+                    members.paths, 64, grouped=True
+                ),
             }
-        )
-        write_report(results, limits, refilled, time.time() - started, members.kind)
+            if full:
+                limits["peak RSS growth, 1 GiB upload (MiB)"] = up
+                limits["peak RSS growth, 1 GiB download (MiB)"] = down
+        return Section(members.kind, results, limits, refilled)
     finally:
         members.close()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

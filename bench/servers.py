@@ -47,6 +47,19 @@ def rss(pids: list[int]) -> float:
     return total / 1024
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU time used so far by `pids` (their threads included)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
 def tree(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False).stdout
     children = [int(p) for p in out.split()]
@@ -116,6 +129,9 @@ http {{
         self.proc = subprocess.Popen(["nginx", "-c", str(conf), "-g", "daemon off;"], start_new_session=True)
         self.url = f"http://127.0.0.1:{self.port}"
         time.sleep(0.5)
+
+    def pids(self) -> list[int]:
+        return tree(self.proc.pid)
 
     def stop(self) -> None:
         os.killpg(self.proc.pid, signal.SIGTERM)

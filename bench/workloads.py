@@ -17,11 +17,12 @@ from pathlib import Path
 
 import httpx
 
-from bench.servers import Stor, rss
-from bench.settings import AUTH, DURATION
+from bench.servers import Stor, cpu_seconds, rss
+from bench.settings import AUTH, DURATION, WRK_THREADS
 from stor.backends.disk import Disk, now_ns
 from stor.backends.groupcommit import GroupCommits
 from stor.backends.pairs import PairWrite
+from stor.checksum import fast_sum
 from stor.digest import Sha
 
 
@@ -44,7 +45,7 @@ def post_blobs(path: Path, count: int) -> Path:
 
 
 def lua_post(path: Path, blobs: Path, count: int) -> Path:
-    """POST each blob of `blobs` once: wrk's threads take every other one (2 threads)."""
+    """POST each blob of `blobs` once: each of wrk's threads takes its share."""
     path.write_text(
         f"""
 local counter = 0
@@ -57,7 +58,7 @@ function init(args)
 end
 request = function()
   local i = n % {count}
-  n = n + 2
+  n = n + {WRK_THREADS}
   return wrk.format("POST", "/" .. shas[i + 1], {{["Authorization"] = "Basic YmVuY2g6YmVuY2gtcGFzcw=="}},
                     blob:sub(i * 4096 + 1, (i + 1) * 4096))
 end
@@ -75,17 +76,31 @@ class Result:
     mbs: float
     errors: int
     rss_mib: float = 0.0
+    cpu_seconds: float = 0.0
+    """The server's CPU time during the measured run (both workers)."""
+
+    @property
+    def cpu_per_gib(self) -> float | None:
+        """CPU seconds per GiB of response bodies served."""
+        gib = self.mbs * 1e6 * DURATION / 2**30
+        return self.cpu_seconds / gib if gib > 0.1 else None
 
 
-def wrk(url: str, script: Path, label: str, rss_of: list[int] | None = None, warm: Path | None = None) -> Result:
-    """`warm` is the warm-up's script when it must not repeat the run's requests (POSTs)."""
-    subprocess.run(["wrk", "-t2", "-c64", "-d2s", "-s", str(warm or script), url], capture_output=True, check=False)
+def wrk(url: str, script: Path, label: str, pids: list[int] | None = None, warm: Path | None = None) -> Result:
+    """`warm` is the warm-up's script when it must not repeat the run's requests (POSTs);
+    `pids`, the server's processes (their RSS after the run, their CPU time during it)."""
+    threads = f"-t{WRK_THREADS}"
+    subprocess.run(["wrk", threads, "-c64", "-d2s", "-s", str(warm or script), url], capture_output=True, check=False)
+    if warm is not None:
+        subprocess.run(["sync"], check=True)  # the warm-up's uploads written back: the run starts clean
+    cpu_before = cpu_seconds(pids) if pids else 0.0
     out = subprocess.run(
-        ["wrk", "-t2", "-c64", f"-d{DURATION}s", "--latency", "-s", str(script), url],
+        ["wrk", threads, "-c64", f"-d{DURATION}s", "--latency", "-s", str(script), url],
         capture_output=True,
         text=True,
         check=False,
     ).stdout
+    cpu = cpu_seconds(pids) - cpu_before if pids else 0.0
     found = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if found is None:
         raise RuntimeError(f"wrk against {url} for {label!r} printed no result:\n{out}")
@@ -103,11 +118,12 @@ def wrk(url: str, script: Path, label: str, rss_of: list[int] | None = None, war
         p99.group(1) if p99 else "?",
         mbs,
         int(errors.group(1)) if errors else 0,
-        rss(rss_of) if rss_of else 0.0,
+        rss(pids) if pids else 0.0,
+        cpu,
     )
 
 
-def hey(url: str, method: str, label: str, rss_of: list[int] | None = None) -> Result:
+def hey(url: str, method: str, label: str, pids: list[int] | None = None) -> Result:
     """One URL with `hey` (wrk cannot measure HEAD: it waits for a body that never comes)."""
     args = ["hey", "-m", method, "-c", "64", "-disable-compression"]
     subprocess.run([*args, "-z", "2s", url], capture_output=True, check=False)  # warm
@@ -123,16 +139,83 @@ def hey(url: str, method: str, label: str, rss_of: list[int] | None = None) -> R
         f"{float(p99.group(1)) * 1000:.2f}ms" if p99 else "?",
         0.0,
         sum(n for code, n in statuses.items() if not 200 <= code < 400),
-        rss(rss_of) if rss_of else 0.0,
+        rss(pids) if pids else 0.0,
     )
 
 
-def sha256_rate() -> float:
+def hash_rates() -> dict[str, float]:
+    """MB/s on one core over 64 MiB: SHA-256 (names and decides), xxh3-128 (the fast checksum
+    stor keeps per copy), and BLAKE3 when its package is installed (the alternative measured)."""
     data = os.urandom(64 * 1024 * 1024)
-    started = time.perf_counter()
-    for _ in range(4):
-        hashlib.sha256(data).digest()
-    return 4 * 64 / (time.perf_counter() - started) * 1.048576
+    hashes: dict[str, Callable[[bytes], object]] = {
+        "sha256": lambda d: hashlib.sha256(d).digest(),
+        "xxh3-128": fast_sum,
+    }
+    try:
+        import blake3  # type: ignore[import-not-found]  # noqa: PLC0415 - measured only when installed
+    except ImportError:
+        pass
+    else:
+        hashes["blake3"] = lambda d: blake3.blake3(d).digest()
+    rates = {}
+    for name, digest in hashes.items():
+        started = time.perf_counter()
+        for _ in range(4):
+            digest(data)
+        rates[name] = 4 * 64 * 1.048576 / (time.perf_counter() - started)
+    return rates
+
+
+def bare_protocol(members: list[Path], threads: int = 32, seconds: float = 4.0) -> float:
+    """Pair writes/s of the per-copy protocol of DESIGN.md §2 in plain Python, no stor code and no
+    HTTP: each of `threads` threads writes new 4 KiB files to both members, each copy an
+    O_EXCL temp, write, fsync, rename into a new `AB/CD/EF` directory, fsync of the
+    directories. What POST is measured against."""
+    roots = [member / f"bare-{threads}" for member in members]
+    for root in roots:
+        (root / "tmp").mkdir(parents=True)
+    subprocess.run(["sync"], check=True)  # nothing dirty left by what ran before
+    done = [0] * threads
+    stop = time.monotonic() + seconds
+
+    def fsync_dir(path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def one_copy(root: Path, name: str, data: bytes) -> None:
+        temp = root / "tmp" / name
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        levels = [root / name[0:2], root / name[0:2] / name[2:4], root / name[0:2] / name[2:4] / name[4:6]]
+        made = []
+        for level in levels:
+            try:
+                level.mkdir()
+                made.append(str(level.parent))
+            except FileExistsError:
+                pass
+        os.rename(temp, levels[-1] / f"{name}.dat")
+        for directory in [str(levels[-1]), *reversed(made)]:
+            fsync_dir(directory)
+
+    def run(slot: int) -> None:
+        while time.monotonic() < stop:
+            data = os.urandom(4096)
+            name = hashlib.sha256(data).hexdigest().upper()
+            for root in roots:
+                one_copy(root, name, data)
+            done[slot] += 1
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(run, range(threads)))
+    return sum(done) / seconds
 
 
 def pair_writes(members: list[Path], threads: int, *, grouped: bool, seconds: float = 4.0) -> float | None:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from stor.backends.disk import Disk
+from stor.backends.namestore import NAMES_DIR, TREE_DIR, record_relpath
 
 USER, PASSWORD = "writer", "s3cret-pass"
 AUTH = (USER, PASSWORD)
@@ -22,6 +23,11 @@ def sha256(data: bytes) -> str:
 def layout_path(root: Path, sha: str) -> Path:
     upper = sha.upper()
     return root / upper[0:2] / upper[2:4] / upper[4:6] / f"{upper}.dat"
+
+
+def name_record(member: Path, name: str) -> Path:
+    """Where the record of `name` lives on a member of the names pair."""
+    return member / NAMES_DIR / TREE_DIR / record_relpath(name)
 
 
 def temp_files(root: Path) -> list[Path]:

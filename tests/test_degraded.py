@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Storage, app_client
-from tests.helpers import AUTH, layout_path, sha256
+from tests.helpers import AUTH, layout_path, name_record, sha256
 
 pytestmark = pytest.mark.anyio
 
@@ -77,19 +77,19 @@ async def test_a_replaced_member_serves_from_its_partner(storage: Storage) -> No
 
 
 async def test_name_records_are_read_from_either_member_and_restored(storage: Storage) -> None:
-    names_a, names_b = (member / ".stor-names" for member in storage.pairs[0])
+    member_a, member_b = storage.pairs[0]
     async with app_client(storage.config()) as http:
         for name in ("docs/one.txt", "docs/two.txt"):
             created = await http.put("/file", params={"path": name}, content=name.encode(), auth=AUTH)
             assert created.status_code == 201
-        for record in names_a.glob("docs*"):  # member a replaced by a blank disk
-            record.unlink()
+        shutil.rmtree(name_record(member_a, "docs/one.txt").parent)  # member a replaced by a blank disk
         got = await http.get("/file", params={"path": "docs/one.txt"})
         assert got.status_code == 200 and got.content == b"docs/one.txt"
-        assert json.loads((names_a / "docs%2Fone.txt").read_text())["path"] == "docs/one.txt"  # restored
-        (names_b / "docs%2Fone.txt").unlink()  # now a alone has one, b alone has two
+        assert json.loads(name_record(member_a, "docs/one.txt").read_text())["path"] == "docs/one.txt"  # restored
+        name_record(member_b, "docs/one.txt").unlink()  # now a alone has one, b alone has two
         listing = (await http.get("/files", params={"prefix": "docs/"})).json()
         assert [f["path"] for f in listing["files"]] == ["docs/one.txt", "docs/two.txt"]  # merged
+        names_a = member_a / ".stor-names"
         names_a.rename(names_a.with_name("unplugged"))  # member a's records unreadable altogether
         assert (await http.get("/file", params={"path": "docs/two.txt"})).content == b"docs/two.txt"
 
@@ -100,4 +100,4 @@ async def test_a_name_deleted_stays_deleted(storage: Storage) -> None:
         assert (await http.delete("/file", params={"path": "n"}, auth=AUTH)).status_code == 204
         for _ in range(2):
             assert (await http.get("/file", params={"path": "n"})).status_code == 404
-        assert not any((member / ".stor-names" / "n").exists() for member in storage.pairs[0])
+        assert not any(name_record(member, "n").exists() for member in storage.pairs[0])

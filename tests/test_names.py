@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import Storage, StorProcess
-from tests.helpers import AUTH, PASSWORD, USER, sha256
+from tests.helpers import AUTH, PASSWORD, USER, name_record, sha256
 
 
 @pytest.fixture
@@ -175,7 +175,7 @@ def test_racing_puts_of_one_name_leave_one_whole_winner(http: httpx.Client, stor
     assert sorted(codes) == [200] * 7 + [201]
     served = http.get("/file", params={"path": "race"}).content
     assert served in bodies  # one of them, whole
-    records = [json.loads((r / ".stor-names" / "race").read_text()) for r in storage.pairs[0]]
+    records = [json.loads(name_record(r, "race").read_text()) for r in storage.pairs[0]]
     assert records[0] == records[1] and records[0]["sha"] == sha256(served)  # both members agree
 
 

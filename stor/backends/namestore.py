@@ -1,23 +1,29 @@
 """Name → sha records for the path-named API, mirrored on one pair like blobs.
 
-Representation: one small JSON file per name, `{"path", "sha", "size", "mtime"}`, in
-`<root>/.stor-names/` on every member of the names pair (the first pair). The file is named by
-the name itself with only `%` and `/` escaped (`a%2Fb.txt`): a listing needs no reads but a
-directory scan, and decoding is two string replacements (full percent-decoding was 70% of a
-100,000-name scan). Names whose file name would pass 240 bytes, or start with `.`, are filed
-under `#<sha256 of the name>` and their name is read from the record. Either member alone
-serves reads and listings (they are merged); a record found on one member only, or older on
-one, is restored to the other, so a replaced disk fills in as names are read (and all at once
-with `repair`, which `stor scrub --repair` runs). Writes use the blob protocol (temp on the same
-filesystem, fsync, rename, directory fsync) on each member, under one of 256 striped `flock`s
-chosen by the name, so two writers of one name are serialised across processes and the
-members never disagree. Every process sees every change: a listing rescans a member's
-directory whenever its mtime changed. Blocking and thread-safe.
+Representation: one small JSON file per name, `{"path", "sha", "size", "mtime"}`, in a tree
+under `<root>/.stor-names/.tree/` on every member of the names pair (the first pair) that
+follows the name's own path: `a/b/c.txt` is the record file `rc.txt` in the directory
+`da/db/`. Each entry of a directory is one letter then the component: `r` a record, `d` a
+directory, and for a component over 240 bytes `h`/`g` and the sha256 of the component (a
+hashed directory's component is read from any record below it). So a prefix listing reads the
+directories under the prefix, in order, until its page is full: a page costs what it lists
+(plus the entries of the directories it passes through), not the number of names stored.
+Each directory's sorted entries are kept until its mtime changes (not trusted while that mtime
+is as recent as the filesystem's timestamp granularity, so a change in the same tick is seen).
+
+Either member alone serves reads and listings (they are merged); a record found on one member
+only, or older on one, is restored to the other, so a replaced disk fills in as names are read
+(and all at once with `reconcile`, which `stor scrub --repair` runs). Writes use the blob
+protocol (temp on the same filesystem, fsync, rename, directory fsync; new directories fsynced
+into their parents) on each member, under one of 256 striped `flock`s chosen by the name, so two
+writers of one name are serialised across processes and the members never disagree. Deleting a
+name leaves its (possibly empty) directories: removing them would race a writer about to
+rename a record into one. Records of the flat layout of stor 0.2 (every record in
+`.stor-names/` itself) are moved into the tree by `prepare`. Blocking and thread-safe.
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import fcntl
 import hashlib
@@ -25,6 +31,8 @@ import json
 import logging
 import os
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -36,8 +44,14 @@ from stor.errors import InvalidDigest, StorageUnavailable
 log = logging.getLogger(__name__)
 
 NAMES_DIR = ".stor-names"
+TREE_DIR = ".tree"
 _LOCKS = 256
-_MAX_FILENAME = 240
+_MAX_COMPONENT = 240
+_LISTINGS_KEPT = 4096
+"""Directory listings kept (the most recently used)."""
+_RACY_NS = 50_000_000
+"""A directory changed this recently may change again within the same mtime tick (ext4 stamps
+with the kernel's coarse clock): its entries are read again rather than kept."""
 
 
 @dataclass(frozen=True)
@@ -52,20 +66,48 @@ class NameConflict(Exception):
     """`create` found the name taken."""
 
 
+def record_relpath(name: str) -> str:
+    """Where the record of `name` lives below the tree root."""
+    *parents, last = name.split("/")
+    return "/".join([*(_entry(part, directory=True) for part in parents), _entry(last, directory=False)])
+
+
+def _entry(component: str, *, directory: bool) -> str:
+    if len(component.encode()) <= _MAX_COMPONENT:
+        return ("d" if directory else "r") + component
+    return ("g" if directory else "h") + hashlib.sha256(component.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class _Entry:
+    key: str  # the component, and "/" after it for a directory: the order names sort in
+    filename: str
+
+    @property
+    def directory(self) -> bool:
+        return self.filename[0] in "dg"
+
+
 class NameStore:
     def __init__(self, members: tuple[Disk, ...]) -> None:
         self.members = members
-        # per member: (dir mtime, names, hashed file names); merged: (the members' mtimes, ...)
-        self._indexes: dict[str, tuple[int, list[str], dict[str, str]]] = {}
-        self._merged: tuple[tuple[int, ...], list[str], dict[str, str]] | None = None
-        self._index_lock = threading.Lock()
+        self._listings: OrderedDict[str, tuple[int, list[str]]] = OrderedDict()  # directory → (mtime, filenames)
+        self._listings_lock = threading.Lock()
 
     def _dir(self, disk: Disk) -> str:
         return os.path.join(disk.root, NAMES_DIR)
 
+    def _tree(self, disk: Disk) -> str:
+        return os.path.join(disk.root, NAMES_DIR, TREE_DIR)
+
     def prepare(self) -> None:
+        """At start-up: the record directories, and records of the flat layout moved into
+        the tree."""
         for disk in self.members:
             os.makedirs(os.path.join(self._dir(disk), ".locks"), exist_ok=True)
+            os.makedirs(self._tree(disk), exist_ok=True)
+        for disk in self.members:
+            self._migrate(disk)
 
     def _make_dirs(self, disk: Disk) -> None:
         """The record directories, on a disk that was replaced since start-up; never on a
@@ -73,6 +115,36 @@ class NameStore:
         if not os.path.isdir(disk.tmp_root):
             raise StorageUnavailable(f"{disk.root}: not a prepared storage directory (unmounted?)")
         os.makedirs(os.path.join(self._dir(disk), ".locks"), exist_ok=True)
+        os.makedirs(self._tree(disk), exist_ok=True)
+
+    def _migrate(self, disk: Disk) -> None:
+        """Move stor 0.2's flat records into the tree: each is written to its tree place on
+        this member (unless a newer record is there) before its flat file is removed, so a
+        crash at any point loses nothing and the next start carries on."""
+        directory = self._dir(disk)
+        flat = [f for f in os.listdir(directory) if not f.startswith(".")]
+        if not flat:
+            return
+        moved = 0
+        for filename in flat:
+            path = os.path.join(directory, filename)
+            try:
+                record = self._read(path)
+            except FileNotFoundError:
+                continue  # another process moved it
+            except ValueError:
+                log.warning("not a name record, left in place: %s", path)
+                continue
+            with self._locked(record.path):
+                if not os.path.exists(path):
+                    continue
+                current = self._read_optional(os.path.join(self._tree(disk), record_relpath(record.path)))
+                if current is None or current.mtime < record.mtime:
+                    self._write(disk, record.path, json.dumps(asdict(record)).encode())
+                os.unlink(path)
+                moved += 1
+        fsync_dir(directory)
+        log.info("%s: %d name records moved into the tree layout", disk.root, moved)
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -92,17 +164,18 @@ class NameStore:
         it or hold an older one. `StorageUnavailable` when no member answers."""
         records: dict[str, NameRecord | None] = {}
         errors = []
+        relpath = record_relpath(name)
         for disk in self.members:
-            directory = self._dir(disk)
+            tree = self._tree(disk)
             try:
-                records[disk.root] = self._read(os.path.join(directory, _filename(name)))
-            except FileNotFoundError:
-                if not os.path.isdir(directory) and not os.path.isdir(disk.tmp_root):
-                    errors.append(f"{directory} is missing")  # an unmounted disk: the partner answers
+                records[disk.root] = self._read(os.path.join(tree, relpath))
+            except (FileNotFoundError, NotADirectoryError):
+                if not os.path.isdir(tree) and not os.path.isdir(disk.tmp_root):
+                    errors.append(f"{tree} is missing")  # an unmounted disk: the partner answers
                     continue
-                records[disk.root] = None  # (a blank disk has the sentinel, not yet the directory)
+                records[disk.root] = None  # (a blank disk has the sentinel, not yet the tree)
             except (OSError, ValueError) as exc:
-                errors.append(f"{directory}: {exc}")
+                errors.append(f"{tree}: {exc}")
         if not records:
             raise StorageUnavailable("name records unreadable: " + "; ".join(errors))
         present = [record for record in records.values() if record is not None]
@@ -121,7 +194,7 @@ class NameStore:
                 return False
             data = json.dumps(asdict(found)).encode()
             for disk in stale:
-                self._write(disk, _filename(name), data)
+                self._write(disk, name, data)
             log.info("name %r restored onto %s", name, ", ".join(d.root for d in stale))
             return True
 
@@ -129,88 +202,122 @@ class NameStore:
         """Blocking, for `stor scrub`: the names on any member, and how many some member lacks
         (or holds an older record of); with `restore`, those are written back, so every
         member holds the newest record of every name. Returns (names, stale)."""
-        names, _ = self._names()
-        stale = 0
-        for name in names:
-            found, behind = self._find(name)
+        names = stale = 0
+        for record in self._walk("", "", "", ""):
+            names += 1
+            found, behind = self._find(record.path)
             if found is not None and behind:
                 stale += 1
                 if restore:
-                    self._restore(name)
-        return len(names), stale
+                    self._restore(record.path)
+        return names, stale
 
     def listing(self, prefix: str, after: str, limit: int) -> list[NameRecord]:
         """Records in name order: names starting with `prefix`, after `after`, at most `limit`,
         merged from the members (either alone will do)."""
-        names, hashed = self._names()
-        start = bisect.bisect_left(names, prefix)
-        if after:
-            start = max(start, bisect.bisect_right(names, after))
+        if limit <= 0:
+            return []
+        *parents, partial = prefix.split("/")
+        base = "/".join(_entry(part, directory=True) for part in parents)
+        within = "".join(part + "/" for part in parents)
         records: list[NameRecord] = []
-        for name in names[start:]:
-            if not name.startswith(prefix) or len(records) >= limit:
+        for record in self._walk(base, within, partial, after):
+            records.append(record)
+            if len(records) >= limit:
                 break
-            record = self._first_record(hashed.get(name) or _filename(name))
-            if record is not None:
-                records.append(record)
         return records
 
-    def _first_record(self, filename: str) -> NameRecord | None:
-        for disk in self.members:
-            with contextlib.suppress(OSError, ValueError):  # absent here, or removed since the scan
-                return self._read(os.path.join(self._dir(disk), filename))
-        return None
+    def _walk(self, relpath: str, within: str, start: str, after: str) -> Iterator[NameRecord]:
+        """The records below the directory `relpath` (whose names start with `within`), in
+        name order: those whose next component starts with `start`, named after `after`."""
+        for entry in self._entries(relpath):
+            if not entry.key.startswith(start):
+                continue
+            child = f"{relpath}/{entry.filename}" if relpath else entry.filename
+            named = within + entry.key
+            if entry.directory:
+                if after >= named and not after.startswith(named):
+                    continue  # every name below sorts before `after`
+                yield from self._walk(child, named, "", after)
+                continue
+            if named <= after:
+                continue
+            record = self._first_record(child)
+            if record is not None:
+                yield record
 
-    def _names(self) -> tuple[list[str], dict[str, str]]:
-        """Every name on any member, sorted, and the hashed file names of long ones."""
-        indexes = []
+    def _entries(self, relpath: str) -> list[_Entry]:
+        """The entries of one tree directory on any member, in name order (a hashed one's
+        component comes from a record below it)."""
+        filenames: set[str] = set()
         errors = []
+        answered = False
         for disk in self.members:
             try:
-                indexes.append(self._index_of(disk))
+                filenames.update(self._filenames(os.path.join(self._tree(disk), relpath)))
+                answered = True
+            except FileNotFoundError:
+                if os.path.isdir(disk.tmp_root):
+                    answered = True  # a blank disk, or no name under this directory here
+                else:
+                    errors.append(f"{self._tree(disk)} is missing")
             except OSError as exc:
-                errors.append(f"{self._dir(disk)}: {exc.strerror}")
-        if not indexes:
+                errors.append(f"{self._tree(disk)}: {exc.strerror}")
+        if not answered:
             raise StorageUnavailable("name records unreadable: " + "; ".join(errors))
-        key = tuple(mtime for mtime, _, _ in indexes)
-        with self._index_lock:
-            if self._merged is not None and self._merged[0] == key:
-                return self._merged[1], self._merged[2]
-        names = sorted(set().union(*(names for _, names, _ in indexes)))
-        hashed = {name: filename for _, _, member in indexes for name, filename in member.items()}
-        with self._index_lock:
-            self._merged = (key, names, hashed)
-        return names, hashed
+        entries = []
+        for filename in filenames:
+            kind, rest = filename[0], filename[1:]
+            if kind == "r":
+                entries.append(_Entry(rest, filename))
+            elif kind == "d":
+                entries.append(_Entry(rest + "/", filename))
+            elif kind in "hg":
+                component = self._hashed_component(f"{relpath}/{filename}" if relpath else filename)
+                if component is not None:
+                    entries.append(_Entry(component + ("/" if kind == "g" else ""), filename))
+        entries.sort(key=lambda entry: entry.key)
+        return entries
 
-    def _index_of(self, disk: Disk) -> tuple[int, list[str], dict[str, str]]:
-        """One member's names, kept until its directory changes (its mtime)."""
-        directory = self._dir(disk)
-        try:
-            mtime = os.stat(directory).st_mtime_ns
-        except FileNotFoundError:
-            if not os.path.isdir(disk.tmp_root):
-                raise  # no sentinel either: the disk is not mounted
-            return (-1, [], {})  # no name was ever stored here
-        with self._index_lock:
-            cached = self._indexes.get(disk.root)
+    def _hashed_component(self, relpath: str) -> str | None:
+        """The component a hashed entry stands for, from the record at or below it."""
+        depth = relpath.count("/")
+        for entry_relpath in self._any_record(relpath):
+            record = self._first_record(entry_relpath)
+            if record is not None:
+                return record.path.split("/")[depth]
+        return None
+
+    def _any_record(self, relpath: str) -> Iterator[str]:
+        if relpath.rsplit("/", 1)[-1][0] in "rh":
+            yield relpath
+            return
+        for disk in self.members:
+            with contextlib.suppress(OSError):
+                for filename in self._filenames(os.path.join(self._tree(disk), relpath)):
+                    yield from self._any_record(f"{relpath}/{filename}")
+
+    def _filenames(self, directory: str) -> list[str]:
+        """One member's directory listing, kept until the directory's mtime changes."""
+        mtime = os.stat(directory).st_mtime_ns
+        with self._listings_lock:
+            cached = self._listings.get(directory)
             if cached is not None and cached[0] == mtime:
-                return cached
-        names: list[str] = []
-        hashed: dict[str, str] = {}
-        for filename in os.listdir(directory):
-            if filename.startswith("."):
-                continue
-            if filename.startswith("#"):
-                with contextlib.suppress(FileNotFoundError, ValueError):
-                    name = self._read(os.path.join(directory, filename)).path
-                    hashed[name] = filename
-                    names.append(name)
-            else:
-                names.append(_decode(filename))
-        index = (mtime, names, hashed)
-        with self._index_lock:
-            self._indexes[disk.root] = index
-        return index
+                self._listings.move_to_end(directory)
+                return cached[1]
+        names = [name for name in os.listdir(directory) if name[:1] in ("r", "d", "h", "g")]
+        if time.time_ns() - mtime > _RACY_NS:
+            with self._listings_lock:
+                self._listings[directory] = (mtime, names)
+                while len(self._listings) > _LISTINGS_KEPT:
+                    self._listings.popitem(last=False)
+        return names
+
+    def _first_record(self, relpath: str) -> NameRecord | None:
+        for disk in self.members:
+            with contextlib.suppress(OSError, ValueError):  # absent here, or removed since the scan
+                return self._read(os.path.join(self._tree(disk), relpath))
+        return None
 
     @staticmethod
     def _read(path: str) -> NameRecord:
@@ -220,6 +327,11 @@ class NameStore:
             return NameRecord(str(raw["path"]), parse_sha(str(raw["sha"])), int(raw["size"]), float(raw["mtime"]))
         except (KeyError, TypeError, InvalidDigest) as exc:
             raise ValueError(f"bad name record {path}") from exc
+
+    def _read_optional(self, path: str) -> NameRecord | None:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError, ValueError):
+            return self._read(path)
+        return None
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -232,30 +344,38 @@ class NameStore:
                 raise NameConflict(record.path)
             data = json.dumps(asdict(record)).encode()
             for disk in self.members:
-                self._write(disk, _filename(record.path), data)
+                self._write(disk, record.path, data)
             return previous
 
     def delete(self, name: str) -> bool:
         with self._locked(name):
             found = False
             for disk in self.members:
+                path = os.path.join(self._tree(disk), record_relpath(name))
                 try:
-                    os.unlink(os.path.join(self._dir(disk), _filename(name)))
+                    os.unlink(path)
                     found = True
-                except FileNotFoundError:
+                except (FileNotFoundError, NotADirectoryError):
                     continue
                 except OSError as exc:
                     raise StorageUnavailable(f"{disk.root}: cannot remove name record: {exc.strerror}") from exc
-                fsync_dir(self._dir(disk))
+                fsync_dir(os.path.dirname(path))
             return found
 
-    def _write(self, disk: Disk, filename: str, data: bytes) -> None:
+    def _write(self, disk: Disk, name: str, data: bytes) -> None:
         self._make_dirs(disk)
+        final = os.path.join(self._tree(disk), record_relpath(name))
         temp = disk.new_temp()
         try:
             temp.write(data)
             temp.sync(now_ns())
-            temp.replace(os.path.join(self._dir(disk), filename))
+            try:
+                new_dirs = _make_parents(self._tree(disk), os.path.dirname(final))
+            except OSError as exc:
+                raise StorageUnavailable(f"{disk.root}: cannot make name directories: {exc.strerror}") from exc
+            temp.replace(final)
+            for directory in new_dirs:
+                fsync_dir(directory)
         finally:
             temp.discard()
 
@@ -275,12 +395,17 @@ class NameStore:
             os.close(fd)
 
 
-def _filename(name: str) -> str:
-    encoded = name.replace("%", "%25").replace("/", "%2F")
-    if len(encoded.encode()) <= _MAX_FILENAME and not encoded.startswith((".", "#")):
-        return encoded
-    return "#" + hashlib.sha256(name.encode()).hexdigest()
-
-
-def _decode(filename: str) -> str:
-    return filename.replace("%2F", "/").replace("%25", "%")
+def _make_parents(root: str, directory: str) -> list[str]:
+    """mkdir the missing levels of `directory` below `root`; the directories whose entries
+    changed (to fsync once the record is in place, so the new levels survive a crash)."""
+    missing: list[str] = []
+    current = directory
+    while current != root and not os.path.isdir(current):
+        missing.append(current)
+        current = os.path.dirname(current)
+    changed: list[str] = []
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path)
+            changed.append(os.path.dirname(path))
+    return changed
