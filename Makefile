@@ -38,6 +38,10 @@ bench: $(DEV) ## benchmark stor against nginx on the same files; writes docs/ben
 	scripts/debian-deps.sh wrk:wrk hey:hey nginx:nginx-light memcached:memcached
 	PATH="/usr/sbin:$$PATH" scripts/private-mounts.sh $(BIN)/python -m bench.run
 
+bench-scale: $(DEV) ## how costs grow with the store (10x more blobs, names); writes docs/benchmarks-scale.md
+	scripts/debian-deps.sh wrk:wrk
+	$(BIN)/python -m bench.scale
+
 lint: $(DEV) ## ruff and mypy (strict)
 	$(BIN)/ruff check stor tests bench
 	$(BIN)/ruff format --check stor tests bench
@@ -50,4 +54,4 @@ format: $(DEV) ## apply ruff's formatting and import order
 clean: ## remove the venv and caches (keeps ./stor-data)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
 
-.PHONY: help venv run test test-faults test-deps bench lint format clean
+.PHONY: help venv run test test-faults test-deps bench bench-scale lint format clean

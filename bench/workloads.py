@@ -86,11 +86,15 @@ class Result:
         return self.cpu_seconds / gib if gib > 0.1 else None
 
 
-def wrk(url: str, script: Path, label: str, pids: list[int] | None = None, warm: Path | None = None) -> Result:
+def wrk(
+    url: str, script: Path, label: str, pids: list[int] | None = None, warm: Path | None = None, *, warm_up: bool = True
+) -> Result:
     """`warm` is the warm-up's script when it must not repeat the run's requests (POSTs);
     `pids`, the server's processes (their RSS after the run, their CPU time during it)."""
     threads = f"-t{WRK_THREADS}"
-    subprocess.run(["wrk", threads, "-c64", "-d2s", "-s", str(warm or script), url], capture_output=True, check=False)
+    if warm_up:
+        warm_run = ["wrk", threads, "-c64", "-d2s", "-s", str(warm or script), url]
+        subprocess.run(warm_run, capture_output=True, check=False)
     if warm is not None:
         subprocess.run(["sync"], check=True)  # the warm-up's uploads written back: the run starts clean
     cpu_before = cpu_seconds(pids) if pids else 0.0

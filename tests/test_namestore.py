@@ -12,7 +12,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stor.backends import namestore
 from stor.backends.namestore import NAMES_DIR, NameRecord, NameStore
 from stor.digest import Sha
 from tests.helpers import name_record, prepared_disks, sha256
@@ -70,7 +69,7 @@ def test_a_page_reads_only_what_it_lists(tmp_path: Path, monkeypatch: pytest.Mon
         read.append(str(path))
         return real(path)
 
-    monkeypatch.setattr(namestore.os, "listdir", counting)
+    monkeypatch.setattr(os, "listdir", counting)
     assert listed(store, "p/", limit=5) == [f"p/{n:03d}" for n in range(5)]
     assert read and not any("dbig" in path for path in read)
 

@@ -178,8 +178,9 @@ class OpenFiles:
 
 
 def fd_budget(wanted: int) -> int:
-    """How many fds the cache may hold: `wanted`, within a quarter of this process's open-file
-    limit (raised to its hard limit first), so sockets and uploads always have room."""
+    """How many fds the cache may hold: `wanted`, leaving the rest of this process's open-file
+    limit (raised to its hard limit first) for sockets, uploads and everything else: a quarter
+    of it, at least 4,096 fds, but never more than half."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and soft < hard:
         try:
@@ -187,4 +188,5 @@ def fd_budget(wanted: int) -> int:
             soft = hard
         except (ValueError, OSError):
             pass
-    return max(0, min(wanted, soft // 4))
+    reserve = min(max(soft // 4, 4096), soft // 2)
+    return max(0, min(wanted, soft - reserve))

@@ -82,15 +82,15 @@ class HotPath:
 
     def _intact(self, kept: OpenCopy, sha: Sha, data: bytes) -> bool:
         """`data` read from `kept` checked against the fast checksum of the bytes it held when
-        they were verified. A copy opened on the loop has none yet: SHA-256 checks it once, its
-        fast checksum is kept for the reads that follow, and a thread makes sure the copy on
-        disk records it (by path: the fd may be closed by then)."""
+        they were verified. A copy opened on the loop has none yet: SHA-256 checks it once, and
+        its fast checksum is kept for the reads that follow. (Its attribute on disk is left
+        alone: reading or writing it might wait on the disk. A copy that lacks one is given it
+        when a thread reads it, or by `stor scrub --repair`.)"""
         if kept.fast is not None:
             return fast_sum(data) == kept.fast
         if sha_of(data) != sha:
             return False
         kept.fast = fast_sum(data)
-        self.background.start(kept.disk.record_sum, sha, kept.fast)
         return True
 
     def _kept(self, sha: Sha) -> _Found | None:
