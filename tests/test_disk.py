@@ -149,6 +149,20 @@ def test_sweep_removes_dead_owners_temps_and_keeps_live_ones(tmp_path: Path) -> 
     in_flight.discard()
 
 
+def test_a_directory_being_claimed_is_not_swept(tmp_path: Path) -> None:
+    """Two workers start at once: one between its `makedirs` and its `flock` must not lose its
+    directory to the other's sweep; one left so by a process that died there goes in time."""
+    root = tmp_path / "disk"
+    root.mkdir()
+    Disk(str(root), require_mount=False).prepare()
+    claiming, abandoned = root / ".stor-tmp" / "c1a1", root / ".stor-tmp" / "dead"
+    claiming.mkdir()
+    abandoned.mkdir()
+    os.utime(abandoned, (time.time() - 120, time.time() - 120))
+    Disk(str(root), require_mount=False).prepare()
+    assert claiming.exists() and not abandoned.exists()
+
+
 def test_health_probe_writes_and_cleans_up(disks: list[Disk]) -> None:
     health = disks[0].probe_health()
     assert health.ok and health.writable and health.free_bytes > 0 and health.total_bytes >= health.free_bytes

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -45,6 +46,10 @@ class OwnedDir:
             os.close(fd)
 
 
+CLAIMING_SECONDS = 60.0
+"""An owner directory without its lock file counts as being claimed for this long."""
+
+
 def dead_owner_dirs(parent: str) -> Iterator[str]:
     """The owner directories under `parent` whose process is gone."""
     try:
@@ -60,7 +65,12 @@ def _alive(owner_dir: str) -> bool:
     try:
         fd = os.open(os.path.join(owner_dir, LOCK_NAME), os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return False
+        # No lock yet: a process may be between its `makedirs` and its `flock` (see `claim`);
+        # a directory left so by a process that died there is swept once it is old.
+        try:
+            return time.time() - os.stat(owner_dir).st_mtime < CLAIMING_SECONDS
+        except FileNotFoundError:
+            return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
