@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.settings import CORPUS, DURATION, FD_LIMIT, ONLY, ROOT, WRK_THREADS
 from bench.workloads import Refill, Result
+from stor.backends.openfiles import fd_budget
 from stor.scrub import REPAIRS_IN_FLIGHT
 
 
@@ -40,11 +42,10 @@ wrk: {WRK_THREADS} thread(s) (one client thread takes less of the two cores the 
 ({", ".join(f"{c:,} x {s // 1024} KiB" for s, c in CORPUS.values())}), every copy read into the page cache before each
 run, each copy with the fast checksum stor gives what it stores. The "one blob (hey)" rows ask for one blob over and
 over with `hey` (64 connections), because wrk cannot measure HEAD (it waits for a body that never comes). The client,
-stor and nginx share the 2 cores, so every figure is CPU-bound on this machine; compare ratios, not absolutes (two runs
-a minute apart differ by up to ±10% here). "CPU s/GiB" is the server's CPU time (all its processes) per GiB of bodies
-served. stor runs with an open-file limit of {FD_LIMIT:,} (an operator's `LimitNOFILE`), so that its open-file cache,
-a quarter of the limit, holds every small blob of the corpus; each worker still opens each blob once during the run
-(on the event loop when the kernel has its path cached, else in a thread).
+stor and nginx share the 2 cores, so most figures are CPU-bound on this machine; compare ratios, not absolutes (two
+runs a minute apart differ by up to ±10% here). "CPU s/GiB" is the server's CPU time (all its processes) per GiB of
+bodies served. stor runs with an open-file limit of {_fd_limit():,} (the bench asks for {FD_LIMIT:,}, an operator's
+`LimitNOFILE`; see below for what that means for the 4 KiB rows).
 
 Everything runs on two plain directories on the machine's own disk; the headline rows run again on two fresh ext4
 filesystems (loop-mounted sparse images, as two data disks would be).
@@ -62,26 +63,27 @@ xxh3-128 was chosen).
 
 ## What limits each figure
 
-From profiles of the GIL holder under wrk (`py-spy record --gil`), `perf record` and `perf trace -s` on this
-machine:
+From profiles of the worker under `wrk -t1` (`py-spy record`), `strace -T` and the machine's CPU accounting, on
+this machine:
 
 - **GET and HEAD of a hot blob** (4 and 64 KiB, under uvicorn) are answered as soon as the request head is parsed, on
-  the event loop, without an ASGI cycle (`stor/http/server.py`). What is left per request is uvicorn's parser
-  callbacks, the lookup with its `fstat`, the `preadv2` from the page cache, the hash and one `writev`: about 45 µs of
-  Python (measured in-process) and four syscalls, the `writev` the dearest (it runs loopback TCP for both ends). nginx
-  does the same in C. The 20,000-blob corpus is larger than what a worker sees twice in one run, so many GETs are a
-  worker's first for that blob: an `openat2` from the dentry cache and a check of the partner copy too.
-- **granian** has no such shortcut (it speaks ASGI only), so its rows take the ordinary ASGI path.
-- **GET 8 MiB** hashes every byte: at nginx's rate, sha256 alone (the rate above, per core) would need more than the
-  two cores; a profile shows sha256 at a quarter of all CPU, the copies through Python (read, then send) and page
-  faults for the read buffers at another third.
+  the event loop, without an ASGI cycle (`stor/http/server.py`), from a kept-open copy checked against the fast
+  checksum of the bytes it held when they were verified. What is left per request is uvicorn's parser callbacks,
+  an `fstat`, the `preadv2` from the page cache, xxh3 (0.2 µs for 4 KiB) and the `write` (a sixth of the worker's
+  time: it runs loopback TCP for both ends). A copy a worker has not kept open yet costs an `openat2` from the dentry
+  cache, a check of its partner and one SHA-256. The open-file cache holds three quarters of the open-file limit:
+  {_fd_note()}
+- **GET 8 MiB** (and anything over 1 MiB) is checked whole with xxh3 from the page cache (~0.6 ms) in a thread, then
+  sent with `sendfile` from the event loop: the bytes never pass through Python. What is left is the check's read
+  through a buffer and the thread hop. The row "checked while streaming" is the path for copies over
+  `verify_on_read_max` (and every copy under granian): read, hashed and sent through Python, a MiB at a time.
+- **granian** has neither shortcut (it speaks ASGI only), so its rows take the ordinary ASGI path.
 - **GET 404** of a sha asked before is proven absent from the dentry cache on the event loop; a first miss takes a
   thread (a lookup on every disk).
-- **POST** with group commit runs close to the group-committed pair-write limit above (the same code without HTTP):
-  both are CPU-bound here, about 0.45 ms of kernel time per copy under concurrency (ext4 inode and directory
-  creation for each new `AB/CD/EF`, writeback) plus the Python of two commit threads, a thread hop and the HTTP layer.
-  A cycle takes 20 to 30 ms (its `syncfs` ends in a flush of the loop device), so an upload waits about two. Without
-  group commit, the journal commits are the limit (the per-copy pair-write limits).
+- **POST** is neither disk- nor CPU-bound on plain directories: `syncfs` takes ~1 ms (p50; 2.4 ms p90) and the
+  machine is ~83% busy. Each worker's event loop, its plan-and-stage thread and its group-commit thread share one
+  GIL, and an upload waits for two commit cycles (data durable, then the links), each cycle mostly the Python of
+  linking and answering the uploads it carries. On the loop images the `syncfs` ends in a flush of the loop device.
 
 ## How to run
 
@@ -136,6 +138,22 @@ nginx's URL carries the sha in uppercase (core nginx cannot change case; the fil
 and their names are durable; "group_commit off" is the per-copy protocol (fsync the file, link, fsync the directory,
 one copy after the other).
 """
+
+
+def _fd_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _fd_note() -> str:
+    limit = _fd_limit()
+    cache = fd_budget(10**9)
+    if cache >= CORPUS["4k"][1]:
+        return f"at {limit:,} fds here, {cache:,} copies per worker, more than the 4 KiB corpus."
+    blobs = CORPUS["4k"][1]
+    return (
+        f"at {limit:,} fds here (this sandbox may not raise its hard limit), {cache:,} copies per worker, fewer than "
+        f"the {blobs:,} blobs of the 4 KiB corpus, so about {1 - cache / blobs:.0%} of its GETs open their copy."
+    )
 
 
 def _cpu(result: Result | None) -> str:

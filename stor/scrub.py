@@ -186,9 +186,7 @@ class Scrubber:
         self._stray_temps(pair, report)
         last_saved, safe = time.monotonic(), after  # safe: every leaf up to it is done, repairs too
         try:
-            for leaf in leaves(pair):
-                if leaf <= after:
-                    continue
+            for leaf in leaves(pair, after):
                 self._scrub_leaf(pair, leaf, report)
                 after = leaf
                 if time.monotonic() - last_saved > 1.0:

@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from stor.backends.disk import Disk, now_ns
-from stor.backends.temps import fsync_dir
+from stor.backends.temps import fsync_dir, make_parents
 from stor.digest import Sha, parse_sha
 from stor.errors import InvalidDigest, StorageUnavailable
 
@@ -370,7 +370,7 @@ class NameStore:
             temp.write(data)
             temp.sync(now_ns())
             try:
-                new_dirs = _make_parents(self._tree(disk), os.path.dirname(final))
+                new_dirs = make_parents(self._tree(disk), os.path.dirname(final))
             except OSError as exc:
                 raise StorageUnavailable(f"{disk.root}: cannot make name directories: {exc.strerror}") from exc
             temp.replace(final)
@@ -394,18 +394,3 @@ class NameStore:
         finally:
             os.close(fd)
 
-
-def _make_parents(root: str, directory: str) -> list[str]:
-    """mkdir the missing levels of `directory` below `root`; the directories whose entries
-    changed (to fsync once the record is in place, so the new levels survive a crash)."""
-    missing: list[str] = []
-    current = directory
-    while current != root and not os.path.isdir(current):
-        missing.append(current)
-        current = os.path.dirname(current)
-    changed: list[str] = []
-    for path in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(path)
-            changed.append(os.path.dirname(path))
-    return changed

@@ -239,15 +239,26 @@ def _align_mtimes(paths: list[str]) -> None:
         pass  # cosmetic: the bytes are durable already; scrub evens mtimes out later
 
 
-def leaves(pair: Pair) -> list[str]:
-    """Every `AB/CD/EF` directory of Stor's layout on any member of `pair`, sorted."""
-    leaves: set[str] = set()
-    for disk in pair.members:
-        for level1 in _subdirs(disk.root):
-            for level2 in _subdirs(os.path.join(disk.root, level1)):
-                for level3 in _subdirs(os.path.join(disk.root, level1, level2)):
-                    leaves.add(f"{level1}/{level2}/{level3}")
-    return sorted(leaves)
+def leaves(pair: Pair, after: str = "") -> Iterator[str]:
+    """Every `AB/CD/EF` directory of Stor's layout on any member of `pair`, in sorted order,
+    those after `after` only: listed a directory at a time as it goes, so the first comes at
+    once and nothing per blob is held, however large the store."""
+    roots = [disk.root for disk in pair.members]
+    for level1 in _union(roots, ""):
+        if level1 < after[:2]:
+            continue
+        for level2 in _union(roots, level1):
+            if f"{level1}/{level2}" < after[:5]:
+                continue
+            for level3 in _union(roots, f"{level1}/{level2}"):
+                leaf = f"{level1}/{level2}/{level3}"
+                if leaf > after:
+                    yield leaf
+
+
+def _union(roots: list[str], relative: str) -> list[str]:
+    """The layout subdirectories of `relative` on any of `roots`, sorted."""
+    return sorted(set().union(*(_subdirs(os.path.join(root, relative)) for root in roots)))
 
 
 def _subdirs(path: str) -> list[str]:

@@ -160,7 +160,7 @@ class TempFile:
         return final, created
 
     def _link(self, final: str) -> tuple[bool, list[str]]:
-        new_dirs = _make_parents(self.disk.root, os.path.dirname(final))
+        new_dirs = make_parents(self.disk.root, os.path.dirname(final))
         created = _link_no_replace(self.path, final)
         self.path = ""
         return created, new_dirs
@@ -222,7 +222,7 @@ def _link_no_replace(temp: str, final: str) -> bool:
     return True
 
 
-def _make_parents(root: str, directory: str) -> list[str]:
+def make_parents(root: str, directory: str) -> list[str]:
     """mkdir the missing levels of `directory` below `root`; return the parents whose entries
     changed, which must be fsynced for the new directories to survive a crash."""
     missing: list[str] = []
