@@ -5,12 +5,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from stor.backends import disk as disk_module
+from stor.backends import owners
 from stor.backends.disk import Disk
 from stor.backends.inflight import InflightOps
 from stor.backends.pairs import PairWrite
@@ -161,6 +165,26 @@ def test_a_directory_being_claimed_is_not_swept(tmp_path: Path) -> None:
     os.utime(abandoned, (time.time() - 120, time.time() - 120))
     Disk(str(root), require_mount=False).prepare()
     assert claiming.exists() and not abandoned.exists()
+
+
+def test_a_dead_directory_swept_by_another_worker_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two workers start at once after a crash: both find the dead process's directory, one
+    removes it while the other is about to count its temps. Start-up goes on."""
+    root = tmp_path / "disk"
+    root.mkdir()
+    dead = root / ".stor-tmp" / "deadbeef"
+    dead.mkdir(parents=True)
+    (dead / "owner.lock").touch()
+    (dead / "1.tmp").write_bytes(b"x")
+
+    def swept_meanwhile(parent: str) -> Iterator[str]:
+        for path in owners.dead_owner_dirs(parent):
+            shutil.rmtree(path)  # the other worker
+            yield path
+
+    monkeypatch.setattr(disk_module, "dead_owner_dirs", swept_meanwhile)
+    assert Disk(str(root), require_mount=False).prepare() == 0
+    assert not dead.exists()
 
 
 def test_health_probe_writes_and_cleans_up(disks: list[Disk]) -> None:

@@ -127,12 +127,16 @@ class Disk:
         removed = 0
         for entry in os.scandir(self.tmp_root):
             if not entry.is_dir(follow_symlinks=False):
-                os.unlink(entry.path)
-                removed += 1
+                with contextlib.suppress(FileNotFoundError):  # another process swept it first
+                    os.unlink(entry.path)
+                    removed += 1
         for dead in dead_owner_dirs(self.tmp_root):
             if dead == self._owner.path:
                 continue  # ours, let go of while the disk was away: its temps are still ours
-            removed += sum(1 for name in os.listdir(dead) if name.endswith(".tmp"))
+            try:
+                removed += sum(1 for name in os.listdir(dead) if name.endswith(".tmp"))
+            except FileNotFoundError:
+                continue  # another worker starting at the same time swept it first
             shutil.rmtree(dead, ignore_errors=True)
         return removed
 
