@@ -393,4 +393,3 @@ class NameStore:
             yield
         finally:
             os.close(fd)
-

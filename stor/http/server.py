@@ -21,9 +21,11 @@ The only module that touches uvicorn's protocol internals.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -120,16 +122,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         body, never a wrong one)."""
         if count > cycle.expected_content_length or cycle.response_complete:
             raise RuntimeError("sendfile: more than the response's Content-Length")
-        cycle.transport.flush()
+        head = cycle.transport.take_held()
         transport = self.transport
         while transport.get_write_buffer_size() and not transport.is_closing():
-            await asyncio.sleep(0.001)  # the head (rarely more) still leaving
+            await asyncio.sleep(0.001)  # an earlier response (rarely) still leaving
         sent = 0
         if not transport.is_closing():
             sock = os.dup(transport.get_extra_info("socket").fileno())
             try:
-                sent = await _send_file(self.loop, sock, fd, offset, count)
+                # corked, the head and the file leave in full segments, as nginx's tcp_nopush does
+                _setsockopt(sock, socket.TCP_CORK, 1)
+                if await _send_bytes(self.loop, sock, head) == len(head):
+                    sent = await _send_file(self.loop, sock, fd, offset, count)
             finally:
+                with contextlib.suppress(OSError):
+                    _setsockopt(sock, socket.TCP_CORK, 0)
                 os.close(sock)
         cycle.expected_content_length -= sent
         if sent < count:
@@ -242,6 +249,11 @@ class _HeadHeldBack:
         else:
             self._transport.write(data)
 
+    def take_held(self) -> bytes:
+        """The head held back, for the caller to send itself (nothing is held after)."""
+        held, self._held = self._held, None
+        return held or b""
+
     def flush(self) -> None:
         """Send the held head now."""
         if self._held is not None:
@@ -280,6 +292,22 @@ async def _send_file(loop: asyncio.AbstractEventLoop, sock: int, fd: int, offset
     return sent
 
 
+async def _send_bytes(loop: asyncio.AbstractEventLoop, sock: int, data: bytes) -> int:
+    """`data` written to a non-blocking socket from the event loop; the bytes written (fewer:
+    see `_send_file`)."""
+    view = memoryview(data)
+    sent = 0
+    while sent < len(data):
+        try:
+            sent += os.write(sock, view[sent:])
+        except BlockingIOError:
+            if not await _writable(loop, sock):
+                break
+        except OSError:
+            break
+    return sent
+
+
 async def _writable(loop: asyncio.AbstractEventLoop, sock: int) -> bool:
     ready = loop.create_future()
 
@@ -295,6 +323,11 @@ async def _writable(loop: asyncio.AbstractEventLoop, sock: int) -> bool:
         return False
     finally:
         loop.remove_writer(sock)
+
+
+def _setsockopt(fd: int, option: int, value: int) -> None:
+    with socket.socket(fileno=os.dup(fd)) as sock:  # a socket object over a duplicate, closed after
+        sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 def _hot_path(app: Any) -> AnswerNow | None:
