@@ -78,15 +78,17 @@ class StatusReporter:
         cache answer at once)."""
         if self.locations is None:
             return
-        was = self.cache_reachable
         probe = asyncio.ensure_future(self.offload.run(self.locations.reachable))
         try:
             # not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives as
             # the probe finishes, and a cancelled health loop then ran on forever
             async with asyncio.timeout(self.monitor.timeout):
-                self.cache_reachable = await asyncio.shield(probe)
+                reachable = await asyncio.shield(probe)
         except TimeoutError:
-            self.cache_reachable = False
+            reachable = False
+        # read and set with no await between: of two probes at once (the health loop's and a
+        # /status request's), only the first to finish reports the change
+        was, self.cache_reachable = self.cache_reachable, reachable
         if self.cache_reachable is False and was is not False:
             log.warning("memcached is unreachable: locations come from the disks until it is back")
         elif self.cache_reachable and was is False:
