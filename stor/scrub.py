@@ -302,7 +302,7 @@ class Scrubber:
                 continue
             note = quarantine_note(sha, actual=copy.digest, size=copy.size, mtime_ns=copy.mtime_ns, found_by="scrub")
             try:
-                copy.disk.quarantine(sha, note)
+                copy.disk.quarantine.move(sha, note)
                 quarantined.add(copy.disk.root)
             except (StorageUnavailable, InsufficientStorage) as exc:
                 report.note(Finding(sha, pair.index, copy.disk.root, copy.state, f"failed: {exc}"), damage=True)

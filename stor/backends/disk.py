@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import os
 import shutil
 import threading
@@ -31,6 +30,7 @@ import time
 from stor.backends import nowait, syscalls, xattrs
 from stor.backends.inflight import InflightOps, guarded
 from stor.backends.owners import OwnedDir, dead_owner_dirs
+from stor.backends.quarantine import Quarantine
 from stor.backends.temps import TempFile, disk_error, fsync_dir
 from stor.checksum import FastHasher, FastSum
 from stor.digest import Sha, blob_relpath, new_hasher
@@ -38,7 +38,6 @@ from stor.errors import StorageUnavailable
 from stor.model import BlobStat, DiskHealth, HashedCopy
 
 TMP_DIR = ".stor-tmp"
-QUARANTINE_DIR = ".stor-quarantine"
 GROUP_COMMIT_FILESYSTEMS = frozenset({syscalls.EXT4_MAGIC, syscalls.XFS_MAGIC, syscalls.BTRFS_MAGIC})
 """Filesystems whose `syncfs` writes back every dirty file and commits the journal, reporting
 errors. Not FUSE (its syncfs may do nothing at all), NFS or tmpfs (nothing to make durable)."""
@@ -57,9 +56,7 @@ class Disk:
         self.tmp_root = os.path.join(root, TMP_DIR)
         self._owner = OwnedDir(self.tmp_root)
         self._counter = itertools.count()
-        self.quarantine_root = os.path.join(root, QUARANTINE_DIR)
-        self._quarantined: tuple[int, frozenset[str]] = (-1, frozenset())  # (dir mtime, SHAs)
-        self._quarantined_lock = threading.Lock()
+        self.quarantine = Quarantine(self)
         self.takes_nowait = False
         """Its filesystem answers RWF_NOWAIT reads (see `nowait`); learned by health probes."""
 
@@ -265,56 +262,6 @@ class Disk:
             return os.pread(fd, size, offset)
         except OSError as exc:
             raise disk_error(self, "read", exc) from exc
-
-    @guarded
-    def quarantined(self, sha: Sha) -> bool:
-        """Whether a copy of `sha` was moved to quarantine here: one `stat` of the quarantine
-        directory; its listing is read again only when the directory changed."""
-        try:
-            mtime = os.stat(self.quarantine_root).st_mtime_ns
-            return sha.upper() in self._quarantine_listing(mtime)
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            raise disk_error(self, "reading the quarantine", exc) from exc
-
-    def _quarantine_listing(self, mtime: int) -> frozenset[str]:
-        with self._quarantined_lock:
-            if self._quarantined[0] != mtime:
-                names = os.listdir(self.quarantine_root)
-                shas = frozenset(name.split(".", 1)[0] for name in names if name.endswith(".dat"))
-                self._quarantined = (mtime, shas)
-            return self._quarantined[1]
-
-    def quarantine_known_clear(self, sha: Sha, mtime: int) -> bool:
-        """Whether the quarantine listing last read, at directory mtime `mtime`, proves that
-        `sha` is not in it (no I/O: for the event loop, which has the mtime from the kernel's
-        caches)."""
-        with self._quarantined_lock:
-            return self._quarantined[0] == mtime and sha.upper() not in self._quarantined[1]
-
-    def quarantine(self, sha: Sha, note: dict[str, object]) -> str | None:
-        """Move the copy of `sha` out of the layout into `<root>/.stor-quarantine/`, with a
-        JSON note beside it. Returns the new path, or None if the copy was already gone."""
-        source = self.blob_path(sha)
-        directory = self.quarantine_root
-        stem = os.path.join(directory, f"{sha.upper()}.{time.time_ns()}")
-        try:
-            os.makedirs(directory, exist_ok=True)
-            try:
-                os.rename(source, stem + ".dat")
-            except FileNotFoundError:
-                return None
-            fd = os.open(stem + ".json", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump({**note, "disk": self.root, "path": source, "quarantined_at": time.time()}, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            fsync_dir(directory)
-            fsync_dir(os.path.dirname(source))
-        except OSError as exc:
-            raise disk_error(self, "quarantine", exc) from exc
-        return stem + ".dat"
 
     # -- writes ----------------------------------------------------------------------------
 

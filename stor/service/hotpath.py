@@ -180,7 +180,7 @@ class HotPath:
     @staticmethod
     def _quarantine_clear(disk: Disk, sha: Sha) -> bool:
         try:
-            fd = nowait.open_cached(disk.quarantine_root, path_only=True)
+            fd = nowait.open_cached(disk.quarantine.root, path_only=True)
         except FileNotFoundError:
             return True  # no quarantine on this disk at all
         if fd is None:
@@ -189,7 +189,7 @@ class HotPath:
             mtime = os.fstat(fd).st_mtime_ns
         finally:
             os.close(fd)
-        return disk.quarantine_known_clear(sha, mtime)
+        return disk.quarantine.known_clear(sha, mtime)
 
     def _partners_agree(self, disk: Disk, sha: Sha, size: int) -> bool:
         """`Lookup.check_partners` and the size check of `Lookup.stat_checked`, for a copy

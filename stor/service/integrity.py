@@ -56,7 +56,7 @@ class Integrity:
         self.metrics.integrity("corrupt_copy")
         note = quarantine_note(sha, actual=actual, size=size, mtime_ns=stat.mtime_ns, found_by="read")
         try:
-            moved = disk.quarantine(sha, note)
+            moved = disk.quarantine.move(sha, note)
         except (StorageUnavailable, InsufficientStorage) as exc:
             self.metrics.integrity("quarantine_failed")
             log.error("corrupt copy %s (sha256 %s) could not be quarantined: %s", stat.path, actual, exc)

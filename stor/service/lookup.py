@@ -129,7 +129,7 @@ class Lookup:
         held = []
         for disk in self.pool.disks:
             with contextlib.suppress(StorageUnavailable):
-                if disk.quarantined(sha):
+                if disk.quarantine.holds(sha):
                     held.append(disk.root)
         if held:
             raise BlobLost(
