@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 from stor.backends.disk import Disk
 from stor.backends.namestore import NameStore
@@ -30,10 +30,9 @@ from stor.backends.scrubstate import read_json, state_dir, write_json
 from stor.digest import Sha, sha_from_filename
 from stor.errors import InsufficientStorage, StorageUnavailable
 from stor.model import HashedCopy
+from stor.scrubreport import Finding, ScrubReport
 from stor.service.integrity import quarantine_note
 from stor.service.s3tier import NoS3, S3Part
-
-MAX_FINDINGS = 1000
 
 Repair = Callable[[Sha, Pair, list[Disk], Iterator[bytes], int, int], Future[list[str]]]
 """Start rewriting `sha` on some members of a pair: (sha, pair, targets, chunks, size,
@@ -51,54 +50,6 @@ class _Pending:
     pair: int
     problems: list[tuple[Disk, str]]
     quarantined: set[str]
-
-
-@dataclass
-class Finding:
-    sha: str
-    pair: int
-    disk: str
-    problem: str  # missing, corrupt, truncated, foreign, stray_temp, unreadable, lost
-    action: str = "none"  # quarantined+repaired, repaired, removed, none, failed: …
-
-
-@dataclass
-class ScrubReport:
-    started: float = field(default_factory=time.time)
-    finished: float | None = None
-    pairs: list[int] = field(default_factory=list)
-    blobs: int = 0
-    copies: int = 0
-    bytes: int = 0
-    missing: int = 0
-    corrupt: int = 0
-    truncated: int = 0
-    unreadable: int = 0
-    foreign: int = 0
-    stray_temps: int = 0
-    vanished: int = 0
-    names: int = 0
-    names_stale: int = 0  # name records some member of the names pair lacks (or holds older)
-    names_restored: int = 0
-    checksums_missing: int = 0  # good copies without a fast checksum (Stor's, imported, no xattrs)
-    checksums_wrong: int = 0  # good copies whose fast checksum disagrees with them (a damaged attribute)
-    checksums_written: int = 0  # of those, given one (with --repair)
-    repaired: int = 0
-    lost: int = 0
-    damage_left: int = 0
-    interrupted: bool = False
-    resumed_after: dict[str, str] = field(default_factory=dict)
-    findings: list[Finding] = field(default_factory=list)
-
-    def note(self, finding: Finding, *, damage: bool) -> None:
-        """Record a finding; `damage` ones that stay unrepaired make the exit code 1."""
-        if damage:
-            self.damage_left += 1
-        if len(self.findings) < MAX_FINDINGS:
-            self.findings.append(finding)
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -160,7 +111,7 @@ class Scrubber:
         report.finished = time.time()
         if not report.interrupted:
             for pair in self.pairs:
-                write_json(state_dir(pair) / "last.json", {**_summary(report), "pair": pair.index})
+                write_json(state_dir(pair) / "last.json", {**report.summary(), "pair": pair.index})
         return report
 
     # -- one pair ------------------------------------------------------------------------------
@@ -395,9 +346,3 @@ def _read_file(path: str) -> Iterator[bytes]:
     with open(path, "rb") as handle:
         while chunk := handle.read(1024 * 1024):
             yield chunk
-
-
-def _summary(report: ScrubReport) -> dict[str, object]:
-    summary = report.as_dict()
-    summary.pop("findings")
-    return summary

@@ -25,7 +25,8 @@ from stor.evacuate import Evacuation
 from stor.http import auth
 from stor.model import PutResult
 from stor.names import NamedFiles
-from stor.scrub import Repair, Scrubber, ScrubReport
+from stor.scrub import Repair, Scrubber
+from stor.scrubreport import ScrubReport
 from stor.service import BlobService
 from stor.service.offload import blocking_chunks, one_piece
 from stor.service.portal import Portal
