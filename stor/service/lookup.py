@@ -32,7 +32,7 @@ from stor.service.integrity import Integrity
 from stor.service.nearcache import NearCache
 from stor.service.offload import Offload
 from stor.service.stream import OpenBlob
-from stor.service.verify import check_bytes, check_copy, sha_of_copy
+from stor.service.verify import Verdict, check_bytes, check_copy, sha_of_copy
 
 T = TypeVar("T")
 
@@ -290,24 +290,25 @@ class Lookup:
         began = time.monotonic()
         verdict, size = check_copy(functools.partial(disk.read_into, fd), sha, disk.read_sum(fd))
         self.metrics.disk_read(disk.root, size, time.monotonic() - began)
+        self._act_on(verdict, disk, fd, sha, st, size)
+        return True
+
+    def _check(self, disk: Disk, fd: int, sha: Sha, st: BlobStat, data: bytes) -> FastSum:
+        """Verify a copy read whole (see `verify`): its fast checksum, for the kept-open copy's
+        later reads."""
+        verdict = check_bytes(sha, data, disk.read_sum(fd))
+        self._act_on(verdict, disk, fd, sha, st, len(data))
+        return verdict.fast
+
+    def _act_on(self, verdict: Verdict, disk: Disk, fd: int, sha: Sha, st: BlobStat, size: int) -> None:
+        """A corrupt copy (or one whose size changed) is quarantined and `CorruptCopy` raised; a
+        good one missing its fast checksum, or with a wrong one, is given it."""
         if size != st.size or not verdict.good:
             actual = verdict.actual or sha_of_copy(functools.partial(disk.read_into, fd))
             self.integrity.corrupt(disk, sha, st, actual, size)
             raise CorruptCopy(f"the copy of {sha} on {disk.root} is corrupt (its sha256 is {actual})")
         if verdict.record is not None:
             disk.write_sum(fd, verdict.record)
-        return True
-
-    def _check(self, disk: Disk, fd: int, sha: Sha, st: BlobStat, data: bytes) -> FastSum:
-        """Verify a copy read whole (see `verify`): its fast checksum, for the kept-open copy's
-        later reads. A corrupt one is quarantined; a good one missing its checksum gets it."""
-        verdict = check_bytes(sha, data, disk.read_sum(fd))
-        if not verdict.good:
-            self.integrity.corrupt(disk, sha, st, verdict.actual or "", len(data))
-            raise CorruptCopy(f"the copy of {sha} on {disk.root} is corrupt (its sha256 is {verdict.actual})")
-        if verdict.record is not None:
-            disk.write_sum(fd, verdict.record)
-        return verdict.fast
 
     def _other_copy(self, sha: Sha, failed: set[str]) -> tuple[Disk, int, BlobStat] | None:
         """A copy of `sha` on a responsive disk not in `failed`, opened (for a stream whose
