@@ -12,7 +12,7 @@ from pathlib import Path
 from bench.settings import CORPUS, DURATION, FD_LIMIT, ONLY, ROOT, WRK_THREADS
 from bench.workloads import Refill, Result
 from stor.backends.openfiles import fd_budget
-from stor.scrub import REPAIRS_IN_FLIGHT
+from stor.tools.scrub import REPAIRS_IN_FLIGHT
 
 
 @dataclass
@@ -67,7 +67,7 @@ From profiles of the worker under `wrk -t1` (`py-spy record`), `strace -T` and t
 this machine:
 
 - **GET and HEAD of a hot blob** (4 and 64 KiB, under uvicorn) are answered as soon as the request head is parsed, on
-  the event loop, without an ASGI cycle (`stor/http/server.py`), from a kept-open copy checked against the fast
+  the event loop, without an ASGI cycle (`stor/http/protocol.py`), from a kept-open copy checked against the fast
   checksum of the bytes it held when they were verified. What is left per request is uvicorn's parser callbacks,
   an `fstat`, the `preadv2` from the page cache, xxh3 (0.2 µs for 4 KiB) and the `write` (a sixth of the worker's
   time: it runs loopback TCP for both ends). A copy a worker has not kept open yet costs an `openat2` from the dentry

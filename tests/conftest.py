@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from stor.config import config_from_mapping
-from stor.wiring import build_app
+from stor.wiring.build import build_app
 from tests.helpers import PASSWORD, USER, layout_path, temp_files
 from tests.services import Memcached, MotoS3, StatsdSink, free_port
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from stor.config import config_from_mapping
-from stor.wiring import build_service
+from stor.wiring.build import build_service
 from tests.conftest import Storage, StorProcess, app_client
 from tests.helpers import AUTH, layout_path, sha256
 from tests.services import Memcached, StatsdSink, free_port

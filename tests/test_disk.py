@@ -20,7 +20,7 @@ from stor.backends.inflight import InflightOps
 from stor.backends.pairs import PairWrite
 from stor.digest import Sha, sha_of
 from stor.errors import DigestMismatch, StorageUnavailable
-from stor.wiring import DISK_OPS_LIMIT, IO_THREADS
+from stor.wiring.build import DISK_OPS_LIMIT, IO_THREADS
 from tests.helpers import layout_path, prepared_disks, temp_files
 
 DATA = b"x" * 10_000

@@ -17,7 +17,7 @@ from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from stor.errors import ConfigError
-from stor.http.server import GuardedHttpToolsProtocol, check_uvicorn
+from stor.http.protocol import GuardedHttpToolsProtocol, check_uvicorn
 from tests.conftest import Storage, StorProcess, app_client
 from tests.helpers import AUTH, sha256
 from tests.test_openfiles import nowait_storage  # noqa: F401 - a fixture

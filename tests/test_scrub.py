@@ -16,8 +16,8 @@ import httpx
 
 from stor.backends.disk import Disk
 from stor.backends.pairs import Pair
-from stor.scrub import Scrubber
-from stor.scrubreport import ScrubReport
+from stor.tools.scrub import Scrubber
+from stor.tools.scrubreport import ScrubReport
 from tests.conftest import Storage, StorProcess
 from tests.helpers import AUTH, name_record, sha256
 from tests.services import MotoS3

@@ -9,7 +9,7 @@ import click
 
 from stor.config import Config, load_config
 from stor.errors import ConfigError
-from stor.wiring import preflight
+from stor.wiring.build import preflight
 
 DEFAULT_PORT = 8321
 

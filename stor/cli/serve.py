@@ -19,7 +19,7 @@ from stor.config import ENV_BASIC_AUTH, ENV_CONFIG_FILE, Config
 from stor.errors import ConfigError
 from stor.http import servers
 from stor.metrics.prometheus import ENV_MULTIPROC
-from stor.wiring import ENV_DATA_DIR
+from stor.wiring.build import ENV_DATA_DIR
 
 
 @click.command()

@@ -21,16 +21,16 @@ from stor.client import ClientError, hash_file
 from stor.config import ENV_CONFIG_FILE
 from stor.digest import Sha
 from stor.errors import StorError
-from stor.evacuate import Evacuation
 from stor.http import auth
 from stor.model import PutResult
-from stor.names import NamedFiles
-from stor.scrub import Repair, Scrubber
-from stor.scrubreport import ScrubReport
 from stor.service import BlobService
+from stor.service.namedfiles import NamedFiles
 from stor.service.offload import blocking_chunks, one_piece
 from stor.service.portal import Portal
-from stor.wiring import build_service
+from stor.tools.evacuate import Evacuation
+from stor.tools.scrub import Repair, Scrubber
+from stor.tools.scrubreport import ScrubReport
+from stor.wiring.build import build_service
 
 
 @click.command()

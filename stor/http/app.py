@@ -24,11 +24,11 @@ from stor.http.accounting import RequestMetrics
 from stor.http.auth import Authenticator
 from stor.http.errors import error_response
 from stor.http.fastpath import StorApp
+from stor.http.files import named_routes
 from stor.http.io import close_if_body_unread, content_length, request_body
-from stor.http.names import named_routes
 from stor.model import StatusReport
-from stor.names import NamedFiles
 from stor.service import BlobService
+from stor.service.namedfiles import NamedFiles
 
 MAX_STAT_SHAS = 10_000
 MAX_STAT_BODY = 2 * 1024 * 1024

@@ -1,6 +1,6 @@
 """The fast paths: GET, HEAD, POST and PUT of `/<sha>` answered in front of Starlette's router
 and middleware (which cost about as much CPU as the read itself for a small blob), and
-`answer_now`, which a server (`http.server`) calls to answer a hot GET or HEAD without any
+`answer_now`, which a server (`http.protocol`) calls to answer a hot GET or HEAD without any
 ASGI cycle at all. The same headers, status codes, errors and metrics as the ordinary stack;
 everything else goes through it.
 """

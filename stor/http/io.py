@@ -129,7 +129,7 @@ Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
 
 SENDFILE = "stor.sendfile"
 """A scope key a server sets to a `SendFile` when it can send a file's bytes to the client
-itself, zero-copy, after the response's start (`http.server`)."""
+itself, zero-copy, after the response's start (`http.protocol`)."""
 
 SendFile = Callable[[int, int, int], Awaitable[int]]
 """Send `count` bytes of the open file `fd` from `offset` as (part of) the response body; the

@@ -1,6 +1,6 @@
 """The HTTP servers `stor serve` runs the app under: uvicorn (the default) or granian.
 
-Both run `stor.wiring:app_from_environment` in `workers` processes with the same logging.
+Both run `stor.wiring.build:app_from_environment` in `workers` processes with the same logging.
 uvicorn uses `GuardedHttpToolsProtocol`: a request's head must arrive within `head_timeout`
 (else 408) and fit in 64 KiB (else 431), and hot blobs are answered without an ASGI cycle
 (the faster of the two for small blobs, see docs/benchmarks.md). granian (Rust, ASGI only)
@@ -29,11 +29,11 @@ from granian.http import HTTP1Settings
 from granian.log import LogLevels
 from uvicorn.supervisors.multiprocess import Multiprocess
 
-from stor.http.server import GuardedHttpToolsProtocol, check_uvicorn
+from stor.http.protocol import GuardedHttpToolsProtocol, check_uvicorn
 
 log = logging.getLogger(__name__)
 
-APP = "stor.wiring:app_from_environment"
+APP = "stor.wiring.build:app_from_environment"
 SERVERS = ("uvicorn", "granian")
 GRANIAN_MAX_HEAD_TIMEOUT = 60.0
 
@@ -89,7 +89,7 @@ def _uvicorn(listen: Listen, log_config: dict[str, Any]) -> bool:
 
 class _HupToWorkers(Multiprocess):
     """uvicorn's supervisor, except that SIGHUP goes on to every worker, which re-reads the
-    config itself (`stor.reload`), instead of restarting them all."""
+    config itself (`stor.wiring.reload`), instead of restarting them all."""
 
     def handle_hup(self) -> None:
         log.info("SIGHUP: passed on to %d workers to re-read the config", len(self.processes))

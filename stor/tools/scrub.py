@@ -30,9 +30,9 @@ from stor.backends.scrubstate import read_json, state_dir, write_json
 from stor.digest import Sha, sha_from_filename
 from stor.errors import InsufficientStorage, StorageUnavailable
 from stor.model import HashedCopy
-from stor.scrubreport import Finding, ScrubReport
 from stor.service.integrity import quarantine_note
 from stor.service.s3tier import NoS3, S3Part
+from stor.tools.scrubreport import Finding, ScrubReport
 
 Repair = Callable[[Sha, Pair, list[Disk], Iterator[bytes], int, int], Future[list[str]]]
 """Start rewriting `sha` on some members of a pair: (sha, pair, targets, chunks, size,

@@ -12,8 +12,8 @@ from stor.errors import BadRequest, PayloadTooLarge
 from stor.http.auth import Authenticator
 from stor.http.io import blob_response, close_if_body_unread, content_length, limited, request_body
 from stor.http.multipart import form_field, is_multipart
-from stor.names import NamedFiles, check_name
 from stor.service import BlobService
+from stor.service.namedfiles import NamedFiles, check_name
 
 MAX_LISTING = 10_000
 MULTIPART_SLACK = 64 * 1024

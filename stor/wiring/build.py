@@ -35,18 +35,18 @@ from stor.http.auth import Authenticator
 from stor.metrics import FanoutMetrics, Metrics, NullMetrics
 from stor.metrics.prometheus import DiskGauge, PrometheusMetrics
 from stor.metrics.statsd import StatsdMetrics
-from stor.names import NamedFiles
-from stor.reload import Reloader
 from stor.service import BlobService
 from stor.service.health import HealthMonitor
 from stor.service.hotpath import HotPath
 from stor.service.integrity import Healer, Integrity
 from stor.service.lookup import Lookup
+from stor.service.namedfiles import NamedFiles
 from stor.service.nearcache import NearCache
 from stor.service.offload import Background, Offload
 from stor.service.s3tier import NoS3, S3Part, S3Tier
 from stor.service.status import StatusReporter
 from stor.service.upload import Uploads
+from stor.wiring.reload import Reloader
 
 log = logging.getLogger(__name__)
 
