@@ -86,17 +86,16 @@ def test_abort_removes_temps(disks: list[Disk]) -> None:
 
 def test_read_at_never_returns_short_data(disks: list[Disk]) -> None:
     PairWrite(disks).finish(SHA, MTIME, DATA)
-    opened = disks[0].open(SHA)
-    assert opened is not None
-    fd, stat = opened
-    try:
-        assert stat.size == len(DATA)
-        assert disks[0].read_at(fd, 10, 20) == DATA[10:30]
-        os.truncate(stat.path, 100)
+    copy = disks[0].open(SHA)
+    assert copy is not None
+    with copy:
+        assert copy.stat.size == len(DATA)
+        assert copy.read_at(10, 20) == DATA[10:30]
+        os.truncate(copy.stat.path, 100)
         with pytest.raises(StorageUnavailable, match="shorter"):
-            disks[0].read_at(fd, 0, len(DATA))
-    finally:
-        os.close(fd)
+            copy.read_at(0, len(DATA))
+    assert copy.closed
+    copy.close()  # a second close does nothing
 
 
 def test_a_missing_root_is_unavailable_not_absent(tmp_path: Path, disks: list[Disk]) -> None:

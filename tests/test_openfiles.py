@@ -16,6 +16,7 @@ import pytest
 
 from stor.backends import nowait
 from stor.backends.disk import Disk
+from stor.backends.opencopy import OpenCopy
 from stor.backends.openfiles import OpenFiles, fd_budget
 from stor.digest import Sha
 from stor.model import BlobStat
@@ -93,7 +94,8 @@ def count_thread_hops(service: BlobService) -> list[str]:
 # -- OpenFiles on its own ---------------------------------------------------------------------
 
 
-def kept(tmp_path: Path, name: str, data: bytes = DATA) -> tuple[Disk, int, BlobStat]:
+def kept(tmp_path: Path, name: str, data: bytes = DATA) -> tuple[OpenCopy, int]:
+    """A copy of `data` opened on a disk at `tmp_path`, and its fd (to see whether it is open)."""
     path = tmp_path / name
     path.write_bytes(data)
     fd = os.open(path, os.O_RDONLY)
@@ -101,15 +103,15 @@ def kept(tmp_path: Path, name: str, data: bytes = DATA) -> tuple[Disk, int, Blob
     disk = Disk(str(tmp_path), require_mount=False)
     disk.prepare()
     disk.probe_health()  # learns whether the filesystem takes RWF_NOWAIT
-    return disk, fd, BlobStat(str(path), st.st_size, st.st_mtime_ns)
+    return OpenCopy(disk, fd, BlobStat(str(path), st.st_size, st.st_mtime_ns)), fd
 
 
 def test_a_kept_copy_is_read_whole_from_the_page_cache(nowait_dir: Path) -> None:
     files = OpenFiles(4, ttl=60)
-    disk, fd, stat = kept(nowait_dir, "a")
-    files.put(Sha("a" * 64), disk, fd, stat)
+    copy, fd = kept(nowait_dir, "a")
+    files.put(Sha("a" * 64), copy)
     entry = files.get(Sha("a" * 64))
-    assert entry is not None and entry.fd == fd
+    assert entry is not None and entry.fileno() == fd
     assert files.read(entry) == DATA
     files.close()
     assert not fd_is_open(fd)
@@ -119,8 +121,8 @@ def test_the_least_recently_used_copy_is_closed_past_capacity(nowait_dir: Path) 
     files = OpenFiles(2, ttl=60)
     fds = []
     for name in "abc":
-        disk, fd, stat = kept(nowait_dir, name)
-        files.put(Sha(name * 64), disk, fd, stat)
+        copy, fd = kept(nowait_dir, name)
+        files.put(Sha(name * 64), copy)
         fds.append(fd)
         if name == "b":
             assert files.get(Sha("a" * 64)) is not None  # a is now more recent than b
@@ -132,17 +134,17 @@ def test_the_least_recently_used_copy_is_closed_past_capacity(nowait_dir: Path) 
 
 def test_an_expired_removed_or_truncated_copy_is_not_used(nowait_dir: Path) -> None:
     expiring = OpenFiles(4, ttl=0.0)
-    disk, fd, stat = kept(nowait_dir, "a")
-    expiring.put(Sha("a" * 64), disk, fd, stat)
+    copy, fd = kept(nowait_dir, "a")
+    expiring.put(Sha("a" * 64), copy)
     assert expiring.get(Sha("a" * 64)) is None
     expiring.close_dropped()
     assert not fd_is_open(fd)
 
     files = OpenFiles(4, ttl=60)
-    disk, removed_fd, stat = kept(nowait_dir, "b")
-    files.put(Sha("b" * 64), disk, removed_fd, stat)
-    disk, truncated_fd, truncated_stat = kept(nowait_dir, "c")
-    files.put(Sha("c" * 64), disk, truncated_fd, truncated_stat)
+    removed, removed_fd = kept(nowait_dir, "b")
+    files.put(Sha("b" * 64), removed)
+    truncated, truncated_fd = kept(nowait_dir, "c")
+    files.put(Sha("c" * 64), truncated)
     (nowait_dir / "b").unlink()
     os.truncate(nowait_dir / "c", 10)
     assert files.get(Sha("b" * 64)) is None and files.get(Sha("c" * 64)) is None
@@ -161,19 +163,20 @@ def test_a_filesystem_without_nowait_keeps_nothing_open(tmp_path: Path) -> None:
         if takes_nowait(mount):
             pytest.skip("this kernel's tmpfs takes RWF_NOWAIT")
         files = OpenFiles(4, ttl=60)
-        disk, fd, stat = kept(mount, "a")
-        files.put(Sha("a" * 64), disk, fd, stat)
-        assert files.held == 0 and not files.usable(disk) and not fd_is_open(fd)
+        copy, fd = kept(mount, "a")
+        files.put(Sha("a" * 64), copy)
+        assert files.held == 0 and not files.usable(copy.disk) and not fd_is_open(fd)
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_cached_path_is_opened_without_a_thread(nowait_dir: Path) -> None:
     files = OpenFiles(4, ttl=60)
-    disk, fd, stat = kept(nowait_dir, "a")
-    files.put(Sha("a" * 64), disk, fd, stat)
+    copy, _fd = kept(nowait_dir, "a")
+    files.put(Sha("a" * 64), copy)
     other = os.urandom(100)
     sha = Sha(sha256(other))
+    disk = copy.disk
     path = Path(disk.blob_path(sha))
     path.parent.mkdir(parents=True)
     path.write_bytes(other)  # its path is now in the dentry cache

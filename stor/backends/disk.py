@@ -29,6 +29,7 @@ import time
 
 from stor.backends import nowait, syscalls, xattrs
 from stor.backends.inflight import InflightOps, guarded
+from stor.backends.opencopy import OpenCopy
 from stor.backends.owners import OwnedDir, dead_owner_dirs
 from stor.backends.quarantine import Quarantine
 from stor.backends.temps import TempFile, disk_error, fsync_dir
@@ -164,8 +165,8 @@ class Disk:
             raise StorageUnavailable(f"{self.root}: storage not available ({exc.strerror})") from exc
 
     @guarded
-    def open(self, sha: Sha) -> tuple[int, BlobStat] | None:
-        """Open the copy of `sha` for reading: (fd, stat of that open file), or None."""
+    def open(self, sha: Sha) -> OpenCopy | None:
+        """Open the copy of `sha` for reading (the caller owns it), or None when there is none."""
         path = self.blob_path(sha)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -179,7 +180,36 @@ class Disk:
         except OSError as exc:
             os.close(fd)
             raise disk_error(self, "fstat", exc) from exc
-        return fd, BlobStat(path, st.st_size, st.st_mtime_ns)
+        return OpenCopy(self, fd, BlobStat(path, st.st_size, st.st_mtime_ns))
+
+    def open_cached(self, sha: Sha) -> OpenCopy | None:
+        """`open` from the kernel's caches alone (see `nowait`), safe on the event loop: None
+        when that would wait or fails. FileNotFoundError when the dentry cache knows the copy
+        is absent (which proves nothing unless the disk is proved mounted: `cached_here`)."""
+        path = self.blob_path(sha)
+        fd = nowait.open_cached(path)
+        if fd is None:
+            return None
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)  # a read-only fd: its close does no I/O
+            return None
+        return OpenCopy(self, fd, BlobStat(path, st.st_size, st.st_mtime_ns))
+
+    def size_cached(self, sha: Sha) -> int | None:
+        """The size of the copy of `sha` from the kernel's caches alone; None when that would
+        wait. FileNotFoundError when the dentry cache knows it is absent."""
+        st = nowait.stat_cached(self.blob_path(sha))
+        return None if st is None else st.st_size
+
+    def cached_here(self) -> bool:
+        """Whether the kernel's caches prove this disk mounted (its `.stor-tmp` is in the
+        dentry cache): on a bare mountpoint every blob is absent, which is no proof of absence."""
+        try:
+            return nowait.stat_cached(self.tmp_root) is not None
+        except FileNotFoundError:
+            return False
 
     @guarded
     def read_at(self, fd: int, offset: int, size: int) -> bytes:
@@ -215,20 +245,18 @@ class Disk:
     def hash_copy(self, sha: Sha) -> HashedCopy | None:
         """The copy here hashed (SHA-256 and its fast checksum) with its recorded fast checksum,
         or None when there is none. The stat's size is the number of bytes actually read."""
-        opened = self.open(sha)
-        if opened is None:
+        copy = self.open(sha)
+        if copy is None:
             return None
-        fd, stat = opened
         hasher, fast = new_hasher(), FastHasher()
         offset = 0
-        try:
-            recorded = xattrs.read_sum(fd)
-            while chunk := self._pread(fd, 1024 * 1024, offset):
+        with copy:
+            recorded = copy.recorded_sum()
+            while chunk := copy.read_some(offset, 1024 * 1024):
                 hasher.update(chunk)
                 fast.update(chunk)
                 offset += len(chunk)
-        finally:
-            os.close(fd)
+        stat = copy.stat
         return HashedCopy(Sha(hasher.hexdigest()), BlobStat(stat.path, offset, stat.mtime_ns), fast.digest(), recorded)
 
     def read_sum(self, fd: int) -> FastSum | None:

@@ -38,6 +38,10 @@ class Pair:
     members: tuple[Disk, ...]
     writable: bool  # from writable_pairs_regex (a config reload may change it); health is judged at run time
 
+    def partners(self, disk: Disk) -> list[Disk]:
+        """The members that should hold what `disk` holds: the partner rule, in one place."""
+        return [member for member in self.members if member is not disk]
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -65,6 +69,7 @@ class StoragePool:
         self.pairs = pairs
         self.disks = [disk for pair in pairs for disk in pair.members]
         self.pair_of = {disk.root: pair for pair in pairs for disk in pair.members}
+        self.disk_at = {disk.root: disk for disk in self.disks}
         self.placement_threshold = placement_threshold
         self._rng = rng or random.Random()
         self._reserved = {pair.index: 0 for pair in pairs}
@@ -76,6 +81,7 @@ class StoragePool:
             self._reserved[pair.index] = 0
             self.pair_of = {**self.pair_of, **{disk.root: pair for disk in pair.members}}
             self.disks = [*self.disks, *pair.members]
+            self.disk_at = {**self.disk_at, **{disk.root: disk for disk in pair.members}}
             self.pairs = [*self.pairs, pair]
 
     def probe_order(self) -> list[Disk]:

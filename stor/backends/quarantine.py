@@ -4,7 +4,7 @@ with a JSON note beside it, and the question "was a copy of this blob quarantine
 Contract: nothing is ever deleted; a move is durable (note fsynced, both directories
 fsynced) before `move` returns. Failures are `StorageUnavailable` (or `InsufficientStorage`)
 through `disk_error`. `holds` costs one `stat` of the directory: its listing is read again only
-when the directory changed; `known_clear` does no I/O at all. Blocking (but `known_clear`);
+when the directory changed; `known_clear` asks only the kernel's caches. Blocking (but `known_clear`);
 thread-safe.
 """
 
@@ -15,6 +15,7 @@ import os
 import threading
 import time
 
+from stor.backends import nowait
 from stor.backends.inflight import guarded
 from stor.backends.temps import Home, disk_error, fsync_dir
 from stor.digest import Sha
@@ -48,11 +49,18 @@ class Quarantine:
                 self._listing = (mtime, frozenset(name.split(".", 1)[0] for name in names if name.endswith(".dat")))
             return self._listing[1]
 
-    def known_clear(self, sha: Sha, mtime: int) -> bool:
-        """Whether the listing last read, at directory mtime `mtime`, proves that `sha` is not
-        in it (no I/O: for the event loop, which has the mtime from the kernel's caches)."""
+    def known_clear(self, sha: Sha) -> bool:
+        """Whether the kernel's caches and the listing last read prove that `sha` is not in
+        the quarantine, without I/O (for the event loop): the directory is absent, or its mtime
+        (from the dentry cache) is the one the listing was read at and `sha` is not in it."""
+        try:
+            st = nowait.stat_cached(self.root)
+        except FileNotFoundError:
+            return True  # no quarantine on this disk at all
+        if st is None:
+            return False
         with self._lock:
-            return self._listing[0] == mtime and sha.upper() not in self._listing[1]
+            return self._listing[0] == st.st_mtime_ns and sha.upper() not in self._listing[1]
 
     def move(self, sha: Sha, note: dict[str, object]) -> str | None:
         """Move the copy of `sha` out of the layout into the quarantine, with `note` (and where

@@ -21,7 +21,7 @@ from stor.http.semantics import (
     range_applies,
 )
 from stor.model import BlobStat
-from stor.service.stream import OpenBlob
+from stor.service.stream import DiskStream, OpenBlob
 
 _IMMUTABLE = b"public, max-age=31536000, immutable"
 
@@ -193,9 +193,9 @@ class BlobResponse(Response):
             await send({"type": "http.response.body", "body": self.blob.data[self.start : self.end]})
             return
         sendfile: SendFile | None = scope.get(SENDFILE)
-        if sendfile is not None and self.blob.zero_copy and self.blob.fd is not None:
+        if sendfile is not None and isinstance(self.blob, DiskStream) and self.blob.zero_copy:
             try:
-                await sendfile(self.blob.fd, self.start, self.end - self.start)
+                await sendfile(self.blob.copy.fileno(), self.start, self.end - self.start)
             finally:
                 self.blob.close()
             await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -26,7 +26,7 @@ from stor.model import BlobInfo, BlobStat, PutResult, StatusReport
 from stor.service.health import HealthMonitor
 from stor.service.hotpath import HotPath
 from stor.service.integrity import Integrity
-from stor.service.lookup import Lookup
+from stor.service.lookup import Lookup, ThreadMode
 from stor.service.offload import Background, Offload
 from stor.service.s3tier import S3Part
 from stor.service.status import StatusReporter
@@ -75,7 +75,6 @@ class BlobService:
             disk.prepare()
         self.pool.add(pair)
         self.monitor.add(list(pair.members))
-        self.lookup.add(list(pair.members))
         for disk in pair.members:
             self.s3.add(disk)
         self.s3.prepare()
@@ -142,19 +141,20 @@ class BlobService:
         if blob is not None:
             return blob
         blob = await self.offload.run(self._open, sha)
-        if blob.disk is None:
+        if blob.from_s3:
             self.s3.fill_later(blob, self.uploads.restore)
         return blob
 
     def _stat(self, sha: Sha) -> BlobStat:
         try:
-            return self.lookup.find(sha, self.lookup.stat_checked)
+            return self.lookup.find(sha, self.lookup.threaded(self.lookup.stat_checked)).value
         except MISSES as miss:
             return self._from_s3(self.s3.stat, sha, miss)
 
     def _open(self, sha: Sha) -> OpenBlob:
         try:
-            return self.lookup.find(sha, self.lookup.open_copy)
+            mode: ThreadMode[OpenBlob] = self.lookup.threaded(self.lookup.open_copy)
+            return self.lookup.find(sha, mode).value
         except MISSES as miss:
             return self._from_s3(self.s3.open, sha, miss)
 

@@ -1,23 +1,22 @@
 """The hot path: a GET or HEAD answered on the event loop, with no thread hop.
 
-A blob's copy is kept open (`OpenFiles`) or opened on the loop from the kernel's caches alone
-(`nowait`): the near cache's disk first, then Stor's order. A small copy in the page cache is
-read and verified on the loop. Anything short of that returns None, and the caller takes the
-thread path (`Lookup`), which does the real work and the error handling. Nothing here ever
-waits on a disk; what needs a disk (a partner's check that the dentry cache cannot answer,
-closing dropped fds) starts in the background.
+It runs the one read algorithm (`Lookup.find`) in the event loop's mode (`LoopMode`): a copy
+kept open (`OpenFiles`) or opened from the kernel's caches alone, the near cache's disk first,
+then Stor's order. A small copy in the page cache is read and verified on the loop. Anything
+short of that returns None, and the caller takes the thread path (`Lookup.find` in
+`ThreadMode`), which does the real work and the error handling. Nothing here ever waits on a
+disk; what needs a disk (a partner's check that the dentry cache cannot answer, closing dropped
+copies) starts in the background.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import KW_ONLY, dataclass
-from typing import NamedTuple
 
-from stor.backends import nowait
 from stor.backends.disk import Disk
-from stor.backends.openfiles import OpenCopy, OpenFiles
+from stor.backends.opencopy import OpenCopy
+from stor.backends.openfiles import OpenFiles
 from stor.backends.pairs import StoragePool
 from stor.checksum import fast_sum
 from stor.digest import Sha, sha_of
@@ -26,16 +25,10 @@ from stor.metrics import Metrics
 from stor.model import BlobStat
 from stor.service.health import HealthMonitor
 from stor.service.integrity import Integrity
-from stor.service.lookup import Lookup
+from stor.service.lookup import Found, Lookup, WouldBlock
 from stor.service.nearcache import NearCache
 from stor.service.offload import Background
-from stor.service.stream import OpenBlob
-
-
-class _Found(NamedTuple):
-    copy: OpenCopy
-    how: str  # kept, local (the near cache's disk) or miss (the disks were probed)
-    tried: int  # disks probed, for a miss
+from stor.service.stream import InMemory, OpenBlob
 
 
 @dataclass(eq=False)
@@ -54,22 +47,23 @@ class HotPath:
 
     def __post_init__(self) -> None:
         self._counts: dict[str, int] = {}  # event-loop only
+        self.mode = LoopMode(self)
 
     def stat_now(self, sha: Sha) -> BlobStat | None:
         """The stat of a kept-open copy; None: a thread must look."""
-        found = self._kept(sha)
+        found = self._find(sha)
         if found is None:
             return None
         self._count(found)
-        return found.copy.stat
+        return found.value.stat
 
     def open_now(self, sha: Sha) -> OpenBlob | None:
         """A small blob read on the event loop from a kept-open copy, when the page cache has
         it (see `OpenFiles`), and verified; None: a thread must look."""
-        found = self._kept(sha)
+        found = self._find(sha)
         if found is None:
             return None
-        kept = found.copy
+        kept = found.value
         data = self.open_files.read(kept)
         if data is None:
             return None
@@ -78,7 +72,18 @@ class HotPath:
             return None
         self._count(found)
         self.metrics.disk_read(kept.disk.root, len(data), 0.0)
-        return OpenBlob(sha, kept.stat, self.lookup.offload, disk=kept.disk, data=data, metrics=self.metrics)
+        return InMemory(sha, kept.stat, data)
+
+    def _find(self, sha: Sha) -> Found[OpenCopy] | None:
+        """`Lookup.find` on the event loop: None where it would have waited. Raises
+        `BlobNotFound` when the kernel's caches prove the blob is nowhere."""
+        try:
+            return self.lookup.find(sha, self.mode)
+        except WouldBlock:
+            return None
+        except BlobNotFound:
+            self._tally("miss", len(self.pool.disks))
+            raise
 
     def _intact(self, kept: OpenCopy, sha: Sha, data: bytes) -> bool:
         """`data` read from `kept` checked against the fast checksum of the bytes it held when
@@ -93,46 +98,7 @@ class HotPath:
         kept.fast = fast_sum(data)
         return True
 
-    def _kept(self, sha: Sha) -> _Found | None:
-        """The kept-open copy of `sha`, or one opened now from the kernel's caches alone (the
-        near cache's disk first, then Stor's order), and how its location was known.
-
-        Raises `BlobNotFound` when those caches prove the blob is nowhere (see
-        `_absent_everywhere`); None means only that a thread must look."""
-        kept = self.open_files.get(sha)
-        if kept is not None:
-            return _Found(kept, "kept", 0) if self.monitor.responsive(kept.disk) else None
-        hint = self.near.get(sha)
-        disks = self.pool.probe_order()
-        first = None if hint is None else self.lookup.disk_by_root.get(hint)
-        hinted = first is not None
-        if first is not None:
-            disks = [first, *(disk for disk in disks if disk is not first)]
-        absent: set[str] = set()
-        tried = 0
-        for disk in disks:
-            if not self.open_files.usable(disk) or not self.monitor.healthy(disk):
-                continue  # nothing is kept open on a disk that failed its probe (see `BlobService`)
-            tried += 1
-            try:
-                kept = self.open_files.open(sha, disk)
-            except FileNotFoundError:
-                absent.add(disk.root)
-                continue
-            if kept is not None:
-                if self.open_files.closing_due:
-                    self.background.start_once("close_dropped", self.open_files.close_dropped)
-                if not self._partners_agree(disk, sha, kept.stat.size):
-                    self.open_files.forget(sha)  # the thread path settles it (`Lookup.stat_checked`)
-                    return None
-                return _Found(kept, "local", 0) if hinted and disk is first else _Found(kept, "miss", tried)
-        if len(absent) == len(self.pool.disks) and self._absent_everywhere(sha):
-            self.near.forget(sha)
-            self._tally("miss", len(absent))
-            raise BlobNotFound(sha)
-        return None
-
-    def _count(self, found: _Found) -> None:
+    def _count(self, found: Found[OpenCopy]) -> None:
         self._tally(found.how, found.tried)
 
     def _tally(self, how: str, tried: int) -> None:
@@ -157,62 +123,82 @@ class HotPath:
         for how, count in counts.items():
             self.metrics.cache(how, 0.0, count)
 
-    def _absent_everywhere(self, sha: Sha) -> bool:
+    def absent_everywhere(self, sha: Sha) -> bool:
         """After every disk's dentry cache said "no such file": whether that is the whole
-        truth, so a 404 needs no thread. Not with S3 (it must be asked); only when each
-        disk's `.stor-tmp` is in the dentry cache too, proving it is mounted (on a bare
-        mountpoint every blob is absent: that is a 503, which the thread path finds); and
-        only when no disk's quarantine may hold the blob (then it is lost: a 500)."""
+        truth, so a 404 needs no thread. Not with S3 (it must be asked); only when each disk
+        is proved mounted by the kernel's caches (on a bare mountpoint every blob is absent:
+        that is a 503, which the thread path finds); and only when no disk's quarantine may
+        hold the blob (then it is lost: a 500)."""
         if self.s3_may_hold:
             return False
-        for disk in self.pool.disks:
-            try:
-                fd = nowait.open_cached(disk.tmp_root, path_only=True)
-            except FileNotFoundError:
-                return False
-            if fd is None:
-                return False
-            os.close(fd)  # an O_PATH fd: closing it touches no filesystem
-            if not self._quarantine_clear(disk, sha):
-                return False
-        return True
+        return all(disk.cached_here() and disk.quarantine.known_clear(sha) for disk in self.pool.disks)
 
-    @staticmethod
-    def _quarantine_clear(disk: Disk, sha: Sha) -> bool:
-        try:
-            fd = nowait.open_cached(disk.quarantine.root, path_only=True)
-        except FileNotFoundError:
-            return True  # no quarantine on this disk at all
-        if fd is None:
-            return False
-        try:
-            mtime = os.fstat(fd).st_mtime_ns
-        finally:
-            os.close(fd)
-        return disk.quarantine.known_clear(sha, mtime)
-
-    def _partners_agree(self, disk: Disk, sha: Sha, size: int) -> bool:
+    def partners_agree(self, disk: Disk, sha: Sha, size: int) -> bool:
         """`Lookup.check_partners` and the size check of `Lookup.stat_checked`, for a copy
-        opened on the event loop: the partners are looked up in the dentry cache (an O_PATH
-        open and an `fstat`); only when that cannot tell does a thread look, in the background."""
-        for partner in self.lookup.answering(self.pool.pair_of[disk.root].members):
-            if partner is disk:
-                continue
-            if not partner.takes_nowait:  # its fstat might wait (FUSE, NFS): a thread looks
-                self.background.start(self.lookup.check_partners, disk, sha, set())
-                continue
+        opened on the event loop: the partners are looked up in the dentry cache; only when
+        that cannot tell does a thread look, in the background."""
+        for partner in self.lookup.partners(disk):
             try:
-                fd = nowait.open_cached(partner.blob_path(sha), path_only=True)
+                other = partner.size_cached(sha) if partner.takes_nowait else None  # else its fstat might wait
             except FileNotFoundError:
                 self.integrity.missing_copy(disk, partner, sha)
                 continue
-            if fd is None:
+            if other is None:
                 self.background.start(self.lookup.check_partners, disk, sha, set())
-                continue
-            try:
-                other = os.fstat(fd).st_size
-            finally:
-                os.close(fd)  # an O_PATH fd: closing it touches no filesystem
-            if other != size:
+            elif other != size:
                 return False
         return True
+
+
+@dataclass(eq=False)
+class LoopMode:
+    """`Lookup.find` on the event loop: the copy kept open first, then the near cache's disk
+    (memcached would need a thread), then Stor's order, each disk asked from the kernel's caches
+    alone; wherever that cannot tell, `WouldBlock`."""
+
+    hot: HotPath
+
+    def kept(self, sha: Sha) -> Found[OpenCopy] | None:
+        kept = self.hot.open_files.get(sha)
+        if kept is None:
+            return None
+        if not self.hot.monitor.responsive(kept.disk):
+            raise WouldBlock
+        return Found(kept, kept.disk, "kept", 0)
+
+    def hint(self, sha: Sha) -> str | None:
+        return self.hot.near.get(sha)
+
+    def may_ask(self, disk: Disk) -> bool:
+        # nothing is kept open on a disk that failed its probe (see `BlobService`)
+        return self.hot.open_files.usable(disk) and self.hot.monitor.healthy(disk)
+
+    def ask(self, disk: Disk, sha: Sha) -> OpenCopy | None:
+        try:
+            copy = self.hot.open_files.open(sha, disk)
+        except FileNotFoundError:
+            return None
+        if copy is None:
+            raise WouldBlock
+        if self.hot.open_files.closing_due:
+            self.hot.background.start_once("close_dropped", self.hot.open_files.close_dropped)
+        return copy
+
+    def stale(self, sha: Sha) -> None:
+        pass  # the near cache is corrected by the thread that finds the copy
+
+    def located(self, sha: Sha, found: Found[OpenCopy], missed: set[str]) -> None:
+        if found.how != "kept" and not self.hot.partners_agree(found.disk, sha, found.value.stat.size):
+            self.hot.open_files.forget(sha)  # the thread path settles it (`Lookup.stat_checked`)
+            raise WouldBlock
+
+    def probed(self, tried: int, elapsed: float) -> None:
+        pass  # counted once the answer is certain (`HotPath._count`)
+
+    def unreachable(self, sha: Sha, reasons: list[str]) -> Exception:
+        return WouldBlock()
+
+    def absent(self, sha: Sha) -> None:
+        if not self.hot.absent_everywhere(sha):
+            raise WouldBlock
+        self.hot.near.forget(sha)

@@ -1,25 +1,28 @@
-"""Lookup: where a blob's copies are, found from worker threads.
+"""Lookup: where a blob's copies are, and the one read algorithm that finds one.
 
-The location caches first (this process's near cache, then memcached), each hint verified by
-the probe itself (a `stat` or an open); then every disk in Stor's order. A disk that fails
-counts as unreachable and the next is tried: 404 (`BlobNotFound`) only when every disk
-answered, 503 (`StorageUnavailable`) when some could not, `BlobLost` when every copy seen
-failed verification. A copy found the slow way has its partners checked, and one that is
-missing is healed. Everything here blocks: call it in a worker thread.
+`find` is written once and run in two I/O modes (a `Mode`): `ThreadMode` here, from worker
+threads, may wait on a disk; the event loop's mode (`hotpath.LoopMode`) answers from the kernel's
+caches alone and gives up (`WouldBlock`) where it would wait. Either way: a copy kept open
+first, then the location hint (this process's near cache, and memcached in a thread), verified
+by the probe itself; then every disk in Stor's order. A disk that fails, or that a mode may not
+ask, counts as unreachable and the next is tried: 404 (`BlobNotFound`) only when every disk
+answered "no copy" and the mode could prove the blob is nowhere else, 503 (`StorageUnavailable`)
+when some could not answer, `BlobLost` when every copy seen failed verification. A copy found
+the slow way has its partners checked (`Pair.partners`), and one that is missing is healed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import KW_ONLY, dataclass
-from typing import TypeVar
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Generic, NamedTuple, Protocol, TypeVar
 
 from stor.backends.disk import Disk
 from stor.backends.locations import ABSENT, CacheUnavailable, LocationCache
+from stor.backends.opencopy import OpenCopy
 from stor.backends.openfiles import OpenFiles
 from stor.backends.pairs import Pair, StoragePool
 from stor.checksum import FastSum
@@ -31,13 +34,27 @@ from stor.service.health import HealthMonitor
 from stor.service.integrity import Integrity
 from stor.service.nearcache import NearCache
 from stor.service.offload import Offload
-from stor.service.stream import OpenBlob
+from stor.service.stream import DiskStream, InMemory, OpenBlob
 from stor.service.verify import Verdict, check_bytes, check_copy, sha_of_copy
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 READ_WHOLE_BYTES = 1024 * 1024
 """Blobs up to this size are read in the same thread hop as the lookup."""
+
+
+class WouldBlock(Exception):
+    """The event loop's mode cannot go on without waiting on a disk: a thread must look."""
+
+
+class Found(NamedTuple, Generic[T]):
+    value: T
+    disk: Disk
+    how: str
+    """kept (a copy kept open), local (where the location hint said) or miss (disks probed)."""
+    tried: int
+    """Disks probed after the hint, for a miss."""
 
 
 @dataclass
@@ -50,6 +67,49 @@ class Copies:
     @property
     def complete(self) -> bool:
         return len(self.present) == len(self.pair.members)
+
+
+@dataclass
+class _Seen:
+    """What the disks asked so far answered, short of a copy."""
+
+    missed: set[str] = field(default_factory=set)
+    unreachable: list[str] = field(default_factory=list)
+    corrupt: list[str] = field(default_factory=list)
+
+
+class Mode(Protocol[T]):
+    """How one read may touch the disks. `find` calls these in this order."""
+
+    def kept(self, sha: Sha) -> Found[T] | None:
+        """A copy already open, or None."""
+
+    def hint(self, sha: Sha) -> str | None:
+        """The disk root the location caches name, or None; `BlobNotFound` when a cache knows
+        the blob is absent."""
+
+    def may_ask(self, disk: Disk) -> bool:
+        """Whether `disk` may be asked at all (else it counts as unreachable)."""
+
+    def ask(self, disk: Disk, sha: Sha) -> T | None:
+        """The copy on `disk`, or None when it has none. Raises `CorruptCopy`,
+        `StorageUnavailable` or `WouldBlock` (both count as unreachable)."""
+
+    def stale(self, sha: Sha) -> None:
+        """The hinted disk had no copy."""
+
+    def located(self, sha: Sha, found: Found[T], missed: set[str]) -> None:
+        """A copy was found (`missed`: the disks that said they have none): remember it, check
+        its partners."""
+
+    def probed(self, tried: int, elapsed: float) -> None:
+        """The disks were probed (the hint was not enough), found or not."""
+
+    def unreachable(self, sha: Sha, reasons: list[str]) -> Exception:
+        """What to raise when no copy was found and some disk could not answer."""
+
+    def absent(self, sha: Sha) -> None:
+        """Every disk answered "no copy": return if the blob is absent (404), else raise."""
 
 
 @dataclass(eq=False)
@@ -66,65 +126,88 @@ class Lookup:
     verify: bool
     verify_max: int
 
-    def __post_init__(self) -> None:
-        self.disk_by_root = {disk.root: disk for disk in self.pool.disks}
-
-    def add(self, disks: list[Disk]) -> None:
-        """Disks added at run time (a config reload)."""
-        self.disk_by_root = {**self.disk_by_root, **{disk.root: disk for disk in disks}}
-
     def answering(self, disks: Iterable[Disk]) -> list[Disk]:
         """The disks worth asking: not hung (see `HealthMonitor.responsive`). Every loop over
         disks on the request path goes through here, so none waits on a hung disk."""
         return [disk for disk in disks if self.monitor.responsive(disk)]
 
-    # -- finding one copy ------------------------------------------------------------------
+    def partners(self, disk: Disk) -> list[Disk]:
+        """The answering partners of `disk` (see `Pair.partners`)."""
+        return self.answering(self.pool.pair_of[disk.root].partners(disk))
 
-    def find(self, sha: Sha, probe: Callable[[Disk, Sha], T | None]) -> T:
-        """The cached location first (checked by `probe`), then every disk in Stor's order."""
-        hint = self._cache_get(sha)
-        if hint == ABSENT:
-            raise BlobNotFound(sha)
-        corrupt: list[str] = []  # copies seen bad: if nothing good turns up, the blob is lost
-        if hint is not None:
-            found = self._probe_hint(sha, hint, probe, corrupt)
+    # -- the read algorithm ----------------------------------------------------------------
+
+    def find(self, sha: Sha, mode: Mode[T]) -> Found[T]:
+        """A copy of `sha`, found as the module docstring says, in `mode`."""
+        kept = mode.kept(sha)
+        if kept is not None:
+            return kept
+        hint = mode.hint(sha)
+        first = None if hint is None else self.pool.disk_at.get(hint)
+        seen = _Seen()
+        asked_first = first is not None and mode.may_ask(first)
+        if first is not None:
+            found = self._ask(mode, first, sha, seen) if asked_first else None
             if found is not None:
-                return found
-        started = time.monotonic()
-        unreachable: list[str] = []
-        missed: set[str] = set()
-        attempts = 0
+                located = Found(found, first, "local", 0)
+                mode.located(sha, located, seen.missed)
+                return located
+            mode.stale(sha)
+        started, tried = time.monotonic(), 0
         for disk in self.pool.probe_order():
-            if not self.monitor.responsive(disk):
-                unreachable.append(f"{disk.root}: not responding (hung?)")
+            if disk is first and asked_first:
+                continue  # asked already, as the hint
+            if not mode.may_ask(disk):
+                seen.unreachable.append(f"{disk.root}: not responding (hung?)")
                 continue
-            attempts += 1
-            try:
-                found = probe(disk, sha)
-            except CorruptCopy as exc:
-                corrupt.append(str(exc))
-                continue
-            except StorageUnavailable as exc:
-                unreachable.append(str(exc))
-                continue
+            tried += 1
+            found = self._ask(mode, disk, sha, seen)
             if found is not None:
-                self.metrics.lookup(time.monotonic() - started, attempts)
-                self.remember(sha, disk.root)
-                self.check_partners(disk, sha, missed)
-                return found
-            missed.add(disk.root)
-        self.metrics.lookup(time.monotonic() - started, attempts)
-        if unreachable:
-            detail = "; ".join(unreachable + corrupt)
-            raise StorageUnavailable(f"blob {sha} not found, and some storage was unreachable: {detail}")
-        if corrupt:
-            raise BlobLost(f"blob {sha} is lost: no copy passed verification ({'; '.join(corrupt)})")
-        self._check_quarantine(sha)
-        if self.locations is not None:
-            self._cache_do(self.locations.remember_absent, sha)
+                mode.probed(tried, time.monotonic() - started)
+                located = Found(found, disk, "miss", tried)
+                mode.located(sha, located, seen.missed)
+                return located
+        mode.probed(tried, time.monotonic() - started)
+        if seen.unreachable:
+            raise mode.unreachable(sha, seen.unreachable + seen.corrupt)
+        if seen.corrupt:
+            raise BlobLost(f"blob {sha} is lost: no copy passed verification ({'; '.join(seen.corrupt)})")
+        mode.absent(sha)
         raise BlobNotFound(sha)
 
-    def _check_quarantine(self, sha: Sha) -> None:
+    @staticmethod
+    def _ask(mode: Mode[T], disk: Disk, sha: Sha, seen: _Seen) -> T | None:
+        try:
+            found = mode.ask(disk, sha)
+        except CorruptCopy as exc:
+            seen.corrupt.append(str(exc))
+            return None
+        except (StorageUnavailable, WouldBlock) as exc:
+            seen.unreachable.append(str(exc) or f"{disk.root}: cannot tell without waiting")
+            return None
+        if found is None:
+            seen.missed.add(disk.root)
+        return found
+
+    def threaded(self, probe: Callable[[Disk, Sha], T | None]) -> ThreadMode[T]:
+        """The mode of a worker thread, asking each disk with `probe`."""
+        return ThreadMode(self, probe)
+
+    def check_partners(self, disk: Disk, sha: Sha, missed: set[str]) -> None:
+        """After a lookup found `sha` on `disk` the slow way (first read in this process), make
+        sure its partners hold it too: a crash between the copies of an upload, or a copy
+        removed by hand, leaves a one-copy blob that is healed here. One `stat` per partner
+        the lookup has not already asked."""
+        for partner in self.partners(disk):
+            absent = partner.root in missed
+            if not absent:
+                with contextlib.suppress(StorageUnavailable):
+                    absent = partner.stat(sha) is None
+            if absent:
+                self.integrity.missing_copy(disk, partner, sha)
+                return
+
+    def check_quarantine(self, sha: Sha) -> None:
         """A blob on no disk whose copies were quarantined is lost (500), not absent (404)."""
         held = []
         for disk in self.pool.disks:
@@ -136,45 +219,11 @@ class Lookup:
                 f"blob {sha} is lost: its copies failed verification and are quarantined on {', '.join(held)}"
             )
 
-    def _probe_hint(self, sha: Sha, hint: str, probe: Callable[[Disk, Sha], T | None], corrupt: list[str]) -> T | None:
-        """The copy at the cached location, or None (and the stale entry dropped)."""
-        cached = self.disk_by_root.get(hint)
-        found = None
-        if cached is not None and self.monitor.responsive(cached):
-            try:
-                found = probe(cached, sha)
-            except CorruptCopy as exc:
-                corrupt.append(str(exc))
-            except StorageUnavailable:
-                pass
-        if found is not None:
-            self.near.remember(sha, hint)  # a no-op refresh when it came from there
-            return found
-        self.metrics.cache("stale", 0.0)
-        self.near.forget(sha)
-        if self.locations is not None:
-            self._cache_do(self.locations.forget, sha)
-        return None
-
-    def check_partners(self, disk: Disk, sha: Sha, missed: set[str]) -> None:
-        """After a lookup found `sha` on `disk` the slow way (first read in this process), make
-        sure its partners hold it too: a crash between the copies of an upload, or a copy
-        removed by hand, leaves a one-copy blob that is healed here. One `stat` per partner
-        the lookup has not already asked."""
-        for partner in self.answering(self.pool.pair_of[disk.root].members):
-            if partner is disk:
-                continue
-            absent = partner.root in missed
-            if not absent:
-                with contextlib.suppress(StorageUnavailable):
-                    absent = partner.stat(sha) is None
-            if absent:
-                self.integrity.missing_copy(disk, partner, sha)
-                return
-
     # -- the location caches ---------------------------------------------------------------
 
-    def _cache_get(self, sha: Sha) -> str | None:
+    def cache_get(self, sha: Sha) -> str | None:
+        """The location hint for `sha` (near cache, then memcached), counted as Stor counts
+        cache events; `ABSENT` when memcached remembers it is stored nowhere."""
         near = self.near.get(sha)
         if near is not None:
             self.metrics.cache("local", 0.0)
@@ -191,6 +240,17 @@ class Lookup:
         result = "miss" if hint is None else "negative" if hint == ABSENT else "hit"
         self.metrics.cache(result, time.monotonic() - started)
         return hint
+
+    def forget(self, sha: Sha) -> None:
+        """The hint for `sha` proved stale: dropped from both caches."""
+        self.metrics.cache("stale", 0.0)
+        self.near.forget(sha)
+        if self.locations is not None:
+            self._cache_do(self.locations.forget, sha)
+
+    def remember_absent(self, sha: Sha) -> None:
+        if self.locations is not None:
+            self._cache_do(self.locations.remember_absent, sha)
 
     def remember(self, sha: Sha, root: str) -> None:
         self.near.remember(sha, root)
@@ -209,7 +269,7 @@ class Lookup:
         except CacheUnavailable:
             self.metrics.cache("error", 0.0)
 
-    # -- probes: what `find` does with each disk -------------------------------------------
+    # -- probes: what a thread's `find` does with each disk ---------------------------------
 
     def stat_checked(self, disk: Disk, sha: Sha) -> BlobStat | None:
         """A stat, compared with the partners' sizes where that is cheap (one more stat each).
@@ -217,14 +277,11 @@ class Lookup:
         found = disk.stat(sha)
         if found is None or not self.verify:
             return found
-        pair = self.pool.pair_of[disk.root]
-        for partner in self.answering(pair.members):
-            if partner is disk:
-                continue
+        for partner in self.partners(disk):
             with contextlib.suppress(StorageUnavailable):
                 other = partner.stat(sha)
                 if other is not None and other.size != found.size:
-                    return self._settle_sizes(pair, sha)
+                    return self._settle_sizes(self.pool.pair_of[disk.root], sha)
         return found
 
     def _settle_sizes(self, pair: Pair, sha: Sha) -> BlobStat:
@@ -244,82 +301,81 @@ class Lookup:
 
     def open_copy(self, disk: Disk, sha: Sha) -> OpenBlob | None:
         """Open the copy on `disk`. A small one is read whole in the same thread hop and, with
-        `verify`, hashed before anything is sent; a corrupt one is quarantined."""
+        `verify`, hashed before anything is sent (then kept open for the event loop); a corrupt
+        one is quarantined."""
         began = time.monotonic()
-        opened = disk.open(sha)
-        if opened is None:
+        copy = disk.open(sha)
+        if copy is None:
             return None
-        fd, st = opened
-        if st.size > READ_WHOLE_BYTES:
-            try:
-                checked = self.verify and st.size <= self.verify_max and self._check_whole(disk, fd, sha, st)
-                recorded = disk.read_sum(fd) if self.verify and not checked else None
-            except BaseException:
-                os.close(fd)
-                raise
-            return OpenBlob(
-                sha,
-                st,
-                self.offload,
-                disk=disk,
-                fd=fd,
-                checked=checked,
-                verify=self.verify and not checked,
-                recorded=recorded,
-                on_corrupt=functools.partial(self.integrity.corrupt, disk, sha, st),
-                metrics=self.metrics,
-                reopen=functools.partial(self._other_copy, sha),
-            )
         try:
-            data = disk.read_at(fd, 0, st.size)
-            fast = self._check(disk, fd, sha, st, data) if self.verify else None
+            if copy.stat.size > READ_WHOLE_BYTES:
+                return self._stream(copy, sha)
+            data = copy.read_at(0, copy.stat.size)
+            if self.verify:
+                copy.fast = self._check(copy, sha, data)
         except BaseException:
-            os.close(fd)
+            copy.close()
             raise
-        self.metrics.disk_read(disk.root, st.size, time.monotonic() - began)
+        self.metrics.disk_read(disk.root, copy.stat.size, time.monotonic() - began)
         if self.monitor.healthy(disk):
-            self.open_files.put(sha, disk, fd, st, fast)
+            self.open_files.put(sha, copy)
         else:
-            os.close(fd)  # nothing stays open on a disk that is down: it can be unmounted
-        return OpenBlob(sha, st, self.offload, disk=disk, data=data, metrics=self.metrics)
+            copy.close()  # nothing stays open on a disk that is down: it can be unmounted
+        return InMemory(sha, copy.stat, data)
 
-    def _check_whole(self, disk: Disk, fd: int, sha: Sha, st: BlobStat) -> bool:
-        """Verify a copy too big to read into memory before anything of it is sent (see
-        `verify.check_copy`), so that it can be sent without passing through Python (see
-        `OpenBlob.zero_copy`), and a corrupt one is answered from another copy, not aborted."""
+    def _stream(self, copy: OpenCopy, sha: Sha) -> DiskStream:
+        """A copy too big to read whole: verified whole first when it is small enough for that
+        (so it can go out by `sendfile`, and a corrupt one is answered from another copy rather
+        than aborted), else verified as it streams."""
+        checked = self.verify and copy.stat.size <= self.verify_max and self._check_whole(copy, sha)
+        return DiskStream(
+            sha,
+            copy.stat,
+            copy,
+            self.offload,
+            checked=checked,
+            verify=self.verify and not checked,
+            recorded=copy.recorded_sum() if self.verify and not checked else None,
+            on_corrupt=functools.partial(self.integrity.corrupt, copy.disk, sha, copy.stat),
+            metrics=self.metrics,
+            reopen=functools.partial(self._other_copy, sha),
+        )
+
+    def _check_whole(self, copy: OpenCopy, sha: Sha) -> bool:
+        """Verify a copy too big to read into memory (see `verify.check_copy`)."""
         began = time.monotonic()
-        verdict, size = check_copy(functools.partial(disk.read_into, fd), sha, disk.read_sum(fd))
-        self.metrics.disk_read(disk.root, size, time.monotonic() - began)
-        self._act_on(verdict, disk, fd, sha, st, size)
+        verdict, size = check_copy(copy.read_into, sha, copy.recorded_sum())
+        self.metrics.disk_read(copy.disk.root, size, time.monotonic() - began)
+        self._act_on(verdict, copy, sha, size)
         return True
 
-    def _check(self, disk: Disk, fd: int, sha: Sha, st: BlobStat, data: bytes) -> FastSum:
+    def _check(self, copy: OpenCopy, sha: Sha, data: bytes) -> FastSum:
         """Verify a copy read whole (see `verify`): its fast checksum, for the kept-open copy's
         later reads."""
-        verdict = check_bytes(sha, data, disk.read_sum(fd))
-        self._act_on(verdict, disk, fd, sha, st, len(data))
+        verdict = check_bytes(sha, data, copy.recorded_sum())
+        self._act_on(verdict, copy, sha, len(data))
         return verdict.fast
 
-    def _act_on(self, verdict: Verdict, disk: Disk, fd: int, sha: Sha, st: BlobStat, size: int) -> None:
+    def _act_on(self, verdict: Verdict, copy: OpenCopy, sha: Sha, size: int) -> None:
         """A corrupt copy (or one whose size changed) is quarantined and `CorruptCopy` raised; a
         good one missing its fast checksum, or with a wrong one, is given it."""
-        if size != st.size or not verdict.good:
-            actual = verdict.actual or sha_of_copy(functools.partial(disk.read_into, fd))
-            self.integrity.corrupt(disk, sha, st, actual, size)
-            raise CorruptCopy(f"the copy of {sha} on {disk.root} is corrupt (its sha256 is {actual})")
+        if size != copy.stat.size or not verdict.good:
+            actual = verdict.actual or sha_of_copy(copy.read_into)
+            self.integrity.corrupt(copy.disk, sha, copy.stat, actual, size)
+            raise CorruptCopy(f"the copy of {sha} on {copy.disk.root} is corrupt (its sha256 is {actual})")
         if verdict.record is not None:
-            disk.write_sum(fd, verdict.record)
+            copy.record_sum(verdict.record)
 
-    def _other_copy(self, sha: Sha, failed: set[str]) -> tuple[Disk, int, BlobStat] | None:
+    def _other_copy(self, sha: Sha, failed: set[str]) -> OpenCopy | None:
         """A copy of `sha` on a responsive disk not in `failed`, opened (for a stream whose
         disk failed mid-way)."""
         for disk in self.answering(self.pool.probe_order()):
             if disk.root in failed:
                 continue
             with contextlib.suppress(StorageUnavailable):
-                opened = disk.open(sha)
-                if opened is not None:
-                    return disk, *opened
+                copy = disk.open(sha)
+                if copy is not None:
+                    return copy
         return None
 
     # -- every copy ------------------------------------------------------------------------
@@ -354,6 +410,50 @@ class Lookup:
     def local_path(self, sha: Sha) -> str | None:
         """A readable local copy (for the S3 mirror); None when no disk has one."""
         try:
-            return self.find(sha, Disk.stat).path
+            return self.find(sha, self.threaded(Disk.stat)).value.path
         except BlobNotFound:
             return None
+
+
+@dataclass(eq=False)
+class ThreadMode(Generic[T]):
+    """`find` from a worker thread: it may wait on a disk (each asked with `probe`), asks
+    memcached, and settles what the event loop could not."""
+
+    lookup: Lookup
+    probe: Callable[[Disk, Sha], T | None]
+
+    def kept(self, sha: Sha) -> Found[T] | None:
+        return None  # the event loop has tried the copies kept open, or has no reason to
+
+    def hint(self, sha: Sha) -> str | None:
+        hint = self.lookup.cache_get(sha)
+        if hint == ABSENT:
+            raise BlobNotFound(sha)
+        return hint
+
+    def may_ask(self, disk: Disk) -> bool:
+        return self.lookup.monitor.responsive(disk)
+
+    def ask(self, disk: Disk, sha: Sha) -> T | None:
+        return self.probe(disk, sha)
+
+    def stale(self, sha: Sha) -> None:
+        self.lookup.forget(sha)
+
+    def located(self, sha: Sha, found: Found[T], missed: set[str]) -> None:
+        if found.how == "local":
+            self.lookup.near.remember(sha, found.disk.root)  # a no-op refresh when it came from there
+            return
+        self.lookup.remember(sha, found.disk.root)
+        self.lookup.check_partners(found.disk, sha, missed)
+
+    def probed(self, tried: int, elapsed: float) -> None:
+        self.lookup.metrics.lookup(elapsed, tried)
+
+    def unreachable(self, sha: Sha, reasons: list[str]) -> Exception:
+        return StorageUnavailable(f"blob {sha} not found, and some storage was unreachable: {'; '.join(reasons)}")
+
+    def absent(self, sha: Sha) -> None:
+        self.lookup.check_quarantine(sha)
+        self.lookup.remember_absent(sha)

@@ -26,7 +26,7 @@ from stor.model import BlobInfo, BlobStat, PutResult
 from stor.service.integrity import Integrity
 from stor.service.offload import Offload, blocking_chunks, one_piece
 from stor.service.s3mirror import S3Mirror
-from stor.service.stream import OpenBlob
+from stor.service.stream import InMemory, OpenBlob, S3Stream
 
 log = logging.getLogger(__name__)
 
@@ -177,17 +177,10 @@ class S3Tier:
 
     def open(self, sha: Sha, miss: Exception) -> OpenBlob:
         found = self._call("get", miss, self.store.open, sha)
-        blob = OpenBlob(
-            sha,
-            self._stat(sha, found),
-            self.offload,
-            s3=found,
-            on_corrupt=self.integrity.s3_corrupt,
-            metrics=self.metrics,
-        )
+        stat = self._stat(sha, found)
         if found.size <= S3_READ_WHOLE_BYTES:
-            blob.data, blob.s3 = self._read_verified(blob, found), None
-        return blob
+            return InMemory(sha, stat, self._read_verified(sha, stat, found), from_s3=True)
+        return S3Stream(sha, stat, found, self.offload, on_corrupt=self.integrity.s3_corrupt)
 
     def info(self, sha: Sha) -> BlobInfo | None:
         try:
@@ -221,7 +214,7 @@ class S3Tier:
             raise miss
         return found
 
-    def _read_verified(self, blob: OpenBlob, found: S3Object) -> bytes:
+    def _read_verified(self, sha: Sha, stat: BlobStat, found: S3Object) -> bytes:
         try:
             data = b"".join(found.chunks())
         except S3Unavailable as exc:
@@ -229,9 +222,9 @@ class S3Tier:
         finally:
             found.close()
         actual = sha_of(data)
-        if len(data) != blob.stat.size or actual != blob.sha:
+        if len(data) != stat.size or actual != sha:
             self.integrity.s3_corrupt(actual, len(data))
-            raise CorruptCopy(f"the S3 copy of {blob.sha} is corrupt (its sha256 is {actual})")
+            raise CorruptCopy(f"the S3 copy of {sha} is corrupt (its sha256 is {actual})")
         return data
 
     # -- writes ----------------------------------------------------------------------------
