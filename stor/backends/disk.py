@@ -56,6 +56,8 @@ class Disk:
         self._lock = threading.Lock()
         self.tmp_root = os.path.join(root, TMP_DIR)
         self._owner = OwnedDir(self.tmp_root)
+        self._claiming = threading.RLock()  # a claim and `close` never interleave
+        self._closed = False
         self._counter = itertools.count()
         self.quarantine = Quarantine(self)
         self.takes_nowait = False
@@ -105,19 +107,33 @@ class Disk:
         Returns how many stale temp files were removed. Never creates `root` itself.
         Calling it again once the directory is claimed does nothing.
         """
-        if self._owner.claimed:
-            return 0
-        if not os.path.isdir(self.root):
-            raise StorageUnavailable(f"{self.root}: storage directory is missing")
-        if self.require_mount and not self._is_mounted():
-            raise StorageUnavailable(f"{self.root}: not a mounted filesystem")
+        with self._claiming:
+            self._closed = False
+            if self._owner.claimed:
+                return 0
+            if not os.path.isdir(self.root):
+                raise StorageUnavailable(f"{self.root}: storage directory is missing")
+            if self.require_mount and not self._is_mounted():
+                raise StorageUnavailable(f"{self.root}: not a mounted filesystem")
+            try:
+                os.makedirs(self.tmp_root, exist_ok=True)
+                removed = self.sweep_temps() if sweep else 0
+                self._owner.claim()
+            except OSError as exc:
+                raise disk_error(self, "preparing the temp directory", exc) from exc
+            return removed
+
+    def close(self) -> None:
+        """Let go of the temp directory claimed by `prepare` (its lock file's fd) for good: a
+        health probe still running will not claim it again; only `prepare` does. (A probe hung
+        inside `prepare` on a dead disk is not waited for beyond a second.)"""
+        held = self._claiming.acquire(timeout=1.0)
         try:
-            os.makedirs(self.tmp_root, exist_ok=True)
-            removed = self.sweep_temps() if sweep else 0
-            self._owner.claim()
-        except OSError as exc:
-            raise disk_error(self, "preparing the temp directory", exc) from exc
-        return removed
+            self._closed = True
+            self._owner.release()
+        finally:
+            if held:
+                self._claiming.release()
 
     def sweep_temps(self) -> int:
         """Remove the temp directories of processes that are gone. Several stor processes may
@@ -363,9 +379,10 @@ class Disk:
 
     def _recover_temp_dir(self) -> None:
         """After a disk comes back (remounted, replaced), claim a temp directory on it again."""
-        if not self._owner.claimed:
-            self._owner.release()
-            self.prepare()
+        with self._claiming:
+            if not self._owner.claimed and not self._closed:
+                self._owner.release()
+                self.prepare()
 
     def _write_probe(self) -> None:
         path = os.path.join(self._owner.path, f"probe-{next(self._counter)}")

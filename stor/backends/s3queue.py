@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass
 
 from stor.backends.disk import Disk
@@ -36,6 +37,8 @@ class S3Queue:
     def __init__(self, disks: list[Disk]) -> None:
         self.disks = disks
         self._owners = {disk.root: OwnedDir(self._dir(disk)) for disk in disks}
+        self._claiming = threading.Lock()  # a claim and `close` never interleave
+        self._closed = False
 
     def add(self, disk: Disk) -> None:
         """A disk added at run time (a config reload); `prepare` claims it."""
@@ -49,6 +52,10 @@ class S3Queue:
     def prepare(self) -> int:
         """Claim an owner directory on every prepared disk; put dead owners' claims back.
         Returns how many markers went back. Disks that are down are skipped."""
+        with self._claiming:
+            return 0 if self._closed else self._claim_all()
+
+    def _claim_all(self) -> int:
         returned = 0
         for disk in self.disks:
             owner = self._owners[disk.root]
@@ -70,6 +77,13 @@ class S3Queue:
     def let_go(self, disk: Disk) -> None:
         """Release this process's claim on a disk that went away (`prepare` claims it again)."""
         self._owners[disk.root].release()
+
+    def close(self) -> None:
+        """Release every claim this process holds, for good (at shutdown)."""
+        with self._claiming:
+            self._closed = True
+            for owner in self._owners.values():
+                owner.release()
 
     def enqueue(self, disk: Disk, sha: Sha, *, durable: bool = True) -> None:
         """Record that `sha` must be mirrored (call before its copies are linked). Not

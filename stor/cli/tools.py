@@ -25,7 +25,7 @@ from stor.http import auth
 from stor.model import PutResult
 from stor.service import BlobService
 from stor.service.namedfiles import NamedFiles
-from stor.service.offload import blocking_chunks, one_piece
+from stor.service.offload import one_piece
 from stor.service.portal import Portal
 from stor.tools.evacuate import Evacuation
 from stor.tools.scrub import Repair, Scrubber
@@ -49,15 +49,13 @@ def scrub(
     (run it again to resume)."""
     config = validated(config_path)
     service = build_service(config)
-    pairs = service.pool.pairs
+    pairs = service.pairs
     if pair_index is not None:
         if not 0 <= pair_index < len(pairs):
             raise click.BadParameter(f"there are {len(pairs)} pairs (0..{len(pairs) - 1})", param_hint="--pair")
         pairs = [pairs[pair_index]]
     try:
-        for disk in service.pool.disks:
-            disk.prepare(sweep=False)  # stray temps are the scrub's to report (and, with --repair, remove)
-        service.s3.prepare()
+        service.prepare(sweep=False)  # stray temps are the scrub's to report (and, with --repair, remove)
     except StorError as exc:
         fail(str(exc))
         sys.exit(2)
@@ -76,8 +74,8 @@ def scrub(
 
         report = Scrubber(
             pairs,
-            s3=service.s3,
-            names=NamedFiles(service).store if service.pool.pairs[0] in pairs else None,
+            s3_source=service.s3_source,
+            names=NamedFiles(service).store if service.pairs[0] in pairs else None,
             repair=_repairer(service, portal) if repair else None,
             rate=rate * 1e6 if rate else None,
             progress=progress,
@@ -104,8 +102,8 @@ def _repairer(service: BlobService, portal: Portal) -> Repair:
     ) -> Future[list[str]]:
         # a small one is read here, in the scrub's thread, in one piece: no thread hop per chunk
         small = size <= SMALL_REPAIR
-        body = one_piece(b"".join(chunks)) if small else blocking_chunks(service.offload, chunks)
-        return portal.submit(service.uploads.repair(sha, pair, targets, body, size, mtime))
+        body = one_piece(b"".join(chunks)) if small else service.body_from(chunks)
+        return portal.submit(service.repair(sha, pair, targets, body, size, mtime))
 
     return repair
 
@@ -130,7 +128,7 @@ async def _store_file(service: BlobService, sha: Sha, path: Path, size: int) -> 
     worker threads; hashed again on the way in (`DigestMismatch` if it changed meanwhile)."""
     with path.open("rb") as source:
         chunks = iter(functools.partial(source.read, 1024 * 1024), b"")
-        return await service.put(sha, blocking_chunks(service.offload, chunks), size)
+        return await service.put(sha, service.body_from(chunks), size)
 
 
 @click.command("import")
@@ -190,7 +188,7 @@ def evacuate(config_path: str, pair_index: int) -> None:
     config error; 130: interrupted."""
     config = validated(config_path)
     service = build_service(config)
-    pairs = service.pool.pairs
+    pairs = service.pairs
     if not 0 <= pair_index < len(pairs):
         raise click.BadParameter(f"there are {len(pairs)} pairs (0..{len(pairs) - 1})", param_hint="--pair")
     pair = pairs[pair_index]
@@ -212,11 +210,10 @@ def evacuate(config_path: str, pair_index: int) -> None:
         Portal() as portal,
         tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="evacuate", disable=not sys.stderr.isatty()) as bar,
     ):
-        portal.call(service.monitor.check())
+        portal.call(service.check_health())
 
         def relocate(sha: Sha, away: Pair, chunks: Iterator[bytes], size: int, mtime: int) -> PutResult:
-            body = blocking_chunks(service.offload, chunks)
-            return portal.call(service.uploads.relocate(sha, away, body, size, mtime))
+            return portal.call(service.relocate(sha, away, service.body_from(chunks), size, mtime))
 
         report = Evacuation(pair, relocate, progress=lambda count, size: bar.update(size)).run()
     service.close()

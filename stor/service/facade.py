@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import KW_ONLY, dataclass
-from typing import TypeVar
+from typing import ParamSpec, TypeVar
 
+from stor.backends.disk import Disk
 from stor.backends.groupcommit import GroupCommits
 from stor.backends.locations import LocationCache
 from stor.backends.openfiles import OpenFiles
@@ -27,7 +28,7 @@ from stor.service.health import HealthMonitor
 from stor.service.hotpath import HotPath
 from stor.service.integrity import Integrity
 from stor.service.lookup import Lookup, ThreadMode
-from stor.service.offload import Background, Offload
+from stor.service.offload import Background, Offload, blocking_chunks
 from stor.service.s3tier import S3Part
 from stor.service.status import StatusReporter
 from stor.service.stream import OpenBlob
@@ -36,6 +37,7 @@ from stor.service.upload import Uploads
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 MISSES = (BlobNotFound, StorageUnavailable, BlobLost)
 """What the disks answer when they cannot serve a blob: S3 is asked next."""
@@ -62,11 +64,35 @@ class BlobService:
 
     # -- start-up and shutdown -------------------------------------------------------------
 
-    def prepare(self) -> int:
-        """Blocking, at start-up: claim temp and queue directories, sweep stale temps."""
-        swept = sum(disk.prepare() for disk in self.pool.disks)
+    def prepare(self, *, sweep: bool = True) -> int:
+        """Blocking, at start-up: claim temp and queue directories, and (with `sweep`) remove
+        the stale temps of dead processes; how many were removed."""
+        swept = sum(disk.prepare(sweep=sweep) for disk in self.pool.disks)
         self.s3.prepare()
         return swept
+
+    @property
+    def pairs(self) -> list[Pair]:
+        """The storage pairs, in config order (a list replaced whole when a pair is added)."""
+        return self.pool.pairs
+
+    def set_writable(self, writable: Callable[[Pair], bool]) -> None:
+        """Which pairs take writes from now on (a reload of `writable_pairs_regex`)."""
+        for pair in self.pool.pairs:
+            pair.writable = writable(pair)
+
+    async def in_thread(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a blocking `call` in one of the service's worker threads."""
+        return await self.offload.run(call, *args, **kwargs)
+
+    def body_from(self, chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+        """A body for `put`, `repair` or `relocate` read from a blocking iterator, a chunk per
+        thread hop."""
+        return blocking_chunks(self.offload, chunks)
+
+    async def check_health(self) -> None:
+        """Probe every disk now (the tools' first look, before they judge a pair)."""
+        await self.monitor.check()
 
     def add_pair(self, pair: Pair) -> None:
         """Blocking: serve a pair added at run time (a config reload). Its disks are prepared
@@ -108,6 +134,8 @@ class BlobService:
         self.open_files.close_dropped()
 
     def close(self) -> None:
+        """Release everything the service took: threads, open copies, connections, and the
+        directories it claimed on the disks (their lock files)."""
         self.s3.close()
         self.background.close()
         self.offload.close()
@@ -117,6 +145,8 @@ class BlobService:
         if self.locations is not None:
             self.locations.close()
         self.metrics.close()
+        for disk in self.pool.disks:
+            disk.close()
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -194,6 +224,21 @@ class BlobService:
     ) -> PutResult:
         """Store a client's body under `sha` (see `Uploads.put`)."""
         return await self.uploads.put(sha, body, length, early_answer=early_answer)
+
+    async def repair(
+        self, sha: Sha, pair: Pair, targets: list[Disk], body: AsyncIterator[bytes], size: int, mtime: int
+    ) -> list[str]:
+        """Rewrite `sha` on `targets` of `pair` from a verified source (see `Uploads.repair`)."""
+        return await self.uploads.repair(sha, pair, targets, body, size, mtime)
+
+    async def relocate(self, sha: Sha, away: Pair, body: AsyncIterator[bytes], size: int, mtime: int) -> PutResult:
+        """Store `sha` on a writable pair other than `away` (see `Uploads.relocate`)."""
+        return await self.uploads.relocate(sha, away, body, size, mtime)
+
+    def s3_source(self, sha: Sha) -> tuple[Iterator[bytes], int, int] | None:
+        """Blocking: S3's verified bytes of `sha`, its size and mtime; None when S3 lacks it or
+        is off (a scrub's last source for a blob both members lost)."""
+        return self.s3.source(sha)
 
     async def put_content(self, body: AsyncIterator[bytes], length: int | None) -> tuple[Sha, int, PutResult]:
         """Store a body whose sha is not known in advance (see `Uploads.put_content`)."""

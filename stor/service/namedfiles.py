@@ -38,7 +38,7 @@ class NamedFiles:
 
     def __init__(self, blobs: BlobService) -> None:
         self.blobs = blobs
-        self.store = NameStore(blobs.pool.pairs[0].members)
+        self.store = NameStore(blobs.pairs[0].members)
 
     def prepare(self) -> None:
         """Blocking, at start-up: the record directories on the names pair."""
@@ -48,25 +48,25 @@ class NamedFiles:
         """Store the body under `name`; True if the name is new. With `create`, an existing
         name is `NameExists` (checked before and after the bytes are stored)."""
         store = self.store
-        if create and await self.blobs.offload.run(store.get, name) is not None:
+        if create and await self.blobs.in_thread(store.get, name) is not None:
             raise NameExists(name)
         sha, size, _ = await self.blobs.put_content(body, length)
         record = NameRecord(name, sha, size, time.time())
         try:
-            previous = await self.blobs.offload.run(lambda: store.put(record, create_only=create))
+            previous = await self.blobs.in_thread(lambda: store.put(record, create_only=create))
         except NameConflict:
             raise NameExists(name) from None
         return previous is None
 
     async def get(self, name: str) -> NameRecord:
-        record = await self.blobs.offload.run(self.store.get, name)
+        record = await self.blobs.in_thread(self.store.get, name)
         if record is None:
             raise NameNotFound(name)
         return record
 
     async def delete(self, name: str) -> None:
-        if not await self.blobs.offload.run(self.store.delete, name):
+        if not await self.blobs.in_thread(self.store.delete, name):
             raise NameNotFound(name)
 
     async def listing(self, prefix: str, after: str, limit: int) -> list[NameRecord]:
-        return await self.blobs.offload.run(self.store.listing, prefix, after, limit)
+        return await self.blobs.in_thread(self.store.listing, prefix, after, limit)

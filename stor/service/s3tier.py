@@ -284,6 +284,7 @@ class S3Tier:
     def close(self) -> None:
         for task in self._fills.values():
             task.cancel()
+        self.queue.close()
 
 
 def _checked(found: S3Object, sha: Sha) -> Iterator[bytes]:

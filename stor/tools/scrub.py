@@ -31,8 +31,10 @@ from stor.digest import Sha, sha_from_filename
 from stor.errors import InsufficientStorage, StorageUnavailable
 from stor.model import HashedCopy
 from stor.service.integrity import quarantine_note
-from stor.service.s3tier import NoS3, S3Part
 from stor.tools.scrubreport import Finding, ScrubReport
+
+S3Source = Callable[[Sha], tuple[Iterator[bytes], int, int] | None]
+"""S3's bytes of a blob (checked as they are read), its size and mtime; None when S3 lacks it."""
 
 Repair = Callable[[Sha, Pair, list[Disk], Iterator[bytes], int, int], Future[list[str]]]
 """Start rewriting `sha` on some members of a pair: (sha, pair, targets, chunks, size,
@@ -83,7 +85,7 @@ class Scrubber:
         self,
         pairs: list[Pair],
         *,
-        s3: S3Part | None = None,
+        s3_source: S3Source | None = None,
         names: NameStore | None = None,
         repair: Repair | None = None,
         rate: float | None = None,
@@ -91,7 +93,7 @@ class Scrubber:
         restart: bool = False,
     ) -> None:
         self.pairs = pairs
-        self.s3 = s3 or NoS3()
+        self.s3_source = s3_source
         self.names = names
         self._pending: deque[_Pending] = deque()
         self.rewrite = repair
@@ -305,7 +307,7 @@ class Scrubber:
         the new copies. The upload pipeline checks the hash of what it writes again."""
         if good:
             return _read_file(good[0].disk.blob_path(sha)), good[0].size, good[0].mtime_ns
-        return self.s3.source(sha)
+        return None if self.s3_source is None else self.s3_source(sha)
 
     # -- other debris ----------------------------------------------------------------------------
 

@@ -182,15 +182,15 @@ def build_app(config: Config, config_path: str | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        swept = await service.offload.run(service.prepare)
-        await service.offload.run(names.prepare)
+        swept = await service.in_thread(service.prepare)
+        await service.in_thread(names.prepare)
         if swept:
             log.info("removed %d stale temp files left by earlier runs", swept)
         if not authenticator.enabled:
             log.warning(
                 "no basic_auth credentials configured (nor %s): every write is refused with 401", ENV_BASIC_AUTH
             )
-        await service.monitor.check()
+        await service.check_health()
         background = asyncio.get_running_loop().create_task(service.run_background(config.health_check_interval))
         reloader.install()
         try:

@@ -66,11 +66,10 @@ class Reloader:
         if self.path is None:
             log.warning("SIGHUP: serving the embedded default, which has no config file to re-read")
             return []
-        offload = self.service.offload
         try:
-            new = await offload.run(load_config, self.path)
+            new = await self.service.in_thread(load_config, self.path)
             added = self._added_pairs(new)
-            await offload.run(check_storage_dirs, dataclasses.replace(new, storage_pairs=added))
+            await self.service.in_thread(check_storage_dirs, dataclasses.replace(new, storage_pairs=added))
         except ConfigError as exc:
             log.error("config reload refused, the running config stays: %s", exc)
             return []
@@ -95,10 +94,9 @@ class Reloader:
     def _regex(self, new: Config) -> list[str]:
         if new.writable_pairs_regex == self.config.writable_pairs_regex:
             return []
-        for pair in self.service.pool.pairs:
-            pair.writable = new.pair_writable_by_regex(tuple(disk.root for disk in pair.members))
+        self.service.set_writable(lambda pair: new.pair_writable_by_regex(tuple(disk.root for disk in pair.members)))
         self.config = dataclasses.replace(self.config, writable_pairs_regex=new.writable_pairs_regex)
-        writable = [str(pair.index) for pair in self.service.pool.pairs if pair.writable]
+        writable = [str(pair.index) for pair in self.service.pairs if pair.writable]
         taking = ", ".join(writable) or "none"
         return [f"writable_pairs_regex is {new.writable_pairs_regex!r}: pairs taking writes: {taking}"]
 
@@ -111,10 +109,10 @@ class Reloader:
         return [f"basic_auth: writers {users}"]
 
     async def _add_pair(self, members: tuple[str, ...], new: Config) -> list[str]:
-        index = len(self.service.pool.pairs)
+        index = len(self.service.pairs)
         pair = self.build_pair(new, index, members)
         try:
-            await self.service.offload.run(self.service.add_pair, pair)
+            await self.service.in_thread(self.service.add_pair, pair)
         except StorError as exc:
             log.error("config reload: pair %d (%s) not added: %s", index, ", ".join(members), exc)
             return []
