@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +49,31 @@ def debris(base: Path) -> list[Path]:
     return [p for p in files if p.suffix not in (".json", ".log")] + [
         p for p in base.rglob(".stor-tmp/**/*.tmp") if p.is_file()
     ]
+
+
+def corrupt(path: Path, offset: int = 0) -> bytes:
+    """Flip every bit of the byte at `offset` of `path` in place, as silent bitrot would: the same
+    inode, size and mtime. Checks that the bytes on disk changed; returns them."""
+    before = path.read_bytes()
+    assert 0 <= offset < len(before), f"offset {offset} is outside {path} ({len(before)} bytes)"
+    st = path.stat()
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        assert os.pwrite(fd, bytes([before[offset] ^ 0xFF]), offset) == 1
+    finally:
+        os.close(fd)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = path.read_bytes()
+    assert len(after) == len(before) and after != before, f"{path} was not damaged"
+    return after
+
+
+def shorten(path: Path, size: int) -> None:
+    """Truncate `path` in place to `size` bytes, checking that it really got shorter."""
+    before = path.stat().st_size
+    assert size < before, f"{path} has {before} bytes: truncating it to {size} would not damage it"
+    os.truncate(path, size)
+    assert path.stat().st_size == size, f"{path} was not truncated"
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:

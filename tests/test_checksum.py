@@ -15,8 +15,8 @@ from stor.backends import xattrs
 from stor.checksum import ATTR, FastSum
 from stor.errors import TransferAborted
 from tests.conftest import Storage, app_client
-from tests.helpers import AUTH, sha256
-from tests.test_integrity import eventually, flip_byte, quarantined, store
+from tests.helpers import AUTH, corrupt, sha256
+from tests.test_integrity import eventually, quarantined, store
 from tests.test_scrub import import_blobs, scrub
 
 pytestmark = pytest.mark.anyio
@@ -83,7 +83,7 @@ async def test_a_damaged_attribute_is_rewritten_and_the_copy_kept(storage: Stora
 async def test_bitrot_under_a_matching_attribute_is_caught_and_healed(storage: Storage) -> None:
     async with app_client(storage.config(**STREAMING)) as http:
         first, partner = await store(http, LARGE)
-        flip_byte(first, len(LARGE) - 10)  # the bytes rot; the attribute still names the good ones
+        corrupt(first, len(LARGE) - 10)  # the bytes rot; the attribute still names the good ones
         assert recorded(first) == expected(LARGE)
         with pytest.raises(TransferAborted, match="corrupt"):
             await http.get(f"/{sha256(LARGE)}")
@@ -101,7 +101,7 @@ async def test_a_hot_copy_is_checked_on_every_read(storage: Storage) -> None:
         first, _ = await store(http, SMALL)
         for _ in range(3):
             assert (await http.get(f"/{sha256(SMALL)}")).content == SMALL
-        flip_byte(first, 100)  # in place: the kept fd reads the rotten bytes from the page cache
+        corrupt(first, 100)  # in place: the kept fd reads the rotten bytes from the page cache
         for _ in range(3):
             response = await http.get(f"/{sha256(SMALL)}")
             assert response.status_code == 200 and response.content == SMALL
@@ -148,7 +148,7 @@ def test_a_filesystem_that_cannot_keep_one() -> None:
 async def test_range_answers_are_verified_too(storage: Storage) -> None:
     async with app_client(storage.config(**STREAMING)) as http:
         first, _ = await store(http, LARGE)
-        flip_byte(first, 10)  # outside the range asked for: the whole copy is still checked
+        corrupt(first, 10)  # outside the range asked for: the whole copy is still checked
         with pytest.raises((TransferAborted, httpx.HTTPError)):
             response = await http.get(f"/{sha256(LARGE)}", headers={"Range": "bytes=100000-100099"})
             assert response.status_code != 206 or response.content != LARGE[100000:100100]

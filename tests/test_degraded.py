@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Storage, app_client
-from tests.helpers import AUTH, layout_path, name_record, sha256
+from tests.helpers import AUTH, corrupt, layout_path, name_record, sha256
 
 pytestmark = pytest.mark.anyio
 
@@ -54,7 +54,7 @@ async def test_a_blob_whose_copies_are_all_quarantined_is_lost_not_absent(storag
     async with app_client(storage.config()) as http:
         assert (await http.post(f"/{SHA}", content=DATA, auth=AUTH)).status_code == 201
         for copy in storage.copies(SHA):
-            copy.write_bytes(b"x" + DATA[1:])  # bitrot on both copies
+            corrupt(copy)  # bitrot on both copies
         assert (await http.get(f"/{SHA}")).status_code == 500  # found corrupt, both quarantined
         assert storage.copies(SHA) == []
         for _ in range(2):  # later: still a 500, never a 404

@@ -14,7 +14,7 @@ import pytest
 
 from stor.errors import TransferAborted
 from tests.conftest import Storage, app_client
-from tests.helpers import AUTH, sha256
+from tests.helpers import AUTH, corrupt, sha256, shorten
 from tests.services import MotoS3
 
 pytestmark = pytest.mark.anyio
@@ -28,15 +28,6 @@ async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
     while not check():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.05)
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    """Damage one byte in place and keep the mtime, as silent bitrot would."""
-    st = path.stat()
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x01
-    path.write_bytes(bytes(data))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def quarantined(root: Path) -> list[Path]:
@@ -53,7 +44,7 @@ async def test_a_flipped_byte_in_the_copy_read_first(storage: Storage) -> None:
     async with app_client(storage.config()) as http:
         first, partner = await store(http, DATA)
         mtime = first.stat().st_mtime_ns
-        flip_byte(first, 1234)
+        corrupt(first, 1234)
         response = await http.get(f"/{SHA}")
         assert response.status_code == 200 and response.content == DATA
         root = first.parents[3]
@@ -71,8 +62,7 @@ async def test_a_flipped_byte_in_the_copy_read_first(storage: Storage) -> None:
 async def test_a_truncated_copy(storage: Storage) -> None:
     async with app_client(storage.config()) as http:
         first, _ = await store(http, DATA)
-        with first.open("r+b") as handle:
-            handle.truncate(1000)
+        shorten(first, 1000)
         assert (await http.get(f"/{SHA}")).content == DATA
         await eventually(lambda: first.exists() and first.stat().st_size == len(DATA))
         assert len(quarantined(first.parents[3])) == 1
@@ -83,7 +73,7 @@ async def test_a_large_copy_is_verified_while_streaming(storage: Storage) -> Non
     sha = sha256(big)
     async with app_client(storage.config(verify_on_read_max=64 * 1024)) as http:
         first, _ = await store(http, big)
-        flip_byte(first, len(big) - 10)  # near the end: only the whole hash can tell
+        corrupt(first, len(big) - 10)  # near the end: only the whole hash can tell
         with pytest.raises(TransferAborted, match="corrupt"):
             await http.get(f"/{sha}")  # the transfer is aborted, never completed
         assert len(quarantined(first.parents[3])) == 1
@@ -99,6 +89,7 @@ async def test_head_checks_the_partners_size(storage: Storage) -> None:
         first, _ = await store(http, DATA)
         with first.open("ab") as handle:
             handle.write(b"trailing garbage")
+        assert first.stat().st_size == len(DATA) + len(b"trailing garbage")
         head = await http.head(f"/{SHA}")
         assert head.status_code == 200 and head.headers["content-length"] == str(len(DATA))
         assert len(quarantined(first.parents[3])) == 1
@@ -108,7 +99,7 @@ async def test_head_checks_the_partners_size(storage: Storage) -> None:
 async def test_all_copies_bad_is_never_a_200(storage: Storage) -> None:
     async with app_client(storage.config()) as http:
         for copy in await store(http, DATA):
-            flip_byte(copy, 7)
+            corrupt(copy, 7)
         response = await http.get(f"/{SHA}")
         assert response.status_code == 500
         assert "lost" in response.text and SHA in response.text
@@ -124,7 +115,7 @@ async def test_both_copies_bad_with_s3_good(storage: Storage, s3: MotoS3) -> Non
         copies = await store(http, DATA)
         await eventually(lambda: s3.object(SHA) is not None)
         for copy in copies:
-            flip_byte(copy, 99)
+            corrupt(copy, 99)
         response = await http.get(f"/{SHA}")
         assert response.status_code == 200 and response.content == DATA
         # refilled from S3: two good copies again, on whichever pair placement chose
@@ -135,7 +126,7 @@ async def test_an_unwritable_quarantine_still_never_serves_the_bad_copy(storage:
     async with app_client(storage.config()) as http:
         first, _ = await store(http, DATA)
         (first.parents[3] / ".stor-quarantine").write_text("not a directory")  # quarantine cannot be made
-        flip_byte(first, 5)
+        corrupt(first, 5)
         for _ in range(3):
             assert (await http.get(f"/{SHA}")).content == DATA
         assert 'event="quarantine_failed"' in (await http.get("/metrics")).text
@@ -145,7 +136,7 @@ async def test_verify_on_read_off_trusts_the_disk(storage: Storage) -> None:
     """For operators who rely on scrubs: no hashing on GET (the docs say what that costs)."""
     async with app_client(storage.config(verify_on_read=False)) as http:
         first, partner = await store(http, DATA)
-        flip_byte(first, 3)
+        corrupt(first, 3)
         partner.unlink()
         response = await http.get(f"/{SHA}")
         assert response.status_code == 200 and response.content != DATA

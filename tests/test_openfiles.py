@@ -22,7 +22,7 @@ from stor.digest import Sha
 from stor.model import BlobStat
 from stor.service import BlobService
 from tests.conftest import Storage, app_client
-from tests.helpers import AUTH, sha256
+from tests.helpers import AUTH, corrupt, sha256, shorten
 
 DATA = os.urandom(5000)
 SHA = sha256(DATA)
@@ -94,7 +94,7 @@ def count_thread_hops(service: BlobService) -> list[str]:
 # -- OpenFiles on its own ---------------------------------------------------------------------
 
 
-def kept(tmp_path: Path, name: str, data: bytes = DATA) -> tuple[OpenCopy, int]:
+def kept(tmp_path: Path, name: str, data: bytes = DATA) -> tuple[OpenCopy[Disk], int]:
     """A copy of `data` opened on a disk at `tmp_path`, and its fd (to see whether it is open)."""
     path = tmp_path / name
     path.write_bytes(data)
@@ -146,7 +146,7 @@ def test_an_expired_removed_or_truncated_copy_is_not_used(nowait_dir: Path) -> N
     truncated, truncated_fd = kept(nowait_dir, "c")
     files.put(Sha("c" * 64), truncated)
     (nowait_dir / "b").unlink()
-    os.truncate(nowait_dir / "c", 10)
+    shorten(nowait_dir / "c", 10)
     assert files.get(Sha("b" * 64)) is None and files.get(Sha("c" * 64)) is None
     files.close_dropped()
     assert not fd_is_open(removed_fd) and not fd_is_open(truncated_fd)
@@ -265,14 +265,14 @@ async def test_a_kept_copy_damaged_later_is_never_served(nowait_storage: Storage
         assert (await http.get(f"/{SHA}")).content == DATA
         [entry] = [service_of(client).open_files.get(Sha(SHA))]
         assert entry is not None and entry.stat.path == str(first)
-        damaged = bytes([DATA[0] ^ 1]) + DATA[1:]
         if how == "in place":  # the same inode: the open fd now reads bad bytes
-            with first.open("r+b") as f:
-                f.write(damaged[:1])
+            damaged = corrupt(first)
         else:  # a new file in its place: the open fd still reads the good one
             replacement = first.with_suffix(".new")
-            replacement.write_bytes(damaged)
+            replacement.write_bytes(first.read_bytes())
+            damaged = corrupt(replacement)
             replacement.replace(first)
+        assert first.read_bytes() == damaged != DATA
         response = await http.get(f"/{SHA}")
         assert response.status_code == 200 and response.content == DATA  # from the partner
         quarantine = first.parents[3] / ".stor-quarantine"

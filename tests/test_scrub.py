@@ -19,7 +19,7 @@ from stor.backends.pairs import Pair
 from stor.tools.scrub import Scrubber
 from stor.tools.scrubreport import ScrubReport
 from tests.conftest import Storage, StorProcess
-from tests.helpers import AUTH, name_record, sha256
+from tests.helpers import AUTH, corrupt, name_record, sha256, shorten
 from tests.services import MotoS3
 
 
@@ -47,11 +47,7 @@ def import_blobs(storage: Storage, config: Path, count: int, size: int = 2000) -
 
 
 def flip(path: Path) -> None:
-    st = path.stat()
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x40
-    path.write_bytes(bytes(data))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    corrupt(path, path.stat().st_size // 2)
 
 
 def test_import_stores_both_copies_and_skips_known_files(storage: Storage) -> None:
@@ -90,8 +86,7 @@ def test_scrub_finds_and_repairs_damage(storage: Storage) -> None:
     config = storage.write_config()
     flipped, cut, gone, fine = (sha256(b) for b in import_blobs(storage, config, 4))
     flip(storage.copies(flipped)[0])
-    with storage.copies(cut)[1].open("r+b") as handle:
-        handle.truncate(10)
+    shorten(storage.copies(cut)[1], 10)
     storage.copies(gone)[0].unlink()
     leaf = storage.copies(fine)[0].parent
     (leaf / "stray.txt").write_text("not a blob")  # does not belong in the layout

@@ -23,7 +23,18 @@ import pytest
 from stor.backends import syscalls
 from stor.backends.disk import GROUP_COMMIT_FILESYSTEMS
 from tests.conftest import Storage, StorProcess
-from tests.helpers import AUTH, AUTH_HEADER, PASSWORD, USER, debris, layout_path, sha256, temp_files, wait_for
+from tests.helpers import (
+    AUTH,
+    AUTH_HEADER,
+    PASSWORD,
+    USER,
+    corrupt,
+    debris,
+    layout_path,
+    sha256,
+    temp_files,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -129,9 +140,7 @@ def test_a_corrupt_large_copy_is_answered_from_its_partner(server: StorProcess, 
     sha = sha256(data)
     assert httpx.post(f"{server.url}/{sha}", content=data, auth=AUTH, timeout=30).status_code == 201
     first = storage.copies(sha)[0]
-    damaged = bytearray(data)
-    damaged[-7] ^= 1
-    first.write_bytes(bytes(damaged))  # keeps its fast checksum: the attribute names the good bytes
+    corrupt(first, len(data) - 7)  # keeps its fast checksum: the attribute names the good bytes
     for _ in range(4):
         response = httpx.get(f"{server.url}/{sha}", timeout=30)
         assert response.status_code == 200 and response.content == data

@@ -181,7 +181,7 @@ class Disk:
             raise StorageUnavailable(f"{self.root}: storage not available ({exc.strerror})") from exc
 
     @guarded
-    def open(self, sha: Sha) -> OpenCopy | None:
+    def open(self, sha: Sha) -> OpenCopy[Disk] | None:
         """Open the copy of `sha` for reading (the caller owns it), or None when there is none."""
         path = self.blob_path(sha)
         try:
@@ -198,7 +198,7 @@ class Disk:
             raise disk_error(self, "fstat", exc) from exc
         return OpenCopy(self, fd, BlobStat(path, st.st_size, st.st_mtime_ns))
 
-    def open_cached(self, sha: Sha) -> OpenCopy | None:
+    def open_cached(self, sha: Sha) -> OpenCopy[Disk] | None:
         """`open` from the kernel's caches alone (see `nowait`), safe on the event loop: None
         when that would wait or fails. FileNotFoundError when the dentry cache knows the copy
         is absent (which proves nothing unless the disk is proved mounted: `cached_here`)."""

@@ -16,20 +16,39 @@ from __future__ import annotations
 import contextlib
 import os
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import Generic, Protocol, TypeVar
 
 from stor.backends import nowait
 from stor.checksum import FastSum
 from stor.model import BlobStat
 
-if TYPE_CHECKING:
-    from stor.backends.disk import Disk
+
+class DiskReads(Protocol):
+    """What an open copy needs of its disk (`disk.Disk`): guarded reads, errors translated."""
+
+    root: str
+    takes_nowait: bool
+
+    def read_at(self, fd: int, offset: int, size: int) -> bytes: ...
+
+    def read_some(self, fd: int, offset: int, size: int) -> bytes: ...
+
+    def read_into(self, fd: int, buffer: memoryview, offset: int) -> int: ...
+
+    def read_sum(self, fd: int) -> FastSum | None: ...
+
+    def write_sum(self, fd: int, digest: FastSum) -> bool: ...
 
 
-class OpenCopy:
+D = TypeVar("D", bound=DiskReads)
+
+
+class OpenCopy(Generic[D]):
+    """An open copy on a disk of type `D` (in practice `OpenCopy[disk.Disk]`)."""
+
     __slots__ = ("_fd", "disk", "fast", "stat")
 
-    def __init__(self, disk: Disk, fd: int, stat: BlobStat) -> None:
+    def __init__(self, disk: D, fd: int, stat: BlobStat) -> None:
         self.disk = disk
         self.stat = stat
         self.fast: FastSum | None = None
@@ -96,7 +115,7 @@ class OpenCopy:
             with contextlib.suppress(OSError):  # nothing to do about it: the fd is gone either way
                 os.close(fd)
 
-    def __enter__(self) -> OpenCopy:
+    def __enter__(self) -> OpenCopy[D]:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:

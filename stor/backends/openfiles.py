@@ -44,15 +44,15 @@ class OpenFiles:
     def __init__(self, capacity: int, ttl: float) -> None:
         self.capacity = capacity
         self.ttl = ttl
-        self._entries: OrderedDict[Sha, tuple[OpenCopy, float]] = OrderedDict()  # and when it expires
-        self._dropped: list[OpenCopy] = []
+        self._entries: OrderedDict[Sha, tuple[OpenCopy[Disk], float]] = OrderedDict()  # and when it expires
+        self._dropped: list[OpenCopy[Disk]] = []
         self._lock = threading.Lock()
 
     def usable(self, disk: Disk) -> bool:
         """Whether copies on `disk` may be kept open: its filesystem takes RWF_NOWAIT."""
         return self.capacity > 0 and disk.takes_nowait
 
-    def get(self, sha: Sha) -> OpenCopy | None:
+    def get(self, sha: Sha) -> OpenCopy[Disk] | None:
         """The open copy of `sha`, checked with one `fstat` (see `OpenCopy.current`): None when
         there is none, it expired, or the file was removed, replaced or truncated since."""
         with self._lock:
@@ -67,7 +67,7 @@ class OpenFiles:
             self._entries.move_to_end(sha)
             return copy
 
-    def open(self, sha: Sha, disk: Disk) -> OpenCopy | None:
+    def open(self, sha: Sha, disk: Disk) -> OpenCopy[Disk] | None:
         """Open the copy of `sha` on `disk` from the kernel's caches alone (`Disk.open_cached`)
         and keep it; None when that cannot be done without waiting. FileNotFoundError as
         `Disk.open_cached`. Safe on the loop."""
@@ -78,7 +78,7 @@ class OpenFiles:
             self._keep(sha, copy)
         return copy
 
-    def put(self, sha: Sha, copy: OpenCopy) -> None:
+    def put(self, sha: Sha, copy: OpenCopy[Disk]) -> None:
         """Keep `copy`, opened by a worker thread (it is this cache's from now on, kept or
         closed). Call from a worker thread: it closes what was dropped."""
         if self.usable(copy.disk):
@@ -87,7 +87,7 @@ class OpenFiles:
             copy.close()
         self.close_dropped()
 
-    def _keep(self, sha: Sha, copy: OpenCopy) -> None:
+    def _keep(self, sha: Sha, copy: OpenCopy[Disk]) -> None:
         with self._lock:
             old = self._entries.pop(sha, None)
             if old is not None:
@@ -96,7 +96,7 @@ class OpenFiles:
             while len(self._entries) > self.capacity:
                 self._dropped.append(self._entries.popitem(last=False)[1][0])
 
-    def read(self, copy: OpenCopy) -> bytes | None:
+    def read(self, copy: OpenCopy[Disk]) -> bytes | None:
         """The whole copy from the page cache, or None when it is too big to read on the loop,
         that would mean waiting, or it fails (the thread path finds out what is wrong)."""
         if copy.stat.size > READ_ON_LOOP_BYTES:

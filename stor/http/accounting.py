@@ -2,8 +2,8 @@
 once on `stor.access` (at INFO) with `method`, `path`, `status`, `bytes`, `duration_ms` and
 `remote` as fields (`stor serve --log-format json` prints them as such).
 
-`RequestMetrics` wraps the ordinary ASGI stack; the fast paths (`fastpath`, and the server's
-answers made on the spot) count and log their own requests the same way.
+`RequestMetrics` wraps the ordinary ASGI stack; the blob routes (`http.blobs`), in front of it,
+count theirs with the same `SendCounter.report`, whichever way they were answered.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ _SHA_PATH = re.compile(r"/[0-9a-fA-F]{64}")
 ACCESS = logging.getLogger("stor.access")
 
 
-def access(method: str, path: str, status: int, sent: int, seconds: float, remote: str) -> None:
+def access(method: str, path: str, status: int, sent: int, seconds: float, client: tuple[str, int] | None) -> None:
     """One access line (when INFO is on for `stor.access`: formatting costs a hot GET's time)."""
     if ACCESS.isEnabledFor(logging.INFO):
+        remote = f"{client[0]}:{client[1]}" if client else "-"  # the peer: no proxy headers here
         duration_ms = round(seconds * 1000, 3)
         fields = {"method": method, "path": path, "status": status, "bytes": sent, "duration_ms": duration_ms}
         ACCESS.info(
@@ -36,11 +37,6 @@ def access(method: str, path: str, status: int, sent: int, seconds: float, remot
             duration_ms,
             extra={**fields, "remote": remote},
         )
-
-
-def remote_of(scope: Scope) -> str:
-    client = scope.get("client")
-    return f"{client[0]}:{client[1]}" if client else "-"
 
 
 def is_sha_path(path: str) -> bool:
@@ -86,17 +82,19 @@ class SendCounter:
 
         return {**scope, SENDFILE: counted}
 
-    def report(self, metrics: Metrics, method: str, route: str, scope: Scope | None = None) -> None:
-        """Count the request; log it too, given its `scope`."""
+    def report(
+        self, metrics: Metrics, method: str, route: str, path: str | None = None, client: tuple[str, int] | None = None
+    ) -> None:
+        """Count the request; log it too, given its `path`."""
         seconds = time.perf_counter() - self.started
         metrics.request(method, route, self.status, seconds, self.received, self.sent)
-        if scope is not None:
-            access(method, scope["path"], self.status, self.sent, seconds, remote_of(scope))
+        if path is not None:
+            access(method, path, self.status, self.sent, seconds, client)
 
 
 class RequestMetrics:
     """ASGI middleware: counts every request under its route's name (`routes`: path → name;
-    a sha path is `blob`, anything else `other`)."""
+    a sha path, for a method the blob routes do not take, is `blob`; anything else `other`)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, routes: dict[str, str]) -> None:
         self.app = app
@@ -111,7 +109,10 @@ class RequestMetrics:
         try:
             await self.app(scope, counter.receive, counter.send)
         finally:
-            counter.report(self.metrics, scope["method"], self.route_of(scope["path"]), scope)
-
-    def route_of(self, path: str) -> str:
-        return self.routes.get(path) or ("blob" if is_sha_path(path) else "other")
+            counter.report(
+                self.metrics,
+                scope["method"],
+                self.routes.get(scope["path"], "other"),
+                scope["path"],
+                scope.get("client"),
+            )

@@ -1,7 +1,9 @@
 """HTTP routes over a `BlobService`: parse requests, stream bodies, shape responses.
 
 Nothing here touches a disk or a backend. Domain errors become status codes in one table
-(`http.errors`); the hot blob routes are answered in front of the router (`http.fastpath`).
+(`http.errors`). `StorApp` is the one door: a sha path goes to the blob routes (`http.blobs`),
+its first branch, in front of Starlette's router and middleware; everything else goes through
+them, counted by `RequestMetrics`.
 """
 
 from __future__ import annotations
@@ -10,20 +12,22 @@ import dataclasses
 import json
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from stor import __version__
 from stor.digest import Sha, parse_sha
 from stor.errors import BadRequest, BlobNotFound, InvalidDigest, PayloadTooLarge, StorError
-from stor.http.accounting import RequestMetrics
+from stor.http.accounting import RequestMetrics, is_sha_path
 from stor.http.auth import Authenticator
+from stor.http.blobs import BlobRoutes
 from stor.http.errors import error_response
-from stor.http.fastpath import StorApp
 from stor.http.files import named_routes
 from stor.http.io import close_if_body_unread, content_length, request_body
 from stor.model import StatusReport
@@ -69,18 +73,6 @@ def create_app(
         body, content_type = metrics_text()
         return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
 
-    async def write_blob(request: Request) -> Response:
-        await authenticator.check(request.headers.get("authorization"))
-        sha = parse_sha(request.path_params["name"])
-        length = content_length(request)
-        if length is not None and length > max_upload_size:
-            raise PayloadTooLarge(max_upload_size, mid_stream=False)
-        body = request_body(request, max_upload_size, body_idle_timeout)
-        early = "100-continue" in request.headers.get("expect", "").lower()  # such a client waits for our word
-        result = await service.put(sha, body, length, early_answer=early)
-        headers = close_if_body_unread(request)
-        return JSONResponse(result.paths, status_code=201 if result.created else 200, headers=headers)
-
     async def stat_many(request: Request) -> Response:
         length = content_length(request)
         if length is not None and length > MAX_STAT_BODY:
@@ -107,18 +99,36 @@ def create_app(
         Route("/metrics", metrics, methods=["GET"], name="metrics"),
         Route("/stat", stat_many, methods=["POST"], name="stat"),
         *named_routes(service, names, authenticator, max_named_file_size, body_idle_timeout),
-        Route("/{name}", write_blob, methods=["POST", "PUT"]),
         Route("/{rest:path}", bad_path, methods=["GET", "POST", "PUT"]),
     ]
     route_names = {route.path: route.name for route in routes if "{" not in route.path}
+    blobs = BlobRoutes(service, authenticator, max_upload_size=max_upload_size, body_idle_timeout=body_idle_timeout)
     return StorApp(
-        service,
-        write_blob,
+        blobs,
         routes=routes,
         exception_handlers={StorError: stor_error},
         middleware=[Middleware(RequestMetrics, metrics=service.metrics, routes=route_names)],
         lifespan=lifespan,
     )
+
+
+class StorApp(Starlette):
+    """Starlette, with the blob routes as the first branch of its routing."""
+
+    def __init__(self, blobs: BlobRoutes, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.blobs = blobs
+        self.service = blobs.service
+        self.answer_now = blobs.answer_now
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and is_sha_path(scope.get("path", "")) and scope["method"] in _BLOB_METHODS:
+            await self.blobs(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+_BLOB_METHODS = frozenset({"GET", "HEAD", "POST", "PUT"})
 
 
 def _health_answer(request: Request, report: StatusReport, ok: bool, reasons: list[str]) -> Response:

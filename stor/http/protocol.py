@@ -9,7 +9,7 @@ seconds (else 408 and close), and may not exceed `max_head_bytes` (else 431 and 
 A response body that the app hands over as an open file (`io.SENDFILE`: a large copy verified
 already) goes from the page cache to the socket with `sendfile`, never through Python.
 
-A GET or HEAD that the app can answer at once (`StorApp.answer_now`: a hot blob) is answered
+A GET or HEAD that the app can answer at once (`BlobRoutes.answer_now`: a hot blob) is answered
 as soon as its head is parsed, with one write, instead of through a task, an ASGI cycle and
 its messages, which cost several times what the answer itself does. Anything else (a body,
 a request pipelined behind one still running, an escaped path, a cold blob) takes uvicorn's
@@ -23,10 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import logging
 import os
 import socket
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -35,10 +33,9 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from stor.errors import ConfigError
-from stor.http.accounting import ACCESS, access
 from stor.http.io import HOT_TRIED, SENDFILE, Answer
 
-AnswerNow = Callable[[str, str, list[tuple[bytes, bytes]]], Answer | None]
+AnswerNow = Callable[[str, str, list[tuple[bytes, bytes]], tuple[str, int] | None], Answer | None]
 _BODY_HEADERS = (b"content-length", b"transfer-encoding")
 
 MAX_HEAD_BYTES = 64 * 1024
@@ -128,16 +125,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             await asyncio.sleep(0.001)  # an earlier response (rarely) still leaving
         sent = 0
         if not transport.is_closing():
-            sock = os.dup(transport.get_extra_info("socket").fileno())
-            try:
-                # corked, the head and the file leave in full segments, as nginx's tcp_nopush does
-                _setsockopt(sock, socket.TCP_CORK, 1)
-                if await _send_bytes(self.loop, sock, head) == len(head):
-                    sent = await _send_file(self.loop, sock, fd, offset, count)
-            finally:
-                with contextlib.suppress(OSError):
-                    _setsockopt(sock, socket.TCP_CORK, 0)
-                os.close(sock)
+            # a socket object over a duplicate of the connection's fd, closed when done
+            with socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno())) as dup:
+                try:
+                    # corked, the head and the file leave in full segments, as nginx's tcp_nopush does
+                    dup.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+                    if await _send_bytes(self.loop, dup.fileno(), head) == len(head):
+                        sent = await _send_file(self.loop, dup.fileno(), fd, offset, count)
+                finally:
+                    with contextlib.suppress(OSError):
+                        dup.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
         cycle.expected_content_length -= sent
         if sent < count:
             cycle.disconnected = True  # the rest of the cycle's messages go nowhere
@@ -167,8 +164,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if any(name in _BODY_HEADERS for name, _ in self.headers):
             return False
         path = httptools.parse_url(self.url).path.decode("ascii")
-        started = time.perf_counter()
-        answer = self._answer_now(method.decode("ascii"), path, self.headers)
+        answer = self._answer_now(method.decode("ascii"), path, self.headers, self.client)
         if answer is None:
             return None
         status, headers, body = answer
@@ -182,10 +178,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if method == b"GET":
             content.append(body)
         self.transport.write(b"".join(content))
-        if ACCESS.isEnabledFor(logging.INFO):  # off, this costs one check, not a formatted line
-            remote = f"{self.client[0]}:{self.client[1]}" if self.client else "-"  # the peer: no proxy headers here
-            sent = len(body) if method == b"GET" else 0
-            access(method.decode("ascii"), path, status, sent, time.perf_counter() - started, remote)
         self._answered = True
         if not keep_alive:
             self.transport.close()
@@ -323,11 +315,6 @@ async def _writable(loop: asyncio.AbstractEventLoop, sock: int) -> bool:
         return False
     finally:
         loop.remove_writer(sock)
-
-
-def _setsockopt(fd: int, option: int, value: int) -> None:
-    with socket.socket(fileno=os.dup(fd)) as sock:  # a socket object over a duplicate, closed after
-        sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 def _hot_path(app: Any) -> AnswerNow | None:

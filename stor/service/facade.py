@@ -10,6 +10,7 @@ behind them. Blocking calls leave the event loop one hop per operation.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import KW_ONLY, dataclass
@@ -83,7 +84,7 @@ class BlobService:
 
     async def in_thread(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a blocking `call` in one of the service's worker threads."""
-        return await self.offload.run(call, *args, **kwargs)
+        return await self.offload.run(functools.partial(call, *args, **kwargs))
 
     def body_from(self, chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
         """A body for `put`, `repair` or `relocate` read from a blocking iterator, a chunk per

@@ -74,7 +74,7 @@ class HotPath:
         self.metrics.disk_read(kept.disk.root, len(data), 0.0)
         return InMemory(sha, kept.stat, data)
 
-    def _find(self, sha: Sha) -> Found[OpenCopy] | None:
+    def _find(self, sha: Sha) -> Found[OpenCopy[Disk]] | None:
         """`Lookup.find` on the event loop: None where it would have waited. Raises
         `BlobNotFound` when the kernel's caches prove the blob is nowhere."""
         try:
@@ -85,7 +85,7 @@ class HotPath:
             self._tally("miss", len(self.pool.disks))
             raise
 
-    def _intact(self, kept: OpenCopy, sha: Sha, data: bytes) -> bool:
+    def _intact(self, kept: OpenCopy[Disk], sha: Sha, data: bytes) -> bool:
         """`data` read from `kept` checked against the fast checksum of the bytes it held when
         they were verified. A copy opened on the loop has none yet: SHA-256 checks it once, and
         its fast checksum is kept for the reads that follow. (Its attribute on disk is left
@@ -98,7 +98,7 @@ class HotPath:
         kept.fast = fast_sum(data)
         return True
 
-    def _count(self, found: Found[OpenCopy]) -> None:
+    def _count(self, found: Found[OpenCopy[Disk]]) -> None:
         self._tally(found.how, found.tried)
 
     def _tally(self, how: str, tried: int) -> None:
@@ -158,7 +158,7 @@ class LoopMode:
 
     hot: HotPath
 
-    def kept(self, sha: Sha) -> Found[OpenCopy] | None:
+    def kept(self, sha: Sha) -> Found[OpenCopy[Disk]] | None:
         kept = self.hot.open_files.get(sha)
         if kept is None:
             return None
@@ -173,7 +173,7 @@ class LoopMode:
         # nothing is kept open on a disk that failed its probe (see `BlobService`)
         return self.hot.open_files.usable(disk) and self.hot.monitor.healthy(disk)
 
-    def ask(self, disk: Disk, sha: Sha) -> OpenCopy | None:
+    def ask(self, disk: Disk, sha: Sha) -> OpenCopy[Disk] | None:
         try:
             copy = self.hot.open_files.open(sha, disk)
         except FileNotFoundError:
@@ -187,7 +187,7 @@ class LoopMode:
     def stale(self, sha: Sha) -> None:
         pass  # the near cache is corrected by the thread that finds the copy
 
-    def located(self, sha: Sha, found: Found[OpenCopy], missed: set[str]) -> None:
+    def located(self, sha: Sha, found: Found[OpenCopy[Disk]], missed: set[str]) -> None:
         if found.how != "kept" and not self.hot.partners_agree(found.disk, sha, found.value.stat.size):
             self.hot.open_files.forget(sha)  # the thread path settles it (`Lookup.stat_checked`)
             raise WouldBlock

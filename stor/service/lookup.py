@@ -323,7 +323,7 @@ class Lookup:
             copy.close()  # nothing stays open on a disk that is down: it can be unmounted
         return InMemory(sha, copy.stat, data)
 
-    def _stream(self, copy: OpenCopy, sha: Sha) -> DiskStream:
+    def _stream(self, copy: OpenCopy[Disk], sha: Sha) -> DiskStream:
         """A copy too big to read whole: verified whole first when it is small enough for that
         (so it can go out by `sendfile`, and a corrupt one is answered from another copy rather
         than aborted), else verified as it streams."""
@@ -341,7 +341,7 @@ class Lookup:
             reopen=functools.partial(self._other_copy, sha),
         )
 
-    def _check_whole(self, copy: OpenCopy, sha: Sha) -> bool:
+    def _check_whole(self, copy: OpenCopy[Disk], sha: Sha) -> bool:
         """Verify a copy too big to read into memory (see `verify.check_copy`)."""
         began = time.monotonic()
         verdict, size = check_copy(copy.read_into, sha, copy.recorded_sum())
@@ -349,14 +349,14 @@ class Lookup:
         self._act_on(verdict, copy, sha, size)
         return True
 
-    def _check(self, copy: OpenCopy, sha: Sha, data: bytes) -> FastSum:
+    def _check(self, copy: OpenCopy[Disk], sha: Sha, data: bytes) -> FastSum:
         """Verify a copy read whole (see `verify`): its fast checksum, for the kept-open copy's
         later reads."""
         verdict = check_bytes(sha, data, copy.recorded_sum())
         self._act_on(verdict, copy, sha, len(data))
         return verdict.fast
 
-    def _act_on(self, verdict: Verdict, copy: OpenCopy, sha: Sha, size: int) -> None:
+    def _act_on(self, verdict: Verdict, copy: OpenCopy[Disk], sha: Sha, size: int) -> None:
         """A corrupt copy (or one whose size changed) is quarantined and `CorruptCopy` raised; a
         good one missing its fast checksum, or with a wrong one, is given it."""
         if size != copy.stat.size or not verdict.good:
@@ -366,7 +366,7 @@ class Lookup:
         if verdict.record is not None:
             copy.record_sum(verdict.record)
 
-    def _other_copy(self, sha: Sha, failed: set[str]) -> OpenCopy | None:
+    def _other_copy(self, sha: Sha, failed: set[str]) -> OpenCopy[Disk] | None:
         """A copy of `sha` on a responsive disk not in `failed`, opened (for a stream whose
         disk failed mid-way)."""
         for disk in self.answering(self.pool.probe_order()):

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import KW_ONLY, dataclass, field
 
+from stor.backends.disk import Disk
 from stor.backends.opencopy import OpenCopy
 from stor.backends.s3 import S3Object
 from stor.checksum import FastSum
@@ -20,7 +21,7 @@ from stor.service.verify import StreamCheck, sha_of_copy
 
 STREAM_CHUNK = 1024 * 1024
 
-Reopen = Callable[[set[str]], OpenCopy | None]
+Reopen = Callable[[set[str]], OpenCopy[Disk] | None]
 """Another copy of the same blob, not on the given disk roots, opened; or None."""
 
 
@@ -58,7 +59,7 @@ class DiskStream:
 
     sha: Sha
     stat: BlobStat
-    copy: OpenCopy
+    copy: OpenCopy[Disk]
     offload: Offload
     _: KW_ONLY
     checked: bool = False

@@ -14,18 +14,14 @@ import pytest
 from tests.conftest import Storage, StorProcess
 from tests.faults.conftest import Mounts, Servers, fault_config, post
 from tests.faults.invariants import Ledger
-from tests.helpers import layout_path, sha256, wait_for
+from tests.helpers import corrupt, layout_path, sha256, shorten, wait_for
 
 MiB = 1024 * 1024
 Build = Callable[[list[list[Path]]], Storage]
 
 
 def flip_in_file(copy: Path, image: Path) -> None:
-    with copy.open("r+b") as f:
-        f.seek(copy.stat().st_size // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0x01]))
+    corrupt(copy, copy.stat().st_size // 2)
 
 
 def flip_below_the_filesystem(copy: Path, image: Path) -> None:
@@ -46,7 +42,7 @@ def flip_below_the_filesystem(copy: Path, image: Path) -> None:
 
 
 def truncate(copy: Path, image: Path) -> None:
-    os.truncate(copy, copy.stat().st_size // 2)
+    shorten(copy, copy.stat().st_size // 2)
 
 
 def remove(copy: Path, image: Path) -> None:

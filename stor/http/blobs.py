@@ -1,0 +1,116 @@
+"""The blob routes, `/<sha>`: GET and HEAD (answered from the hot path when they can be) and
+POST and PUT, in front of Starlette's router and middleware (which cost about as much CPU as
+the read itself for a small blob). `StorApp` sends every request for a sha path here, the
+first branch of its routing; a server that parses heads itself (`http.protocol`) asks
+`answer_now` first, to answer a hot GET or HEAD without any ASGI cycle at all. Every request
+for a sha path is counted here, once, whichever way it was answered.
+"""
+
+from __future__ import annotations
+
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from stor.digest import Sha, parse_sha
+from stor.errors import PayloadTooLarge, StorError
+from stor.http.accounting import SendCounter, is_sha_path
+from stor.http.auth import Authenticator
+from stor.http.errors import error_response
+from stor.http.io import (
+    HOT_TRIED,
+    Answer,
+    blob_response,
+    close_if_body_unread,
+    content_length,
+    in_full,
+    plain_answer,
+    request_body,
+)
+from stor.service import BlobService
+from stor.service.stream import OpenBlob
+
+Client = tuple[str, int] | None
+
+
+class BlobRoutes:
+    def __init__(
+        self, service: BlobService, authenticator: Authenticator, *, max_upload_size: int, body_idle_timeout: float
+    ) -> None:
+        self.service = service
+        self.authenticator = authenticator
+        self.max_upload_size = max_upload_size
+        self.body_idle_timeout = body_idle_timeout
+
+    def answer_now(
+        self, method: str, path: str, headers: list[tuple[bytes, bytes]], client: Client = None
+    ) -> Answer | None:
+        """GET or HEAD of `/<sha>` answered on the spot: when the blob's copy is kept open and,
+        for a GET, small and in the page cache (see `HotPath`); a 404 too, when the kernel's
+        caches prove the blob is absent everywhere. None: `__call__` answers."""
+        if method not in ("GET", "HEAD") or not is_sha_path(path):
+            return None
+        counter = SendCounter()
+        sha = Sha(path[1:].lower())
+        blob: OpenBlob | None = None
+        try:
+            if method == "HEAD":
+                stat = self.service.stat_now(sha)
+            else:
+                blob = self.service.open_now(sha)
+                stat = None if blob is None else blob.stat
+            if stat is None:
+                return None
+            answer = plain_answer(headers, sha, stat, None if blob is None else blob.data)
+            if answer is None:
+                answer = in_full(blob_response(Headers(raw=headers), sha, stat, blob))
+        except StorError as exc:  # a 404 the kernel's caches could prove
+            answer = in_full(error_response(exc, method, path, {}))
+        if answer is None:
+            return None
+        counter.status, counter.sent = answer[0], 0 if method == "HEAD" else len(answer[2])
+        counter.report(self.service.metrics, method, "blob", path, client)
+        return answer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method = scope["method"]
+        counter = SendCounter(send, receive)
+        try:
+            if method in ("GET", "HEAD"):
+                response = await self._read(scope, method)
+                scope = counter.counting_sendfile(scope)
+            else:
+                request = Request(scope, counter.receive)
+                try:
+                    response = await self._write(request)
+                except StorError as exc:
+                    response = error_response(exc, method, scope["path"], close_if_body_unread(request))
+            await response(scope, counter.receive, counter.send)
+        finally:
+            counter.report(self.service.metrics, method, "blob", scope["path"], scope.get("client"))
+
+    async def _read(self, scope: Scope, method: str) -> Response:
+        sha = Sha(scope["path"][1:].lower())
+        hot_tried = bool(scope.get(HOT_TRIED))
+        try:
+            if method == "HEAD":
+                stat = await self.service.stat(sha, hot_tried=hot_tried)
+                return blob_response(Headers(scope=scope), sha, stat, None)
+            blob = await self.service.open(sha, hot_tried=hot_tried)
+            return blob_response(Headers(scope=scope), sha, blob.stat, blob)
+        except StorError as exc:
+            return error_response(exc, method, scope["path"], {})
+
+    async def _write(self, request: Request) -> Response:
+        """POST or PUT: the body stored under the sha of the path, verified (see `Uploads.put`)."""
+        await self.authenticator.check(request.headers.get("authorization"))
+        sha = parse_sha(request.url.path[1:])
+        length = content_length(request)
+        if length is not None and length > self.max_upload_size:
+            raise PayloadTooLarge(self.max_upload_size, mid_stream=False)
+        body = request_body(request, self.max_upload_size, self.body_idle_timeout)
+        early = "100-continue" in request.headers.get("expect", "").lower()  # such a client waits for our word
+        result = await self.service.put(sha, body, length, early_answer=early)
+        headers = close_if_body_unread(request)
+        return JSONResponse(result.paths, status_code=201 if result.created else 200, headers=headers)
