@@ -222,10 +222,7 @@ class Disk:
     def cached_here(self) -> bool:
         """Whether the kernel's caches prove this disk mounted (its `.stor-tmp` is in the
         dentry cache): on a bare mountpoint every blob is absent, which is no proof of absence."""
-        try:
-            return nowait.stat_cached(self.tmp_root) is not None
-        except FileNotFoundError:
-            return False
+        return nowait.exists_cached(self.tmp_root) is True
 
     @guarded
     def read_at(self, fd: int, offset: int, size: int) -> bytes:

@@ -41,6 +41,19 @@ def open_cached(path: str, *, path_only: bool = False) -> int | None:
     return None
 
 
+def exists_cached(path: str) -> bool | None:
+    """Whether `path` exists, from the dentry cache alone (an O_PATH open, no `fstat`); None
+    when that would need I/O."""
+    try:
+        fd = open_cached(path, path_only=True)
+    except FileNotFoundError:
+        return False
+    if fd is None:
+        return None
+    os.close(fd)  # an O_PATH fd: closing it touches no filesystem
+    return True
+
+
 def stat_cached(path: str) -> os.stat_result | None:
     """The stat of `path` when its whole path is in the dentry cache (an O_PATH open and an
     `fstat`, both from memory); None when that would need I/O. FileNotFoundError as

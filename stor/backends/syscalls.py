@@ -33,6 +33,9 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
+_HOW_SIZE = ctypes.sizeof(_OpenHow)
+_hows: dict[tuple[int, int], object] = {}
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
@@ -53,8 +56,10 @@ def openat2(path: str, flags: int, resolve: int) -> int:
     """The fd, or minus the errno (no exception: callers branch on the errno)."""
     if _SYS_OPENAT2 is None:
         return -errno.ENOSYS
-    how = _OpenHow(flags, 0, resolve)
-    fd = int(_syscall(_SYS_OPENAT2, _AT_FDCWD, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how)))
+    how = _hows.get((flags, resolve))
+    if how is None:  # a few combinations, each built once: this runs for every open on the event loop
+        how = _hows[(flags, resolve)] = ctypes.byref(_OpenHow(flags, 0, resolve))
+    fd = int(_syscall(_SYS_OPENAT2, _AT_FDCWD, os.fsencode(path), how, _HOW_SIZE))
     return fd if fd >= 0 else -ctypes.get_errno()
 
 
