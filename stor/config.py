@@ -22,6 +22,16 @@ GiB = 1024**3
 
 ENV_CONFIG_FILE = "CONFIG_FILE"
 ENV_BASIC_AUTH = "STOR_BASIC_AUTH"
+ENV_READ_AUTH = "STOR_READ_AUTH"
+ENV_ADMIN_AUTH = "STOR_ADMIN_AUTH"
+ENV_METRICS_AUTH = "STOR_METRICS_AUTH"
+ROLE_KEYS = {
+    "basic_auth": ENV_BASIC_AUTH,
+    "read_auth": ENV_READ_AUTH,
+    "admin_auth": ENV_ADMIN_AUTH,
+    "metrics_auth": ENV_METRICS_AUTH,
+}
+"""The credential lists, one per role, each with the variable that overrides it."""
 ENV_S3_ACCESS_KEY = "STOR_S3_ACCESS_KEY"
 ENV_S3_SECRET_KEY = "STOR_S3_SECRET_KEY"  # noqa: S105 - a variable name, not a secret
 
@@ -133,15 +143,15 @@ def _credentials(key: str, value: object) -> tuple[Credential, ...]:
     return (_credential(key, value),)
 
 
-def _parse_auth_env(text: str) -> tuple[Credential, ...]:
+def _parse_auth_env(text: str, variable: str = ENV_BASIC_AUTH) -> tuple[Credential, ...]:
     """`STOR_BASIC_AUTH` is "user:pass", or a JSON list of them for several writers."""
     if text.lstrip().startswith("["):
         try:
             value = json.loads(text)
         except json.JSONDecodeError:
-            raise ConfigError(f"{ENV_BASIC_AUTH} looks like a JSON list but does not parse") from None
-        return _credentials(ENV_BASIC_AUTH, value)
-    return (_credential(ENV_BASIC_AUTH, text),)
+            raise ConfigError(f"{variable} looks like a JSON list but does not parse") from None
+        return _credentials(variable, value)
+    return (_credential(variable, text),)
 
 
 def _natural(key: str, value: object) -> int:
@@ -257,6 +267,9 @@ class Config:
     storage_pairs: tuple[tuple[str, ...], ...] = _key(_storage_pairs)
     writable_pairs_regex: str | None = _key(_regex, None)
     basic_auth: tuple[Credential, ...] = _key(_credentials, ())
+    read_auth: tuple[Credential, ...] = _key(_credentials, ())
+    admin_auth: tuple[Credential, ...] = _key(_credentials, ())
+    metrics_auth: tuple[Credential, ...] = _key(_credentials, ())
     max_upload_size: int = _key(_natural, 2 * GiB)
     max_named_file_size: int = _key(_natural, 2 * 1024 * 1024)
     placement_threshold: int = _key(_natural, GiB)
@@ -320,9 +333,10 @@ def config_from_mapping(raw: object, env: Mapping[str, str]) -> Config:
         raise ConfigError("missing required key 'storage_pairs'")
     values = {key: _KEYS[key](key, value) for key, value in raw.items()}
     # secrets from the environment win over the file
-    auth_raw = env.get(ENV_BASIC_AUTH)
-    if auth_raw:
-        values["basic_auth"] = _parse_auth_env(auth_raw)
+    for key, variable in ROLE_KEYS.items():
+        from_env = env.get(variable)
+        if from_env:
+            values[key] = _parse_auth_env(from_env, variable)
     values["s3_credentials"] = _s3(raw.get("s3_credentials"), env)
     if values.get("s3_enabled") and values["s3_credentials"] is None:
         raise ConfigError("'s3_enabled' is true but 's3_credentials' is missing")

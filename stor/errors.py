@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 
 class StorError(Exception):
     """Base of every error stor raises on purpose."""
@@ -26,6 +28,18 @@ class BlobNotFound(StorError):
     def __init__(self, sha: str) -> None:
         super().__init__(f"blob {sha} not found")
         self.sha = sha
+
+
+class BlobGone(StorError):
+    """An admin took the blob down: it is gone for good unless an admin restores it."""
+
+    def __init__(self, sha: str, when: float, admin: str, reason: str) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+        super().__init__(f"blob {sha} was taken down at {stamp} by {admin}: {reason}")
+        self.sha = sha
+        self.when = when
+        self.admin = admin
+        self.reason = reason
 
 
 class NameNotFound(StorError):
@@ -63,8 +77,8 @@ class BlobLost(StorError):
 
 
 class Unauthorized(StorError):
-    def __init__(self) -> None:
-        super().__init__("valid Basic credentials are required to write")
+    def __init__(self, what: str = "to write") -> None:
+        super().__init__(f"valid Basic credentials are required {what}")
 
 
 class PayloadTooLarge(StorError):

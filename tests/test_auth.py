@@ -14,7 +14,7 @@ import pytest
 from stor.config import Credential
 from stor.errors import Unauthorized
 from stor.http import auth
-from stor.http.auth import Authenticator, hash_password
+from stor.http.auth import Authenticator, Role, hash_password
 from tests.conftest import Storage, app_client
 from tests.helpers import sha256
 
@@ -50,7 +50,7 @@ def verified(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 async def test_a_verified_credential_is_remembered(verified: list[str]) -> None:
-    checker = Authenticator((Credential("w", hash_password("right", "bcrypt")),))
+    checker = Authenticator({Role.WRITER: (Credential("w", hash_password("right", "bcrypt")),)})
     try:
         for _ in range(5):
             await checker.check(basic("w", "right"))
@@ -66,7 +66,7 @@ async def test_a_verified_credential_is_remembered(verified: list[str]) -> None:
 
 async def test_a_flood_of_wrong_passwords_is_bounded(verified: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(auth, "MAX_WAITING", 4)  # each bcrypt verification takes a quarter second
-    checker = Authenticator((Credential("w", hash_password("right", "bcrypt")),))
+    checker = Authenticator({Role.WRITER: (Credential("w", hash_password("right", "bcrypt")),)})
 
     async def attempt(n: int) -> Any:
         try:

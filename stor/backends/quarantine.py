@@ -1,7 +1,7 @@
 """A disk's quarantine: copies moved out of the layout into `<root>/.stor-quarantine/`, each
 with a JSON note beside it, and the question "was a copy of this blob quarantined here?".
 
-Contract: nothing is ever deleted; a move is durable (note fsynced, both directories
+Contract: nothing is ever deleted (but by `purge`, for a takedown); a move is durable (note fsynced, both directories
 fsynced) before `move` returns. Failures are `StorageUnavailable` (or `InsufficientStorage`)
 through `disk_error`. `holds` costs one `stat` of the directory: its listing is read again only
 when the directory changed; `known_clear` asks only the kernel's caches. Blocking (but `known_clear`);
@@ -83,3 +83,26 @@ class Quarantine:
         except OSError as exc:
             raise disk_error(self.disk, "quarantine", exc) from exc
         return stem + ".dat"
+
+    @guarded
+    def purge(self, sha: Sha) -> list[str]:
+        """Remove every quarantined copy of `sha` here, with its note, durably (a takedown):
+        the one exception to "nothing is ever deleted". The paths of the copies removed."""
+        prefix = sha.upper() + "."
+        try:
+            names = [name for name in os.listdir(self.root) if name.startswith(prefix)]
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise disk_error(self.disk, "reading the quarantine", exc) from exc
+        removed = []
+        try:
+            for name in names:
+                os.unlink(os.path.join(self.root, name))
+                if name.endswith(".dat"):
+                    removed.append(os.path.join(self.root, name))
+            if names:
+                fsync_dir(self.root)
+        except OSError as exc:
+            raise disk_error(self.disk, "purging the quarantine", exc) from exc
+        return removed

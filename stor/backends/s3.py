@@ -122,6 +122,10 @@ class S3Store:
             raise _unavailable("put", exc) from exc
         return True
 
+    def delete(self, sha: Sha) -> None:
+        """Delete the object of `sha` (a takedown); nothing when there is none."""
+        self._object_call("delete", self._client.delete_object, sha)
+
     def check(self) -> None:
         """Raise `S3Unavailable` unless the bucket answers."""
         try:

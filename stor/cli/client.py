@@ -1,4 +1,4 @@
-"""The client commands: `stor put`, `stor get`, `stor head`.
+"""The client commands: `stor put`, `stor get`, `stor head`, `stor takedown`.
 
 The server comes from `--url` or `STOR_URL`; credentials from `-u/--user USER:PASS` (as curl),
 `STOR_CREDENTIALS`, or `STOR_USER` + `STOR_PASSWORD`. Connection failures and 5xx answers are
@@ -237,3 +237,48 @@ def head(sha: str | None, name: str | None, url: str, credentials: str | None, r
         except ClientError as exc:
             _exit(ClientError(f"{name or sha}: not found", 404) if exc.status == 404 else exc)
     click.echo(f"{info.sha}  {info.size}  {info.last_modified}")
+
+
+# -- takedown ----------------------------------------------------------------------------------
+
+
+@click.command()
+@click.argument("shas", nargs=-1)
+@click.option("--reason", help="Why (recorded with the takedown, and in the audit log). Required to take down.")
+@click.option(
+    "--restore",
+    "restore",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Store FILE again and lift the takedown of its sha (instead of taking SHAs down).",
+)
+@_client_options
+def takedown(
+    shas: tuple[str, ...], reason: str | None, restore: Path | None, url: str, credentials: str | None, retries: int
+) -> None:
+    """Take blobs down for good (admin credentials): every copy, quarantined copy and the S3
+    object removed, and from then on 410 Gone on every node. Prints one JSON object per SHA.
+    With --restore FILE, store the file again and lift its takedown. Exit 1 if some SHA was
+    never stored or is already down."""
+    with _client(url, credentials, retries) as client:
+        if restore is not None:
+            if shas:
+                raise click.UsageError("--restore takes a FILE, not SHAs")
+            try:
+                sha = hash_file(restore)
+                client.put(sha, restore)
+            except ClientError as exc:
+                _exit(exc)
+            click.echo(json.dumps({"sha": sha, "file": str(restore), "result": "restored"}))
+            return
+        if not shas:
+            raise click.UsageError("give the SHAs to take down (or --restore FILE)")
+        if not reason or not reason.strip():
+            raise click.UsageError("--reason is required: it is recorded with the takedown")
+        worst = 0
+        for sha in [_sha_or_usage(text) for text in shas]:
+            try:
+                click.echo(json.dumps(client.take_down(sha, reason)))
+            except ClientError as exc:
+                fail(str(exc))
+                worst = max(worst, exc.exit_code)
+    sys.exit(worst)

@@ -20,6 +20,7 @@ for command in (
     client.put,
     client.get,
     client.head,
+    client.takedown,
     tools.scrub,
     tools.import_,
     tools.evacuate,

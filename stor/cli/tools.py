@@ -76,6 +76,7 @@ def scrub(
             pairs,
             s3_source=service.s3_source,
             names=NamedFiles(service).store if service.pairs[0] in pairs else None,
+            tombstones=service.tombstones,
             repair=_repairer(service, portal) if repair else None,
             rate=rate * 1e6 if rate else None,
             progress=progress,
@@ -118,7 +119,9 @@ def _print_scrub(report: ScrubReport) -> None:
         f" ({rate:.0f} MB/s): {report.missing} missing, {report.corrupt} corrupt, {report.truncated} truncated,"
         f" {report.unreadable} unreadable, {report.foreign} foreign, {report.stray_temps} stray temps;"
         f" {report.repaired} repaired, {report.lost} lost, {report.damage_left} damage left;"
-        f" {report.names} names, {report.names_stale} missing on a member, {report.names_restored} restored",
+        f" {report.names} names, {report.names_stale} missing on a member, {report.names_restored} restored;"
+        f" {report.tombstones} takedowns, {report.tombstones_stale} records missing on a member,"
+        f" {report.taken_down_copies} copies of taken-down blobs, {report.taken_down_removed} removed",
         err=True,
     )
 

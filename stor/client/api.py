@@ -48,7 +48,7 @@ def _exit_code(status: int | None) -> int:
         return UNREACHABLE
     if status in (400, 401, 403):
         return USAGE
-    return NOT_FOUND
+    return NOT_FOUND  # 404, and 410 (taken down)
 
 
 class _ServerError(Exception):
@@ -148,6 +148,12 @@ class StorClient:
             "PUT", "/file", params={"path": name}, body=lambda: _read(path, progress), headers={"Content-Length": size}
         )
         return Sha(str(response.json()["sha"]))
+
+    def take_down(self, sha: Sha, reason: str) -> dict[str, object]:
+        """Take `sha` down for good (admin credentials); what the server removed."""
+        response = self._request("DELETE", f"/{sha}", headers={"X-Stor-Reason": reason})
+        answer: dict[str, object] = response.json()
+        return answer
 
     def head(self, sha: Sha) -> HeadInfo:
         response = self._request("HEAD", f"/{sha}")

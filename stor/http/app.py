@@ -25,7 +25,7 @@ from stor import __version__
 from stor.digest import Sha, parse_sha
 from stor.errors import BadRequest, BlobNotFound, InvalidDigest, PayloadTooLarge, StorError
 from stor.http.accounting import RequestMetrics, is_sha_path
-from stor.http.auth import Authenticator
+from stor.http.auth import ADMINS, METRICS_READERS, WRITERS, Authenticator, Role
 from stor.http.blobs import BlobRoutes
 from stor.http.errors import error_response
 from stor.http.files import named_routes
@@ -68,12 +68,15 @@ def create_app(
         return PlainTextResponse("OK\n", headers={"Cache-Control": "no-store"})
 
     async def metrics(request: Request) -> Response:
+        if authenticator.enabled(Role.METRICS):
+            await authenticator.check(request.headers.get("authorization"), METRICS_READERS)
         if metrics_text is None:
             raise BlobNotFound("metrics")
         body, content_type = metrics_text()
         return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
 
     async def stat_many(request: Request) -> Response:
+        await authenticator.check_read(request.headers.get("authorization"))
         length = content_length(request)
         if length is not None and length > MAX_STAT_BODY:
             raise PayloadTooLarge(MAX_STAT_BODY, mid_stream=False)
@@ -82,9 +85,12 @@ def create_app(
         return JSONResponse({sha: None if info is None else dataclasses.asdict(info) for sha, info in answers.items()})
 
     async def bad_path(request: Request) -> Response:
-        if request.method in ("POST", "PUT"):
-            await authenticator.check(request.headers.get("authorization"))
+        """Not a sha: a write or a takedown is a 400 (once its credentials pass), a read a 404."""
+        if request.method in ("POST", "PUT", "DELETE"):
+            allowed = ADMINS if request.method == "DELETE" else WRITERS
+            await authenticator.check(request.headers.get("authorization"), allowed)
             raise InvalidDigest(request.url.path.lstrip("/"))
+        await authenticator.check_read(request.headers.get("authorization"))
         raise BlobNotFound(request.url.path)
 
     async def stor_error(request: Request, exc: Exception) -> Response:
@@ -99,7 +105,7 @@ def create_app(
         Route("/metrics", metrics, methods=["GET"], name="metrics"),
         Route("/stat", stat_many, methods=["POST"], name="stat"),
         *named_routes(service, names, authenticator, max_named_file_size, body_idle_timeout),
-        Route("/{rest:path}", bad_path, methods=["GET", "POST", "PUT"]),
+        Route("/{rest:path}", bad_path, methods=["GET", "POST", "PUT", "DELETE"]),
     ]
     route_names = {route.path: route.name for route in routes if "{" not in route.path}
     blobs = BlobRoutes(service, authenticator, max_upload_size=max_upload_size, body_idle_timeout=body_idle_timeout)
@@ -128,7 +134,7 @@ class StorApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
-_BLOB_METHODS = frozenset({"GET", "HEAD", "POST", "PUT"})
+_BLOB_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE"})
 
 
 def _health_answer(request: Request, report: StatusReport, ok: bool, reasons: list[str]) -> Response:

@@ -1,4 +1,5 @@
-"""HTTP Basic credentials for writers. The only module that imports `bcrypt` and `argon2`.
+"""HTTP Basic credentials, by role (DESIGN.md §1: writers, readers, admins, metrics readers).
+The only module that imports `bcrypt` and `argon2`.
 
 A configured password is either plain text, compared in constant time, or a bcrypt (`$2b$…`)
 or argon2 (`$argon2id$…`) hash, as `stor hash-password` prints. Verifying a hash costs tens of
@@ -19,13 +20,15 @@ import hmac
 import secrets
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import Final
 
 import bcrypt
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from stor.config import Credential
+from stor.config import Config, Credential
 from stor.errors import Unauthorized
 
 HASH_PREFIXES = ("$2a$", "$2b$", "$2y$", "$argon2")
@@ -60,67 +63,158 @@ def _verify(hashed: str, password: str) -> bool:
         return False
 
 
+class Role:
+    """The roles of DESIGN.md §1, and who may act in each."""
+
+    WRITER = "writer"
+    READER = "reader"
+    ADMIN = "admin"
+    METRICS = "metrics"
+
+
+WRITERS = frozenset({Role.WRITER, Role.ADMIN})
+"""Who may store blobs and named files: writers (`basic_auth`) and admins (whose upload of a
+taken-down blob restores it)."""
+READERS = frozenset({Role.READER, Role.WRITER, Role.ADMIN})
+"""Who may read when `read_auth` is set: any credential of any role but metrics."""
+ADMINS = frozenset({Role.ADMIN})
+METRICS_READERS = frozenset({Role.METRICS, Role.ADMIN})
+
+CONFIG_KEYS = {
+    "basic_auth": Role.WRITER,
+    "read_auth": Role.READER,
+    "admin_auth": Role.ADMIN,
+    "metrics_auth": Role.METRICS,
+}
+"""Which config key lists which role."""
+
+_WHAT = {WRITERS: "to write", READERS: "to read", ADMINS: "of an admin", METRICS_READERS: "to read the metrics"}
+
+
+class _Unknown:
+    pass
+
+
+UNKNOWN: Final = _Unknown()
+"""`check_now` could not tell without verifying a slow hash."""
+
+Principal = str
+"""Who a request acts as: the user name of its credential."""
+
+
 class Authenticator:
-    def __init__(self, credentials: tuple[Credential, ...]) -> None:
+    def __init__(self, lists: Mapping[str, tuple[Credential, ...]]) -> None:
+        """`lists`: the credentials of each role (see `lists_of`)."""
         self._key = secrets.token_bytes(32)
         self._verifier = ThreadPoolExecutor(1, thread_name_prefix="stor-auth")
         self._waiting = 0
         self._lock = threading.Lock()
-        self.replace(credentials)
+        self.replace(lists)
 
-    def replace(self, credentials: tuple[Credential, ...]) -> None:
+    def replace(self, lists: Mapping[str, tuple[Credential, ...]]) -> None:
         """Accept these credentials from now on (a config reload); forget what was verified."""
-        self._plain = [f"{c.user}:{c.password}".encode() for c in credentials if not is_hash(c.password)]
-        self._hashed = {(c.user, c.password) for c in credentials if is_hash(c.password)}
-        self._verified: OrderedDict[bytes, None] = OrderedDict()
+        self._plain = [
+            (f"{c.user}:{c.password}".encode(), role)
+            for role, creds in lists.items()
+            for c in creds
+            if not is_hash(c.password)
+        ]
+        self._hashed = [
+            (c.user, c.password, role) for role, creds in lists.items() for c in creds if is_hash(c.password)
+        ]
+        self._roles = frozenset(role for role, creds in lists.items() if creds)
+        self._verified: OrderedDict[bytes, frozenset[str]] = OrderedDict()
+
+    def enabled(self, role: str = Role.WRITER) -> bool:
+        """Whether any credential of `role` is configured."""
+        return role in self._roles
 
     @property
-    def enabled(self) -> bool:
-        return bool(self._plain or self._hashed)
+    def reads_open(self) -> bool:
+        """No `read_auth`: reads need no credential, as in Stor."""
+        return Role.READER not in self._roles
 
-    async def check(self, authorization: str | None) -> None:
-        """Raise `Unauthorized` unless the header carries accepted Basic credentials."""
+    async def check(self, authorization: str | None, allowed: frozenset[str] = WRITERS) -> Principal:
+        """The user of the Basic credentials in the header, if one of a role in `allowed`;
+        else `Unauthorized`."""
         offered = _basic_payload(authorization)
-        matched = False
-        for accepted in self._plain:  # no early exit: the time does not tell which matched
-            matched |= hmac.compare_digest(offered, accepted)
-        if matched or (self._hashed and await self._check_hashed(offered)):
-            return
-        raise Unauthorized()
+        roles = self._plain_roles(offered)
+        if not roles & allowed and any(role in allowed for *_, role in self._hashed):
+            roles |= await self._hashed_roles(offered)
+        if roles & allowed:
+            return offered.partition(b":")[0].decode("utf-8", "replace")
+        raise Unauthorized(_WHAT.get(allowed, "for this request"))
 
-    async def _check_hashed(self, offered: bytes) -> bool:
-        user, colon, password = offered.partition(b":")
-        candidates = [hashed for name, hashed in self._hashed if name.encode() == user]
-        if not colon or not candidates:
+    async def check_read(self, authorization: str | None) -> None:
+        """`check` for a read: nothing to check while reads are open."""
+        if not self.reads_open:
+            await self.check(authorization, READERS)
+
+    def check_now(self, authorization: str | None, allowed: frozenset[str]) -> bool | _Unknown:
+        """`check` without waiting (for the event loop): True or False, or `UNKNOWN` when a slow
+        hash would have to be verified first."""
+        offered = _basic_payload(authorization)
+        if self._plain_roles(offered) & allowed:
+            return True
+        if not any(role in allowed for *_, role in self._hashed):
             return False
         digest = hmac.new(self._key, offered, hashlib.sha256).digest()
         with self._lock:
-            if digest in self._verified:
-                self._verified.move_to_end(digest)
-                return True
+            known = self._verified.get(digest)
+        if known is None:
+            return UNKNOWN
+        return bool(known & allowed)
+
+    def _plain_roles(self, offered: bytes) -> frozenset[str]:
+        roles = set()
+        for accepted, role in self._plain:  # no early exit: the time does not tell which matched
+            if hmac.compare_digest(offered, accepted):
+                roles.add(role)
+        return frozenset(roles)
+
+    async def _hashed_roles(self, offered: bytes) -> frozenset[str]:
+        user, colon, password = offered.partition(b":")
+        candidates = [(hashed, role) for name, hashed, role in self._hashed if name.encode() == user]
+        if not colon or not candidates:
+            return frozenset()
+        digest = hmac.new(self._key, offered, hashlib.sha256).digest()
+        with self._lock:
+            verified = self._verified  # a reload meanwhile replaces it: what is verified here is not kept then
+            known = verified.get(digest)
+            if known is not None:
+                verified.move_to_end(digest)
+                return known
             if self._waiting >= MAX_WAITING:
-                return False  # a flood: refused without spending CPU on it
+                return frozenset()  # a flood: refused without spending CPU on it
             self._waiting += 1
         try:
             text = password.decode("utf-8", "replace")
             loop = asyncio.get_running_loop()
-            verified = await loop.run_in_executor(self._verifier, _any_verifies, candidates, text)
+            roles = await loop.run_in_executor(self._verifier, _roles_verified, candidates, text)
         finally:
             with self._lock:
                 self._waiting -= 1
-        if verified:
-            with self._lock:
-                self._verified[digest] = None
-                if len(self._verified) > REMEMBERED:
-                    self._verified.popitem(last=False)
-        return verified
+        with self._lock:
+            stale = verified is not self._verified
+            if not stale and roles:  # a wrong password is not remembered: each costs a verification (bounded above)
+                verified[digest] = roles
+                if len(verified) > REMEMBERED:
+                    verified.popitem(last=False)
+        if stale:  # the credentials changed while this one was verified: judge it by the new ones
+            return await self._hashed_roles(offered)
+        return roles
 
     def close(self) -> None:
         self._verifier.shutdown(wait=False, cancel_futures=True)
 
 
-def _any_verifies(hashes: list[str], password: str) -> bool:
-    return any(_verify(hashed, password) for hashed in hashes)
+def lists_of(config: Config) -> dict[str, tuple[Credential, ...]]:
+    """The credential lists of `config`, by role."""
+    return {role: getattr(config, key) for key, role in CONFIG_KEYS.items()}
+
+
+def _roles_verified(candidates: list[tuple[str, str]], password: str) -> frozenset[str]:
+    return frozenset(role for hashed, role in candidates if _verify(hashed, password))
 
 
 def _basic_payload(authorization: str | None) -> bytes:

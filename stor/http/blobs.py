@@ -1,12 +1,15 @@
-"""The blob routes, `/<sha>`: GET and HEAD (answered from the hot path when they can be) and
-POST and PUT, in front of Starlette's router and middleware (which cost about as much CPU as
-the read itself for a small blob). `StorApp` sends every request for a sha path here, the
-first branch of its routing; a server that parses heads itself (`http.protocol`) asks
-`answer_now` first, to answer a hot GET or HEAD without any ASGI cycle at all. Every request
-for a sha path is counted here, once, whichever way it was answered.
+"""The blob routes, `/<sha>`: GET and HEAD (answered from the hot path when they can be), POST
+and PUT, and DELETE (an admin's takedown), in front of Starlette's router and middleware
+(which cost about as much CPU as the read itself for a small blob). `StorApp` sends every
+request for a sha path here, the first branch of its routing; a server that parses heads
+itself (`http.protocol`) asks `answer_now` first, to answer a hot GET or HEAD without any ASGI
+cycle at all. Every request for a sha path is counted here, once, whichever way it was
+answered.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -14,9 +17,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from stor.digest import Sha, parse_sha
-from stor.errors import PayloadTooLarge, StorError
+from stor.errors import BadRequest, PayloadTooLarge, StorError
 from stor.http.accounting import SendCounter, is_sha_path
-from stor.http.auth import Authenticator
+from stor.http.auth import ADMINS, READERS, Authenticator
 from stor.http.errors import error_response
 from stor.http.io import (
     HOT_TRIED,
@@ -52,6 +55,10 @@ class BlobRoutes:
         if method not in ("GET", "HEAD") or not is_sha_path(path):
             return None
         counter = SendCounter()
+        if not self.authenticator.reads_open:
+            allowed = self.authenticator.check_now(_authorization(headers), READERS)
+            if allowed is not True:
+                return None  # refused, or a slow hash to verify: `__call__` answers
         sha = Sha(path[1:].lower())
         blob: OpenBlob | None = None
         try:
@@ -83,7 +90,7 @@ class BlobRoutes:
             else:
                 request = Request(scope, counter.receive)
                 try:
-                    response = await self._write(request)
+                    response = await (self._take_down(request) if method == "DELETE" else self._write(request))
                 except StorError as exc:
                     response = error_response(exc, method, scope["path"], close_if_body_unread(request))
             await response(scope, counter.receive, counter.send)
@@ -94,6 +101,7 @@ class BlobRoutes:
         sha = Sha(scope["path"][1:].lower())
         hot_tried = bool(scope.get(HOT_TRIED))
         try:
+            await self.authenticator.check_read(Headers(scope=scope).get("authorization"))
             if method == "HEAD":
                 stat = await self.service.stat(sha, hot_tried=hot_tried)
                 return blob_response(Headers(scope=scope), sha, stat, None)
@@ -103,14 +111,35 @@ class BlobRoutes:
             return error_response(exc, method, scope["path"], {})
 
     async def _write(self, request: Request) -> Response:
-        """POST or PUT: the body stored under the sha of the path, verified (see `Uploads.put`)."""
-        await self.authenticator.check(request.headers.get("authorization"))
+        """POST or PUT: the body stored under the sha of the path, verified (see `Uploads.put`).
+        An admin's upload of a blob taken down restores it."""
+        authorization = request.headers.get("authorization")
+        user = await self.authenticator.check(authorization)
         sha = parse_sha(request.url.path[1:])
         length = content_length(request)
         if length is not None and length > self.max_upload_size:
             raise PayloadTooLarge(self.max_upload_size, mid_stream=False)
         body = request_body(request, self.max_upload_size, self.body_idle_timeout)
         early = "100-continue" in request.headers.get("expect", "").lower()  # such a client waits for our word
-        result = await self.service.put(sha, body, length, early_answer=early)
+        admin = self.authenticator.check_now(authorization, ADMINS) is True
+        result = await self.service.put(sha, body, length, early_answer=early, restore_by=user if admin else None)
         headers = close_if_body_unread(request)
         return JSONResponse(result.paths, status_code=201 if result.created else 200, headers=headers)
+
+    async def _take_down(self, request: Request) -> Response:
+        """DELETE: an admin takes the blob down for good (see `takedown`); 200 with what was
+        removed."""
+        admin = await self.authenticator.check(request.headers.get("authorization"), ADMINS)
+        sha = parse_sha(request.url.path[1:])
+        reason = request.headers.get("x-stor-reason", "").strip()
+        if not reason:
+            raise BadRequest("a takedown needs its reason in the X-Stor-Reason header")
+        report = await self.service.take_down(sha, admin, reason)
+        return JSONResponse(dataclasses.asdict(report))
+
+
+def _authorization(headers: list[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name == b"authorization":
+            return value.decode("latin-1")
+    return None

@@ -12,6 +12,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from stor.errors import (
     BadRequest,
+    BlobGone,
     BlobLost,
     BlobNotFound,
     ClientDisconnected,
@@ -35,6 +36,7 @@ ERROR_STATUS: dict[type[StorError], int] = {
     NameNotFound: 404,
     ClientTimeout: 408,
     NameExists: 409,
+    BlobGone: 410,
     DigestMismatch: 412,
     PayloadTooLarge: 413,
     StorageUnavailable: 503,

@@ -45,6 +45,7 @@ def named_routes(
         return JSONResponse(answer, status_code=201 if created else 200, headers=close_if_body_unread(request))
 
     async def named_read(request: Request) -> Response:
+        await authenticator.check_read(request.headers.get("authorization"))
         record = await names.get(check_name(request.query_params.get("path")))
         content_type = mimetypes.guess_type(record.path)[0] or "application/octet-stream"
         if request.method == "HEAD":
@@ -58,6 +59,7 @@ def named_routes(
         return Response(status_code=204)
 
     async def named_list(request: Request) -> Response:
+        await authenticator.check_read(request.headers.get("authorization"))
         params = request.query_params
         limit_text = params.get("limit", "1000")
         if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LISTING:

@@ -21,8 +21,9 @@ from stor.backends.groupcommit import GroupCommits
 from stor.backends.locations import LocationCache
 from stor.backends.openfiles import OpenFiles
 from stor.backends.pairs import Pair, StoragePool
+from stor.backends.tombstones import TombstoneStore
 from stor.digest import Sha
-from stor.errors import BlobLost, BlobNotFound, StorageUnavailable
+from stor.errors import BlobGone, BlobLost, BlobNotFound, StorageUnavailable
 from stor.metrics import Metrics
 from stor.model import BlobInfo, BlobStat, PutResult, StatusReport
 from stor.service.health import HealthMonitor
@@ -33,6 +34,7 @@ from stor.service.offload import Background, Offload, blocking_chunks
 from stor.service.s3tier import S3Part
 from stor.service.status import StatusReporter
 from stor.service.stream import OpenBlob
+from stor.service.takedown import TakedownReport, Takedowns
 from stor.service.upload import Uploads
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ class BlobService:
     hot: HotPath
     uploads: Uploads
     integrity: Integrity
+    takedowns: Takedowns
     s3: S3Part
     reporter: StatusReporter
     open_files: OpenFiles
@@ -70,6 +73,7 @@ class BlobService:
         the stale temps of dead processes; how many were removed."""
         swept = sum(disk.prepare(sweep=sweep) for disk in self.pool.disks)
         self.s3.prepare()
+        self.takedowns.store.prepare()
         return swept
 
     @property
@@ -113,6 +117,7 @@ class BlobService:
             tasks.create_task(self.integrity.healer.run(self.heal))
             tasks.create_task(self.s3.run(self.lookup.local_path))
             tasks.create_task(self.hot.flush_counts())
+            tasks.create_task(self.takedowns.run())
 
     async def _health_loop(self, interval: float) -> None:
         while True:
@@ -210,6 +215,9 @@ class BlobService:
     def _stat_batch(self, shas: list[Sha]) -> dict[Sha, BlobInfo | None]:
         answers: dict[Sha, BlobInfo | None] = {}
         for sha in shas:
+            if self.takedowns.gone(sha) is not None:
+                answers[sha] = None  # gone: as good as never stored
+                continue
             copies = self.lookup.copies(sha)
             if copies is None:
                 answers[sha] = self.s3.info(sha)
@@ -221,10 +229,25 @@ class BlobService:
     # -- writes ----------------------------------------------------------------------------
 
     async def put(
-        self, sha: Sha, body: AsyncIterator[bytes], length: int | None, *, early_answer: bool = True
+        self,
+        sha: Sha,
+        body: AsyncIterator[bytes],
+        length: int | None,
+        *,
+        early_answer: bool = True,
+        restore_by: str | None = None,
     ) -> PutResult:
-        """Store a client's body under `sha` (see `Uploads.put`)."""
-        return await self.uploads.put(sha, body, length, early_answer=early_answer)
+        """Store a client's body under `sha` (see `Uploads.put`); `restore_by`: the admin whose
+        upload restores a blob taken down."""
+        return await self.uploads.put(sha, body, length, early_answer=early_answer, restore_by=restore_by)
+
+    async def take_down(self, sha: Sha, admin: str, reason: str) -> TakedownReport:
+        """Take `sha` down for good (see `takedown`): `BlobGone` if it was already,
+        `BlobNotFound` if it was never stored."""
+        return await self.in_thread(self.takedowns.take_down, sha, admin, reason, s3_holds=self._s3_holds)
+
+    def _s3_holds(self, sha: Sha) -> bool:
+        return self.s3.info(sha) is not None
 
     async def repair(
         self, sha: Sha, pair: Pair, targets: list[Disk], body: AsyncIterator[bytes], size: int, mtime: int
@@ -236,6 +259,11 @@ class BlobService:
         """Store `sha` on a writable pair other than `away` (see `Uploads.relocate`)."""
         return await self.uploads.relocate(sha, away, body, size, mtime)
 
+    @property
+    def tombstones(self) -> TombstoneStore:
+        """The takedown records (for `stor scrub`, which removes what they name)."""
+        return self.takedowns.store
+
     def s3_source(self, sha: Sha) -> tuple[Iterator[bytes], int, int] | None:
         """Blocking: S3's verified bytes of `sha`, its size and mtime; None when S3 lacks it or
         is off (a scrub's last source for a blob both members lost)."""
@@ -246,8 +274,12 @@ class BlobService:
         return await self.uploads.put_content(body, length)
 
     async def heal(self, sha: Sha) -> None:
-        """Re-copy `sha` onto the members that lost it, from a verified copy (disk or S3)."""
-        blob = await self.open(sha)
+        """Re-copy `sha` onto the members that lost it, from a verified copy (disk or S3);
+        nothing for a blob taken down meanwhile."""
+        try:
+            blob = await self.open(sha)
+        except BlobGone:
+            return
         try:
             result = await self.uploads.restore(sha, blob.chunks(0, blob.stat.size), blob.stat.size)
         finally:

@@ -12,40 +12,32 @@ copies) starts in the background.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import KW_ONLY, dataclass
+from dataclasses import dataclass
 
 from stor.backends.disk import Disk
 from stor.backends.opencopy import OpenCopy
-from stor.backends.openfiles import OpenFiles
-from stor.backends.pairs import StoragePool
 from stor.checksum import fast_sum
 from stor.digest import Sha, sha_of
 from stor.errors import BlobNotFound
-from stor.metrics import Metrics
 from stor.model import BlobStat
-from stor.service.health import HealthMonitor
-from stor.service.integrity import Integrity
 from stor.service.lookup import Found, Lookup, WouldBlock
-from stor.service.nearcache import NearCache
 from stor.service.offload import Background
 from stor.service.stream import InMemory, OpenBlob
+from stor.service.takedown import gone
 
 
-@dataclass(eq=False)
 class HotPath:
-    pool: StoragePool
-    monitor: HealthMonitor
-    lookup: Lookup
-    _: KW_ONLY
-    near: NearCache
-    open_files: OpenFiles
-    integrity: Integrity
-    background: Background
-    metrics: Metrics
-    verify: bool
-    s3_may_hold: bool
-
-    def __post_init__(self) -> None:
+    def __init__(self, lookup: Lookup, *, background: Background, s3_may_hold: bool) -> None:
+        self.lookup = lookup
+        self.pool = lookup.pool
+        self.monitor = lookup.monitor
+        self.near = lookup.near
+        self.open_files = lookup.open_files
+        self.integrity = lookup.integrity
+        self.metrics = lookup.metrics
+        self.verify = lookup.verify
+        self.background = background
+        self.s3_may_hold = s3_may_hold
         self._counts: dict[str, int] = {}  # event-loop only
         self.mode = LoopMode(self)
 
@@ -158,6 +150,11 @@ class LoopMode:
 
     hot: HotPath
 
+    def refuse(self, sha: Sha) -> None:
+        found = self.hot.lookup.takedowns.gone_now(sha)
+        if found is not None:
+            raise gone(found)
+
     def kept(self, sha: Sha) -> Found[OpenCopy[Disk]] | None:
         kept = self.hot.open_files.get(sha)
         if kept is None:
@@ -199,6 +196,6 @@ class LoopMode:
         return WouldBlock()
 
     def absent(self, sha: Sha) -> None:
-        if not self.hot.absent_everywhere(sha):
-            raise WouldBlock
+        if not self.hot.absent_everywhere(sha) or not self.hot.lookup.takedowns.proven_absent(sha):
+            raise WouldBlock  # (a tombstone the memory missed makes it a 410: a thread reads it)
         self.hot.near.forget(sha)

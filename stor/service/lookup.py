@@ -2,8 +2,9 @@
 
 `find` is written once and run in two I/O modes (a `Mode`): `ThreadMode` here, from worker
 threads, may wait on a disk; the event loop's mode (`hotpath.LoopMode`) answers from the kernel's
-caches alone and gives up (`WouldBlock`) where it would wait. Either way: a copy kept open
-first, then the location hint (this process's near cache, and memcached in a thread), verified
+caches alone and gives up (`WouldBlock`) where it would wait. Either way: a blob an admin took
+down is refused first (`BlobGone`, see `takedown`), whatever any disk or cache holds; then a
+copy kept open, then the location hint (this process's near cache, and memcached in a thread), verified
 by the probe itself; then every disk in Stor's order. A disk that fails, or that a mode may not
 ask, counts as unreachable and the next is tried: 404 (`BlobNotFound`) only when every disk
 answered "no copy" and the mode could prove the blob is nowhere else, 503 (`StorageUnavailable`)
@@ -35,6 +36,7 @@ from stor.service.integrity import Integrity
 from stor.service.nearcache import NearCache
 from stor.service.offload import Offload
 from stor.service.stream import DiskStream, InMemory, OpenBlob
+from stor.service.takedown import Takedowns
 from stor.service.verify import Verdict, check_bytes, check_copy, sha_of_copy
 
 T = TypeVar("T")
@@ -81,6 +83,9 @@ class _Seen:
 class Mode(Protocol[T]):
     """How one read may touch the disks. `find` calls these in this order."""
 
+    def refuse(self, sha: Sha) -> None:
+        """`BlobGone` when an admin took the blob down (before any disk is asked)."""
+
     def kept(self, sha: Sha) -> Found[T] | None:
         """A copy already open, or None."""
 
@@ -121,6 +126,7 @@ class Lookup:
     near: NearCache
     open_files: OpenFiles
     integrity: Integrity
+    takedowns: Takedowns
     offload: Offload
     metrics: Metrics
     verify: bool
@@ -139,6 +145,7 @@ class Lookup:
 
     def find(self, sha: Sha, mode: Mode[T]) -> Found[T]:
         """A copy of `sha`, found as the module docstring says, in `mode`."""
+        mode.refuse(sha)
         kept = mode.kept(sha)
         if kept is not None:
             return kept
@@ -422,6 +429,9 @@ class ThreadMode(Generic[T]):
 
     lookup: Lookup
     probe: Callable[[Disk, Sha], T | None]
+
+    def refuse(self, sha: Sha) -> None:
+        self.lookup.takedowns.refuse(sha)
 
     def kept(self, sha: Sha) -> Found[T] | None:
         return None  # the event loop has tried the copies kept open, or has no reason to

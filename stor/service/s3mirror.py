@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from stor.backends.s3 import S3Store, S3Unavailable
 from stor.backends.s3queue import Claim, S3Queue
 from stor.digest import Sha
-from stor.errors import StorError
+from stor.errors import BlobGone, StorError
 from stor.metrics import Metrics
 from stor.service.offload import Offload
 
@@ -129,6 +129,11 @@ class S3Mirror:
                 path = await self._offload.run(self._locate, sha)
                 if path is not None:
                     await self._offload.run(self.store.put, sha, path)
+            except BlobGone:  # taken down: the marker asks for the object's deletion
+                if await self._delete(pending):
+                    await self._offload.run(self.queue.done, pending.claim)
+                    del self._pending[sha]
+                return
             except (S3Unavailable, StorError, ValueError, OSError) as exc:
                 self._failed(exc, started)
                 self._retry_later(pending)
@@ -142,6 +147,18 @@ class S3Mirror:
                 self._succeeded(started)
             await self._offload.run(self.queue.done, pending.claim)
             del self._pending[sha]
+
+    async def _delete(self, pending: _Pending) -> bool:
+        started = time.monotonic()
+        try:
+            await self._offload.run(self.store.delete, pending.claim.sha)
+        except S3Unavailable as exc:
+            self._failed(exc, started, operation="delete")
+            self._retry_later(pending)
+            return False
+        self._metrics.s3("delete", True, time.monotonic() - started)
+        log.info("s3 mirror: deleted %s (taken down)", pending.claim.sha)
+        return True
 
     @staticmethod
     def _retry_later(pending: _Pending) -> None:

@@ -2,8 +2,10 @@
 publish, or abort.
 
 Every writer goes through it: `POST /<sha>` (`put`), named files (`put_content`), `stor import`
-(`put`), the healer and S3 refills (`restore`), `stor scrub --repair` (`repair`). So every copy
-gets the same guarantees: the digest checked before anything is visible, both copies durable
+(`put`), the healer and S3 refills (`restore`), `stor scrub --repair` (`repair`), `stor evacuate`
+(`relocate`). So every copy gets the same guarantees: a blob an admin took down is never
+written again (but by an admin's own upload, which restores it), even by an upload already in
+flight when it was taken down; the digest checked before anything is visible, both copies durable
 (group-committed where the filesystem allows) before either is linked, the bytes counted
 against the pair's free space while in flight, the S3 queue marker durable before any copy is
 visible, and the location remembered. A failure at any step removes the temps.
@@ -28,6 +30,7 @@ from stor.service.lookup import Lookup
 from stor.service.offload import Offload
 from stor.service.publish import publish
 from stor.service.s3tier import S3Part
+from stor.service.takedown import Takedowns
 
 SPOOL_BYTES = 1024 * 1024
 """Upload bytes buffered in memory before a thread hop writes them: bounds memory per upload."""
@@ -48,6 +51,8 @@ class Plan:
     mtime_ns: int | None
     kept: list[str]
     queue_s3: bool
+    restoring: bool = False
+    """An admin's upload of a blob taken down: the takedown is lifted, not enforced."""
 
     @property
     def done(self) -> bool:
@@ -115,6 +120,8 @@ class Upload:
         if self._paths is None:
             self._paths = await publish(self.writer, sha, self.pipeline.commits, self.pipeline.offload)
             await self.pipeline.lookup.remember_soon(sha, self.writer.disks[0].root)
+        if not self.plan.restoring:  # taken down while it was being written: it must not win
+            await self.pipeline.takedowns.check_after_write(sha, self.writer.disks)
         if self.plan.queue_s3:
             await self.pipeline.s3.published(sha, self._paths[0])
         return PutResult(True, self.plan.kept + self._paths)
@@ -129,18 +136,30 @@ class Uploads:
     commits: GroupCommits
     offload: Offload
     s3: S3Part
+    takedowns: Takedowns
 
     def __post_init__(self) -> None:
         self._sha_locks: dict[Sha, tuple[asyncio.Lock, int]] = {}
 
     async def put(
-        self, sha: Sha, body: AsyncIterator[bytes], length: int | None, *, early_answer: bool = True
+        self,
+        sha: Sha,
+        body: AsyncIterator[bytes],
+        length: int | None,
+        *,
+        early_answer: bool = True,
+        restore_by: str | None = None,
     ) -> PutResult:
         """Store a client's body under `sha`. When every copy already exists the body is not
         read, unless `early_answer` is off and `length` is small (up to `SPOOL_BYTES`): the body
         is then read first (the client has sent it already: nothing is saved by leaving it), so
-        that the check, the placement and the writes take a single thread hop."""
+        that the check, the placement and the writes take a single thread hop. A blob taken
+        down is refused (`BlobGone`), but to an admin (`restore_by`), whose upload lifts it."""
         async with self._sha_lock(sha):
+            if restore_by is not None:
+                result = await self._store(sha, body, length or 0, queue_s3=True, restoring=True)
+                await self.offload.run(self.takedowns.lift, sha, restore_by)
+                return result
             if early_answer or length is None or length > SPOOL_BYTES:
                 return await self._store(sha, body, length or 0, queue_s3=True)
             data = b"".join([chunk async for chunk in body])
@@ -162,6 +181,7 @@ class Uploads:
         """Rewrite the copies of `sha` on `targets` (members of `pair`) from a verified source,
         with the surviving copies' mtime (`stor scrub --repair`)."""
         async with self._sha_lock(sha):
+            await self.offload.run(self.takedowns.refuse, sha)
             return (await self._write(Plan(pair, targets, mtime_ns, [], queue_s3=True), sha, body, size)).paths
 
     async def relocate(self, sha: Sha, away: Pair, body: AsyncIterator[bytes], size: int, mtime_ns: int) -> PutResult:
@@ -186,28 +206,41 @@ class Uploads:
             return sha, upload.received, await upload.publish(sha)
 
     def plan(
-        self, sha: Sha, size: int, *, queue_s3: bool, away: Pair | None = None, mtime_ns: int | None = None
+        self,
+        sha: Sha,
+        size: int,
+        *,
+        queue_s3: bool,
+        away: Pair | None = None,
+        mtime_ns: int | None = None,
+        restoring: bool = False,
     ) -> Plan:
-        """Blocking. Nothing to write when the blob is stored on a pair already; else the
-        missing members of a healthy pair that holds some copies (keeping their mtime), else
-        every member of a pair chosen by free space (given `mtime_ns`, or now). Copies on
-        `away` (a pair being evacuated, which takes no writes) are left out of account."""
+        """Blocking. `BlobGone` when the blob was taken down (unless `restoring`). Nothing to
+        write when it is stored on a pair already; else the missing members of a healthy pair
+        that holds some copies (keeping their mtime), else every member of a pair chosen by free
+        space (given `mtime_ns`, or now). Copies on `away` (a pair being evacuated, which takes
+        no writes) are left out of account."""
+        if not restoring:
+            self.takedowns.refuse(sha)
         copies = self.lookup.copies(sha, skip=away)
         if copies is not None:
             if copies.complete:
                 paths = [copies.present[d.root].path for d in copies.pair.members]
-                return Plan(copies.pair, [], None, paths, queue_s3)
+                return Plan(copies.pair, [], None, paths, queue_s3, restoring)
             if copies.pair.writable and self.monitor.pair_healthy(copies.pair):
                 missing = [d for d in copies.pair.members if d.root not in copies.present]
                 mtime = min(st.mtime_ns for st in copies.present.values())
-                return Plan(copies.pair, missing, mtime, [st.path for st in copies.present.values()], queue_s3)
+                kept = [st.path for st in copies.present.values()]
+                return Plan(copies.pair, missing, mtime, kept, queue_s3, restoring)
         pair = self.pool.choose_pair(size, self.monitor.pair_healthy)
         if pair is away:
             raise InsufficientStorage(f"pair {pair.index} takes writes: it cannot be evacuated onto itself")
-        return Plan(pair, list(pair.members), mtime_ns, [], queue_s3)
+        return Plan(pair, list(pair.members), mtime_ns, [], queue_s3, restoring)
 
-    async def _store(self, sha: Sha, body: AsyncIterator[bytes], size: int, *, queue_s3: bool) -> PutResult:
-        plan = await self.offload.run(lambda: self.plan(sha, size, queue_s3=queue_s3))
+    async def _store(
+        self, sha: Sha, body: AsyncIterator[bytes], size: int, *, queue_s3: bool, restoring: bool = False
+    ) -> PutResult:
+        plan = await self.offload.run(lambda: self.plan(sha, size, queue_s3=queue_s3, restoring=restoring))
         return await self._write(plan, sha, body, size)
 
     async def _write(self, plan: Plan, sha: Sha, body: AsyncIterator[bytes], size: int) -> PutResult:
@@ -235,6 +268,7 @@ class Uploads:
     def _content_sha(self, upload: Upload, tail: bytes) -> tuple[Sha, list[str] | None]:
         """Spool the last bytes: the body's sha, and the paths of its copies if it is stored."""
         sha = upload.writer.write_last(tail)
+        self.takedowns.refuse(sha)
         copies = self.lookup.copies(sha)
         if copies is not None and copies.complete:
             return sha, [copies.present[d.root].path for d in copies.pair.members]

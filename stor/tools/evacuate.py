@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 from stor.backends.pairs import Pair, leaves
 from stor.digest import Sha, sha_from_filename
-from stor.errors import DigestMismatch, InsufficientStorage, StorageUnavailable
+from stor.errors import BlobGone, DigestMismatch, InsufficientStorage, StorageUnavailable
 from stor.model import PutResult
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class EvacuationReport:
     moved: int = 0  # stored on another pair by this run
     already_elsewhere: int = 0  # complete on another pair before this run got to it
     removed: int = 0  # blobs removed from the evacuated pair
+    taken_down: int = 0  # copies of blobs an admin took down: removed, never moved
     bytes: int = 0
     left: int = 0  # blobs still on the evacuated pair
     failed: list[str] = field(default_factory=list)
@@ -118,6 +119,9 @@ class Evacuation:
                 if st is None:
                     continue
                 result = self.relocate(sha, self.pair, _read(disk.blob_path(sha)), st.size, st.mtime_ns)
+            except BlobGone:
+                report.taken_down += 1  # nowhere to move it: it is removed with the others
+                return
             except (DigestMismatch, StorageUnavailable, OSError) as exc:
                 errors.append(f"{disk.root}: {exc}")
                 continue

@@ -27,6 +27,7 @@ from stor.backends.namestore import NameStore
 from stor.backends.owners import dead_owner_dirs
 from stor.backends.pairs import Pair, leaves
 from stor.backends.scrubstate import read_json, state_dir, write_json
+from stor.backends.tombstones import Tombstone, TombstoneStore
 from stor.digest import Sha, sha_from_filename
 from stor.errors import InsufficientStorage, StorageUnavailable
 from stor.model import HashedCopy
@@ -87,6 +88,7 @@ class Scrubber:
         *,
         s3_source: S3Source | None = None,
         names: NameStore | None = None,
+        tombstones: TombstoneStore | None = None,
         repair: Repair | None = None,
         rate: float | None = None,
         progress: Callable[[int, int], None] | None = None,
@@ -95,6 +97,8 @@ class Scrubber:
         self.pairs = pairs
         self.s3_source = s3_source
         self.names = names
+        self.tombstones = tombstones
+        self._gone: dict[Sha, Tombstone] = {}
         self._pending: deque[_Pending] = deque()
         self.rewrite = repair
         self.throttle = Throttle(rate)
@@ -104,6 +108,8 @@ class Scrubber:
     def run(self) -> ScrubReport:
         report = ScrubReport(pairs=[p.index for p in self.pairs])
         try:
+            if self.tombstones is not None:
+                self._scrub_tombstones(self.tombstones, report)
             for pair in self.pairs:
                 self._scrub_pair(pair, report)
             if self.names is not None:
@@ -130,6 +136,42 @@ class Scrubber:
         elif report.names_stale:
             report.damage_left += report.names_stale
             report.note(Finding("", 0, "", f"{report.names_stale} name records missing on a member"), damage=False)
+
+    def _scrub_tombstones(self, tombstones: TombstoneStore, report: ScrubReport) -> None:
+        """The takedown records, on both members of the names pair (one away during a takedown
+        lacks it), and which blobs they name: a copy of one found below is removed, never
+        repaired."""
+        try:
+            self._gone = tombstones.all()
+            report.tombstones, report.tombstones_stale = tombstones.reconcile(restore=self.rewrite is not None)
+        except (StorageUnavailable, OSError) as exc:
+            report.note(Finding("", 0, "", "takedown records unreadable", f"failed: {exc}"), damage=True)
+            return
+        if self.rewrite is not None:
+            report.tombstones_restored = report.tombstones_stale
+        elif report.tombstones_stale:
+            report.damage_left += report.tombstones_stale
+            stale = report.tombstones_stale
+            report.note(Finding("", 0, "", f"{stale} takedown records missing on a member"), damage=False)
+
+    def _scrub_gone(self, pair: Pair, sha: Sha, report: ScrubReport) -> None:
+        """Copies of a blob taken down (their member was away during the takedown): removed
+        with --repair, never hashed, never copied anywhere."""
+        for disk in pair.members:
+            try:
+                if disk.stat(sha) is None:
+                    continue
+                report.taken_down_copies += 1
+                if self.rewrite is None:
+                    report.note(Finding(sha, pair.index, disk.root, "taken down"), damage=True)
+                    continue
+                disk.remove(sha)
+                disk.quarantine.purge(sha)
+            except StorageUnavailable as exc:
+                report.note(Finding(sha, pair.index, disk.root, "taken down", f"failed: {exc}"), damage=True)
+                continue
+            report.taken_down_removed += 1
+            report.note(Finding(sha, pair.index, disk.root, "taken down", "removed"), damage=False)
 
     def _scrub_pair(self, pair: Pair, report: ScrubReport) -> None:
         checkpoint = state_dir(pair) / "checkpoint.json"
@@ -178,6 +220,9 @@ class Scrubber:
                 report.note(Finding(sha, pair.index, "", "error", f"failed: {exc}"), damage=True)
 
     def _scrub_blob(self, pair: Pair, sha: Sha, report: ScrubReport) -> None:
+        if sha in self._gone:
+            self._scrub_gone(pair, sha, report)
+            return
         good: list[_Copy] = []
         bad: list[_Copy] = []
         missing: list[Disk] = []

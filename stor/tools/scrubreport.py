@@ -15,7 +15,7 @@ class Finding:
     sha: str
     pair: int
     disk: str
-    problem: str  # missing, corrupt, truncated, foreign, stray_temp, unreadable, lost
+    problem: str  # missing, corrupt, truncated, foreign, stray_temp, unreadable, lost, taken down
     action: str = "none"  # quarantined+repaired, repaired, removed, none, failed: …
 
 
@@ -37,6 +37,11 @@ class ScrubReport:
     names: int = 0
     names_stale: int = 0  # name records some member of the names pair lacks (or holds older)
     names_restored: int = 0
+    taken_down_copies: int = 0  # copies of blobs an admin took down (a member away during the takedown)
+    taken_down_removed: int = 0  # of those, removed (with --repair)
+    tombstones: int = 0
+    tombstones_stale: int = 0  # takedown records some member of the names pair lacks
+    tombstones_restored: int = 0
     checksums_missing: int = 0  # good copies without a fast checksum (Stor's, imported, no xattrs)
     checksums_wrong: int = 0  # good copies whose fast checksum disagrees with them (a damaged attribute)
     checksums_written: int = 0  # of those, given one (with --repair)

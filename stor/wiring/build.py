@@ -21,6 +21,7 @@ from stor.backends.openfiles import OpenFiles, fd_budget
 from stor.backends.pairs import Pair, StoragePool
 from stor.backends.s3 import S3Store
 from stor.backends.s3queue import S3Queue
+from stor.backends.tombstones import TombstoneStore
 from stor.config import (
     ENV_BASIC_AUTH,
     ENV_CONFIG_FILE,
@@ -31,7 +32,7 @@ from stor.config import (
 )
 from stor.errors import ConfigError
 from stor.http.app import create_app
-from stor.http.auth import Authenticator
+from stor.http.auth import Authenticator, Role, lists_of
 from stor.metrics import FanoutMetrics, Metrics, NullMetrics
 from stor.metrics.prometheus import DiskGauge, PrometheusMetrics
 from stor.metrics.statsd import StatsdMetrics
@@ -45,6 +46,7 @@ from stor.service.nearcache import NearCache
 from stor.service.offload import Background, Offload
 from stor.service.s3tier import NoS3, S3Part, S3Tier
 from stor.service.status import StatusReporter
+from stor.service.takedown import Takedowns
 from stor.service.upload import Uploads
 from stor.wiring.reload import Reloader
 
@@ -76,6 +78,16 @@ def build_service(config: Config, metrics: Metrics | None = None) -> BlobService
     background = Background(offload)
     integrity = Integrity(metrics, near, open_files, Healer())
     s3 = _s3(config, pool, offload, metrics, integrity)
+    takedowns = Takedowns(
+        TombstoneStore(pool.pairs[0].members),
+        pool,
+        monitor,
+        near=near,
+        open_files=open_files,
+        locations=locations,
+        s3=s3,
+        offload=offload,
+    )
     lookup = Lookup(
         pool,
         monitor,
@@ -83,30 +95,21 @@ def build_service(config: Config, metrics: Metrics | None = None) -> BlobService
         near=near,
         open_files=open_files,
         integrity=integrity,
+        takedowns=takedowns,
         offload=offload,
         metrics=metrics,
         verify=config.verify_on_read,
         verify_max=config.verify_on_read_max,
     )
-    hot = HotPath(
-        pool,
-        monitor,
-        lookup,
-        near=near,
-        open_files=open_files,
-        integrity=integrity,
-        background=background,
-        metrics=metrics,
-        verify=config.verify_on_read,
-        s3_may_hold=s3.may_hold,
-    )
+    hot = HotPath(lookup, background=background, s3_may_hold=s3.may_hold)
     return BlobService(
         pool,
         monitor,
         lookup=lookup,
         hot=hot,
-        uploads=Uploads(pool, monitor, lookup, commits=commits, offload=offload, s3=s3),
+        uploads=Uploads(pool, monitor, lookup, commits=commits, offload=offload, s3=s3, takedowns=takedowns),
         integrity=integrity,
+        takedowns=takedowns,
         s3=s3,
         reporter=StatusReporter(
             pool, monitor, locations=locations, commits=commits, s3=s3, offload=offload, metrics=metrics
@@ -177,7 +180,7 @@ def build_app(config: Config, config_path: str | None = None) -> Starlette:
         metrics = FanoutMetrics(prometheus, StatsdMetrics(config.statsite))
     service = build_service(config, metrics)
     names = NamedFiles(service)
-    authenticator = Authenticator(config.basic_auth)
+    authenticator = Authenticator(lists_of(config))
     reloader = Reloader(config_path, config, service, authenticator, build_pair)
 
     @asynccontextmanager
@@ -186,7 +189,7 @@ def build_app(config: Config, config_path: str | None = None) -> Starlette:
         await service.in_thread(names.prepare)
         if swept:
             log.info("removed %d stale temp files left by earlier runs", swept)
-        if not authenticator.enabled:
+        if not authenticator.enabled(Role.WRITER):
             log.warning(
                 "no basic_auth credentials configured (nor %s): every write is refused with 401", ENV_BASIC_AUTH
             )

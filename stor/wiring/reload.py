@@ -2,8 +2,9 @@
 change without a restart, without refusing a connection.
 
 Applied at once: `writable_pairs_regex` (which pairs take writes: Stor's way to drain a pair),
-`basic_auth`, and pairs added at the end of `storage_pairs` (their directories are checked
-and prepared first). Any other change is logged as waiting for a restart. An invalid file
+the credential lists (`basic_auth`, `read_auth`, `admin_auth`, `metrics_auth`; what was verified
+is forgotten), and pairs added at the end of `storage_pairs` (their directories are checked and
+prepared first). Any other change is logged as waiting for a restart. An invalid file
 (or a new pair whose directory is missing) is logged with the key at fault, and the running
 config stays whole. One log line says what changed. Under `--workers N` the supervisor
 passes the signal on to every worker (`http.servers`), and each applies the same file.
@@ -21,12 +22,20 @@ from collections.abc import Callable
 from stor.backends.pairs import Pair
 from stor.config import KEYS, Config, check_storage_dirs, load_config
 from stor.errors import ConfigError, StorError
-from stor.http.auth import Authenticator
+from stor.http.auth import CONFIG_KEYS, Authenticator, lists_of
 from stor.service import BlobService
 
 log = logging.getLogger(__name__)
 
-LIVE_KEYS = frozenset({"writable_pairs_regex", "basic_auth", "storage_pairs"})
+LIVE_KEYS = frozenset({"writable_pairs_regex", "storage_pairs", *CONFIG_KEYS})
+
+_WHO = {"basic_auth": "writers", "read_auth": "readers", "admin_auth": "admins", "metrics_auth": "metrics readers"}
+_NOBODY = {
+    "basic_auth": "none: every write is refused",
+    "read_auth": "none: reads are open",
+    "admin_auth": "none: no takedowns",
+    "metrics_auth": "none: /metrics is open",
+}
 
 BuildPair = Callable[[Config, int, tuple[str, ...]], Pair]
 """Makes the pair at an index from its directories, as at start-up (`wiring.build_pair`)."""
@@ -101,12 +110,16 @@ class Reloader:
         return [f"writable_pairs_regex is {new.writable_pairs_regex!r}: pairs taking writes: {taking}"]
 
     def _auth(self, new: Config) -> list[str]:
-        if new.basic_auth == self.config.basic_auth:
+        changed = [key for key in CONFIG_KEYS if getattr(new, key) != getattr(self.config, key)]
+        if not changed:
             return []
-        self.authenticator.replace(new.basic_auth)
-        self.config = dataclasses.replace(self.config, basic_auth=new.basic_auth)
-        users = ", ".join(credential.user for credential in new.basic_auth) or "none: every write is refused"
-        return [f"basic_auth: writers {users}"]
+        self.authenticator.replace(lists_of(new))
+        self.config = dataclasses.replace(self.config, **{key: getattr(new, key) for key in changed})
+        said = []
+        for key in changed:
+            users = ", ".join(credential.user for credential in getattr(new, key))
+            said.append(f"{key}: {_WHO[key]} {users}" if users else f"{key}: {_NOBODY[key]}")
+        return said
 
     async def _add_pair(self, members: tuple[str, ...], new: Config) -> list[str]:
         index = len(self.service.pairs)

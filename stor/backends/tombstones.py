@@ -1,0 +1,217 @@
+"""Takedown records ("tombstones"): which blobs an admin took down, when, by whom and why.
+
+Representation: one small JSON file per blob, `{"sha", "time", "admin", "reason"}`, named
+`<SHA>.json` in `<root>/.stor-tombstones/` on every member of the names pair, written like a
+name record (temp on the same filesystem, fsync, rename, directory fsync), so a tombstone is as
+durable and as mirrored as a blob and every process sharing the disks sees it. Takedowns are
+rare (hundreds, not millions), so the directory is flat and read whole when it changes.
+
+Contract:
+- `put` writes on every member that answers and succeeds if at least one did (a takedown
+  must work while a member is down; `reconcile` copies it over when the member returns);
+  `StorageUnavailable` when none could be written.
+- `get` answers from the first member that answers; a member that fails is skipped;
+  `StorageUnavailable` only when none could be asked.
+- `cached` answers from the kernel's caches alone (safe on the event loop): a tombstone, None
+  when the dentry cache proves there is none on a member, or `UNKNOWN`.
+- `all` is every tombstone of every member, re-read only when a member's directory changed.
+Blocking (but `cached`) and thread-safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass
+from typing import Final
+
+from stor.backends import nowait
+from stor.backends.disk import Disk, now_ns
+from stor.backends.temps import fsync_dir
+from stor.digest import Sha, parse_sha
+from stor.errors import InvalidDigest, StorageUnavailable
+
+TOMBSTONES_DIR = ".stor-tombstones"
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    sha: Sha
+    time: float
+    """When the blob was taken down (Unix time)."""
+    admin: str
+    reason: str
+
+
+class _Unknown:
+    def __repr__(self) -> str:
+        return "UNKNOWN"
+
+
+UNKNOWN: Final = _Unknown()
+"""`cached` could not tell without waiting on a disk."""
+
+
+class TombstoneStore:
+    def __init__(self, members: tuple[Disk, ...]) -> None:
+        self.members = members
+        self._listings: dict[str, tuple[int, dict[Sha, Tombstone]]] = {}  # root -> (dir mtime, tombstones)
+        self._lock = threading.Lock()
+
+    def _dir(self, disk: Disk) -> str:
+        return os.path.join(disk.root, TOMBSTONES_DIR)
+
+    def _path(self, disk: Disk, sha: Sha) -> str:
+        return os.path.join(self._dir(disk), f"{sha.upper()}.json")
+
+    def prepare(self) -> None:
+        """Blocking, at start-up: the directory on every member that answers."""
+        for disk in self.members:
+            with contextlib.suppress(OSError):
+                self._make_dir(disk)
+
+    def _make_dir(self, disk: Disk) -> None:
+        """The directory, in a root that exists (never the root itself: a missing root is an
+        unmounted disk)."""
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self._dir(disk))
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def get(self, sha: Sha) -> Tombstone | None:
+        asked = 0
+        for disk in self.members:
+            try:
+                found = self._read(self._path(disk, sha))
+            except FileNotFoundError:
+                asked += 1
+                continue
+            except (OSError, ValueError):
+                continue  # this member cannot say; the other may
+            return found
+        if not asked:
+            raise StorageUnavailable("no member of the names pair could be asked for takedown records")
+        return None
+
+    def cached(self, sha: Sha) -> Tombstone | _Unknown | None:
+        """`get` from the kernel's caches alone: the dentry cache must prove the record absent
+        on every member; a record it shows is read by `get` (rare: a taken-down blob)."""
+        for disk in self.members:
+            try:
+                st = nowait.stat_cached(self._path(disk, sha))
+            except FileNotFoundError:
+                continue
+            if st is None:
+                return UNKNOWN
+            return UNKNOWN  # present: read it with `get`, off the loop
+        return None
+
+    def all(self) -> dict[Sha, Tombstone]:
+        """Every tombstone on the members that answer (merged; the oldest wins)."""
+        merged: dict[Sha, Tombstone] = {}
+        for disk in self.members:
+            with contextlib.suppress(OSError):
+                for sha, tombstone in self._listing(disk).items():
+                    if sha not in merged or tombstone.time < merged[sha].time:
+                        merged[sha] = tombstone
+        return merged
+
+    def _listing(self, disk: Disk) -> dict[Sha, Tombstone]:
+        directory = self._dir(disk)
+        try:
+            mtime = os.stat(directory).st_mtime_ns
+        except FileNotFoundError:
+            return {}
+        with self._lock:
+            known = self._listings.get(disk.root)
+        if known is not None and known[0] == mtime and now_ns() - mtime > 50_000_000:
+            return known[1]  # (a directory changed in the last 50 ms may change again in the same tick)
+        previous = {} if known is None else known[1]
+        found: dict[Sha, Tombstone] = {}
+        for name in os.listdir(directory):
+            sha = _sha_of(name)
+            if sha is None:
+                continue
+            if sha in previous:
+                found[sha] = previous[sha]
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                found[sha] = self._read(os.path.join(directory, name))
+        with self._lock:
+            self._listings[disk.root] = (mtime, found)
+        return found
+
+    @staticmethod
+    def _read(path: str) -> Tombstone:
+        with open(path, "rb") as handle:
+            raw = json.loads(handle.read())
+        return Tombstone(parse_sha(raw["sha"]), float(raw["time"]), str(raw["admin"]), str(raw["reason"]))
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def put(self, tombstone: Tombstone) -> list[str]:
+        """Write `tombstone` on every member that answers; the roots written."""
+        data = json.dumps(asdict(tombstone)).encode()
+        written, errors = [], []
+        for disk in self.members:
+            try:
+                self._write(disk, tombstone.sha, data)
+            except (OSError, StorageUnavailable) as exc:
+                errors.append(f"{disk.root}: {exc}")
+                continue
+            written.append(disk.root)
+        if not written:
+            raise StorageUnavailable(f"the takedown record could not be written: {'; '.join(errors)}")
+        return written
+
+    def _write(self, disk: Disk, sha: Sha, data: bytes) -> None:
+        self._make_dir(disk)
+        temp = disk.new_temp()
+        try:
+            temp.write(data)
+            temp.sync(now_ns())
+            temp.replace(self._path(disk, sha))
+        finally:
+            temp.discard()
+
+    def remove(self, sha: Sha) -> list[str]:
+        """Lift the takedown of `sha` on every member that answers; the roots it was lifted on.
+        `StorageUnavailable` when a member holding it could not be changed."""
+        lifted = []
+        for disk in self.members:
+            path = self._path(disk, sha)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StorageUnavailable(f"{disk.root}: cannot remove the takedown record: {exc.strerror}") from exc
+            fsync_dir(os.path.dirname(path))
+            lifted.append(disk.root)
+        return lifted
+
+    def reconcile(self, *, restore: bool) -> tuple[int, int]:
+        """(tombstones, how many were missing on a member): a member that was away during a
+        takedown lacks its record; with `restore` it is written there now."""
+        by_member = {disk.root: self._listing(disk) for disk in self.members}
+        merged = self.all()
+        missing = 0
+        for disk in self.members:
+            for sha, tombstone in merged.items():
+                if sha in by_member[disk.root]:
+                    continue
+                missing += 1
+                if restore:
+                    self._write(disk, sha, json.dumps(asdict(tombstone)).encode())
+        return len(merged), missing
+
+
+def _sha_of(name: str) -> Sha | None:
+    if not name.endswith(".json") or len(name) != 69:
+        return None
+    try:
+        return parse_sha(name[:64])
+    except InvalidDigest:
+        return None
