@@ -109,6 +109,13 @@ def _section(section: Section, n: int) -> str:
     post = next((o for o, _ in section.results if o.workload.startswith("POST 4k (durable, both copies;")), None)
     bare = next((v for k, v in section.limits.items() if "bare protocol" in k and "32 threads" in k), None)
     versus = f"POST runs at **{post.rps / bare:.2f}x** the bare protocol with 32 threads.\n" if post and bare else ""
+    get4k = next((o for o, _ in section.results if o.workload == "GET 4k"), None)
+    authed = next((o for o, _ in section.results if o.workload == READ_AUTH_ROW), None)
+    if get4k and authed:
+        versus += (
+            f"\nGET 4k with `read_auth` (a bcrypt reader, verified once, then remembered) runs at "
+            f"**{authed.rps / get4k.rps:.2f}x** open reads.\n"
+        )
     limits = "\n".join(f"| {k} | {'-' if v is None else f'{v:,.1f}'} |" for k, v in section.limits.items())
     notes = _NOTES if n == 0 else ""
     return f"""## On {section.storage}
@@ -131,6 +138,8 @@ run starts after a `sync`, with nothing dirty.
 {versus}
 {_refill_section(section.refilled)}"""
 
+
+READ_AUTH_ROW = "GET 4k, read_auth (a bcrypt reader)"
 
 _NOTES = """
 nginx's URL carries the sha in uppercase (core nginx cannot change case; the files are the same). GET 404 counts

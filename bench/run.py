@@ -10,6 +10,7 @@ ext4 images. Not part of `make test`; nothing here asserts a time.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 from bench.corpus import Members, build_corpus, can_mount_images, warm
-from bench.report import Section, write_report
+from bench.report import READ_AUTH_ROW, Section, write_report
 from bench.servers import Nginx, Stor, free_port, raise_fd_limit
 from bench.settings import AUTH, POST_BLOBS, wanted
 from bench.workloads import (
@@ -36,6 +37,7 @@ from bench.workloads import (
     refill,
     wrk,
 )
+from stor.http.auth import hash_password
 
 
 def main() -> None:
@@ -109,7 +111,15 @@ def run_on(base: Path, *, images: bool, full: bool) -> Section:  # noqa: PLR0915
             up, down = big_transfer_rss(stor) if wanted("rss") and full else (0.0, 0.0)
         finally:
             stor.stop()
+        reader = base64.b64encode(b"reader:reader-pass").decode()
+        read_auth = {**base_config, "read_auth": f"reader:{hash_password('reader-pass', 'bcrypt')}"}
         variants: list[tuple[str, dict[str, object], str | None, Path]] = [
+            (
+                READ_AUTH_ROW,
+                read_auth,
+                None,
+                lua_get(scripts / "4k-auth.lua", shas["4k"], authorization=f"Basic {reader}"),
+            ),
             ("GET 4k, verify_on_read off", {**base_config, "verify_on_read": False}, None, scripts / "4k.lua"),
             ("GET 4k, --server granian", base_config, "granian", scripts / "4k.lua"),
             ("GET 8m, --server granian (no sendfile)", base_config, "granian", scripts / "8m.lua"),

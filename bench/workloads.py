@@ -26,10 +26,12 @@ from stor.checksum import fast_sum
 from stor.digest import Sha
 
 
-def lua_get(path: Path, shas: list[str], method: str = "GET", upper: bool = False) -> Path:
+def lua_get(path: Path, shas: list[str], method: str = "GET", upper: bool = False, authorization: str = "") -> Path:
     names = ",".join(f'"{s.upper() if upper else s}"' for s in shas)
+    headers = f"{{Authorization = '{authorization}'}}" if authorization else "nil"
     path.write_text(
-        f"shas = {{{names}}}\nrequest = function() return wrk.format('{method}', '/' .. shas[math.random(#shas)]) end\n"
+        f"shas = {{{names}}}\nheaders = {headers}\n"
+        f"request = function() return wrk.format('{method}', '/' .. shas[math.random(#shas)], headers) end\n"
     )
     return path
 

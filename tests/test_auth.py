@@ -14,7 +14,7 @@ import pytest
 from stor.config import Credential
 from stor.errors import Unauthorized
 from stor.http import auth
-from stor.http.auth import Authenticator, Role, hash_password
+from stor.http.auth import READERS, Authenticator, Role, hash_password
 from tests.conftest import Storage, app_client
 from tests.helpers import sha256
 
@@ -81,6 +81,18 @@ async def test_a_flood_of_wrong_passwords_is_bounded(verified: list[str], monkey
         checker.close()
     assert all(isinstance(outcome, Unauthorized) for outcome in outcomes)
     assert len(verified) <= 4  # the rest were refused without hashing
+
+
+async def test_many_requests_with_one_new_credential_verify_it_once(verified: list[str]) -> None:
+    """64 connections arriving at once with the same credential (a client pool at start-up):
+    one verification, not one each queued behind the others."""
+    checker = Authenticator({Role.READER: (Credential("r", hash_password("right", "bcrypt")),)})
+    try:
+        users = await asyncio.gather(*(checker.check(basic("r", "right"), READERS) for _ in range(64)))
+    finally:
+        checker.close()
+    assert users == ["r"] * 64
+    assert verified == ["right"]
 
 
 def test_stor_hash_password_prints_a_usable_hash() -> None:

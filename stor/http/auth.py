@@ -5,9 +5,11 @@ A configured password is either plain text, compared in constant time, or a bcry
 or argon2 (`$argon2id$…`) hash, as `stor hash-password` prints. Verifying a hash costs tens of
 milliseconds of CPU on purpose, so:
 - a credential verified once is remembered (as a keyed digest, never the password) and
-  answered at memory speed afterwards;
-- verifications run in one thread of their own, off the event loop: a flood of wrong passwords
-  can take at most one core, and past `MAX_WAITING` waiting, more are refused at once (401).
+  answered at memory speed afterwards; the hot path remembers whole Authorization headers the
+  same way, so a request it has seen before costs one keyed hash and a dict look-up;
+- verifications run in one thread of their own, off the event loop, one per distinct credential
+  however many requests carry it at once: a flood of wrong passwords can take at most one core,
+  and past `MAX_WAITING` distinct ones waiting, more are refused at once (401).
 """
 
 from __future__ import annotations
@@ -124,6 +126,8 @@ class Authenticator:
         ]
         self._roles = frozenset(role for role, creds in lists.items() if creds)
         self._verified: OrderedDict[bytes, frozenset[str]] = OrderedDict()
+        self._pending: dict[bytes, asyncio.Task[frozenset[str]]] = {}  # event-loop only
+        self._headers: dict[bytes, frozenset[str]] = {}  # keyed digest of an Authorization header -> its roles
 
     def enabled(self, role: str = Role.WRITER) -> bool:
         """Whether any credential of `role` is configured."""
@@ -153,16 +157,26 @@ class Authenticator:
     def check_now(self, authorization: str | None, allowed: frozenset[str]) -> bool | _Unknown:
         """`check` without waiting (for the event loop): True or False, or `UNKNOWN` when a slow
         hash would have to be verified first."""
-        offered = _basic_payload(authorization)
-        if self._plain_roles(offered) & allowed:
-            return True
-        if not any(role in allowed for *_, role in self._hashed):
+        if authorization is None:
             return False
-        digest = hmac.new(self._key, offered, hashlib.sha256).digest()
-        with self._lock:
-            known = self._verified.get(digest)
-        if known is None:
-            return UNKNOWN
+        header = hashlib.blake2b(authorization.encode("latin-1", "replace"), key=self._key, digest_size=16).digest()
+        known = self._headers.get(header)  # the header seen before: a dict look-up, no decoding
+        if known is not None:
+            return bool(known & allowed)
+        offered = _basic_payload(authorization)
+        known = self._plain_roles(offered)
+        complete = not self._hashed  # every role the header carries is known
+        if self._hashed:
+            with self._lock:
+                hashed = self._verified.get(hmac.new(self._key, offered, hashlib.sha256).digest())
+            if hashed is not None:
+                known, complete = known | hashed, True
+            elif not known & allowed and any(role in allowed for *_, role in self._hashed):
+                return UNKNOWN
+        if known and complete:
+            if len(self._headers) >= REMEMBERED:
+                self._headers.clear()
+            self._headers[header] = known
         return bool(known & allowed)
 
     def _plain_roles(self, offered: bytes) -> frozenset[str]:
@@ -179,21 +193,31 @@ class Authenticator:
             return frozenset()
         digest = hmac.new(self._key, offered, hashlib.sha256).digest()
         with self._lock:
-            verified = self._verified  # a reload meanwhile replaces it: what is verified here is not kept then
-            known = verified.get(digest)
+            known = self._verified.get(digest)
             if known is not None:
-                verified.move_to_end(digest)
+                self._verified.move_to_end(digest)
                 return known
-            if self._waiting >= MAX_WAITING:
-                return frozenset()  # a flood: refused without spending CPU on it
-            self._waiting += 1
-        try:
+        task = self._pending.get(digest)  # one verification per distinct credential, however many ask
+        if task is None:
+            with self._lock:
+                if self._waiting >= MAX_WAITING:
+                    return frozenset()  # a flood: refused without spending CPU on it
+                self._waiting += 1
             text = password.decode("utf-8", "replace")
-            loop = asyncio.get_running_loop()
-            roles = await loop.run_in_executor(self._verifier, _roles_verified, candidates, text)
+            task = asyncio.get_running_loop().create_task(self._verify(offered, digest, candidates, text))
+            self._pending[digest] = task
+        return await asyncio.shield(task)  # a request that goes away leaves the verification to the others
+
+    async def _verify(
+        self, offered: bytes, digest: bytes, candidates: list[tuple[str, str]], text: str
+    ) -> frozenset[str]:
+        verified, pending = self._verified, self._pending  # a reload meanwhile replaces both
+        try:
+            roles = await asyncio.get_running_loop().run_in_executor(self._verifier, _roles_verified, candidates, text)
         finally:
             with self._lock:
                 self._waiting -= 1
+            pending.pop(digest, None)
         with self._lock:
             stale = verified is not self._verified
             if not stale and roles:  # a wrong password is not remembered: each costs a verification (bounded above)
