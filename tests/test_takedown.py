@@ -7,6 +7,8 @@ import asyncio
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -260,7 +262,8 @@ def test_another_node_sharing_the_disks_stops_within_a_second(
 ) -> None:
     path = storage.base / "config.json"
     path.write_text(json.dumps(config(storage)))
-    first, second = start_stor("--config", str(path)), start_stor("--config", str(path))
+    first = start_stor("--config", str(path), "--log-format", "json")
+    second = start_stor("--config", str(path))
     assert httpx.post(f"{first.url}/{SHA}", content=DATA, auth=AUTH).status_code == 201
     for _ in range(5):
         assert httpx.get(f"{second.url}/{SHA}").content == DATA
@@ -272,4 +275,36 @@ def test_another_node_sharing_the_disks_stops_within_a_second(
     layout_path(storage.pairs[0][0], SHA).parent.mkdir(parents=True, exist_ok=True)
     layout_path(storage.pairs[0][0], SHA).write_bytes(DATA)
     assert all(httpx.get(f"{second.url}/{SHA}").status_code == 410 for _ in range(10))
-    assert "takedown" in first.log() and REASON in first.log()  # the audit line
+    audit = [json.loads(line) for line in first.log().splitlines() if '"stor.audit"' in line]
+    assert [(a["action"], a["sha"], a["admin"], a["reason"]) for a in audit] == [("takedown", SHA, "admin", REASON)]
+
+
+def test_the_client_takes_down_and_restores(
+    storage: Storage, start_stor: Callable[..., StorProcess], tmp_path: Path
+) -> None:
+    path = storage.base / "config.json"
+    path.write_text(json.dumps(config(storage)))
+    server = start_stor("--config", str(path))
+    assert httpx.post(f"{server.url}/{SHA}", content=DATA, auth=AUTH).status_code == 201
+
+    def stor(*args: str, user: tuple[str, str] = ADMIN) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "STOR_URL": server.url, "STOR_CREDENTIALS": f"{user[0]}:{user[1]}"}
+        return subprocess.run(
+            [sys.executable, "-m", "stor", *args, "--retries", "0"], capture_output=True, text=True, env=env
+        )
+
+    assert stor("takedown", SHA).returncode == 2  # no reason: a usage error
+    writer = stor("takedown", SHA, "--reason", REASON, user=AUTH)
+    assert writer.returncode == 2 and "401" in writer.stderr
+    done = stor("takedown", SHA, "--reason", REASON)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["sha"] == SHA and storage.copies(SHA) == []
+    again = stor("takedown", SHA, "--reason", REASON)
+    assert again.returncode == 1 and "410" in again.stderr
+    sample = tmp_path / "sample.bin"
+    sample.write_bytes(DATA)
+    refused = stor("takedown", "--restore", str(sample), user=AUTH)
+    assert refused.returncode == 1 and "410" in refused.stderr  # a writer cannot restore
+    restored = stor("takedown", "--restore", str(sample))
+    assert restored.returncode == 0, restored.stderr
+    assert httpx.get(f"{server.url}/{SHA}").content == DATA

@@ -15,6 +15,8 @@ from typing import Any
 
 FORMATS = ("text", "json")
 ACCESS_FIELDS = ("method", "path", "status", "bytes", "duration_ms", "remote")
+AUDIT_FIELDS = ("action", "sha", "admin", "reason")
+"""The fields of an audit line (`stor.audit`: takedowns and restores)."""
 _RENAMED = {"uvicorn.error": "stor.server", "uvicorn": "stor.server", "_granian": "stor.server"}
 
 
@@ -27,8 +29,8 @@ class Renamed(logging.Filter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, the access fields when the
-    line has them, and the exception's traceback when there is one."""
+    """One JSON object per line: time, level, logger, message, the access or audit fields when
+    the line has them, and the exception's traceback when there is one."""
 
     converter = time.gmtime  # type: ignore[assignment]  # UTC, as the "Z" says
 
@@ -39,7 +41,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for field in ACCESS_FIELDS:
+        for field in ACCESS_FIELDS + AUDIT_FIELDS:
             if field in record.__dict__:
                 line[field] = record.__dict__[field]
         if record.exc_info:
