@@ -80,11 +80,13 @@ class TombstoneStore:
 
     # -- reads -----------------------------------------------------------------------------
 
-    def get(self, sha: Sha) -> Tombstone | None:
+    def get(self, sha: Sha, members: list[Disk] | None = None) -> Tombstone | None:
+        """From `members` (the ones not hung: default all)."""
         asked = 0
-        for disk in self.members:
+        for disk in self.members if members is None else members:
             try:
-                found = self._read(self._path(disk, sha))
+                with disk.inflight.op():  # counted as the disk's operation: a hung one is seen as such
+                    found = self._read(self._path(disk, sha))
             except FileNotFoundError:
                 asked += 1
                 continue
@@ -108,11 +110,11 @@ class TombstoneStore:
             return UNKNOWN  # present: read it with `get`, off the loop
         return None
 
-    def all(self) -> dict[Sha, Tombstone]:
-        """Every tombstone on the members that answer (merged; the oldest wins)."""
+    def all(self, members: list[Disk] | None = None) -> dict[Sha, Tombstone]:
+        """Every tombstone on `members` (default all) that answer (merged; the oldest wins)."""
         merged: dict[Sha, Tombstone] = {}
-        for disk in self.members:
-            with contextlib.suppress(OSError):
+        for disk in self.members if members is None else members:
+            with contextlib.suppress(OSError, StorageUnavailable), disk.inflight.op():
                 for sha, tombstone in self._listing(disk).items():
                     if sha not in merged or tombstone.time < merged[sha].time:
                         merged[sha] = tombstone

@@ -35,6 +35,7 @@ from stor.backends.pairs import StoragePool
 from stor.backends.tombstones import Tombstone, TombstoneStore
 from stor.digest import Sha
 from stor.errors import BlobGone, BlobNotFound, StorageUnavailable
+from stor.service.events import EventLog
 from stor.service.health import HealthMonitor
 from stor.service.nearcache import NearCache
 from stor.service.offload import Offload
@@ -77,6 +78,7 @@ class Takedowns:
         locations: LocationCache | None,
         s3: S3Part,
         offload: Offload,
+        events: EventLog,
     ) -> None:
         self.store = store
         self.pool = pool
@@ -86,6 +88,7 @@ class Takedowns:
         self.locations = locations
         self.s3 = s3
         self.offload = offload
+        self.events = events
         self._known: dict[Sha, Tombstone] = {}  # replaced whole: safe to read from any thread
 
     # -- is it gone? -------------------------------------------------------------------------
@@ -94,10 +97,13 @@ class Takedowns:
         """From this process's memory of the tombstones (no I/O: for the event loop)."""
         return self._known.get(sha) if self._known else None
 
+    def _answering(self) -> list[Disk]:
+        return [disk for disk in self.store.members if self.monitor.responsive(disk)]
+
     def gone(self, sha: Sha) -> Tombstone | None:
         """Blocking: from the tombstone files (memory, if no member of the names pair answers)."""
         try:
-            found = self.store.get(sha)
+            found = self.store.get(sha, self._answering())
         except StorageUnavailable:
             return self.gone_now(sha)
         if found is not None and sha not in self._known:
@@ -135,7 +141,7 @@ class Takedowns:
         """Keep the memory of the tombstones fresh (until cancelled)."""
         while True:
             with contextlib.suppress(Exception):  # a disk that fails is retried at the next turn
-                self._known = await self.offload.run(self.store.all)
+                self._known = await self.offload.run(self.store.all, self._answering())
             await asyncio.sleep(REFRESH_SECONDS)
 
     # -- takedown and restore ----------------------------------------------------------------
@@ -143,7 +149,7 @@ class Takedowns:
     def take_down(self, sha: Sha, admin: str, reason: str, *, s3_holds: Callable[[Sha], bool]) -> TakedownReport:
         """Blocking. `BlobGone` when it was taken down already; `BlobNotFound` when every disk
         answered and neither they, their quarantines nor S3 hold it."""
-        previous = self.store.get(sha)
+        previous = self.gone(sha)
         if previous is not None:
             raise gone(previous)
         disks = [disk for disk in self.pool.disks if self.monitor.responsive(disk)]
@@ -154,6 +160,7 @@ class Takedowns:
         report = TakedownReport(sha, tombstone.time, admin, reason, unreachable=unreachable)
         report.tombstone_on = self.store.put(tombstone)
         self._known = {**self._known, sha: tombstone}
+        self.events.record("blob.taken_down", sha=sha, reason=reason)
         for disk in disks:
             try:
                 if disk.remove(sha):
