@@ -88,8 +88,11 @@ class StatusReport:
     memcached: dict[str, object]
     s3: dict[str, object]
     scrub: list[dict[str, object]]
-    ready: bool = True  # every pair readable, some pair taking writes (`/readyz`)
+    ready: bool = True  # every pair has a readable member (`/readyz`)
     ready_reasons: list[str] = field(default_factory=list)
+    writable: bool = True  # some pair takes writes (`/readyz?writes=1` asks for it too)
+    events: dict[str, object] = field(default_factory=dict)  # the lifecycle events' outbox and broker
+    rabbitmq: dict[str, object] = field(default_factory=dict)  # Stor's requested-sha hints
     version: str = __version__
     uptime: float = 0.0
     reserved_bytes: dict[int, int] = field(default_factory=dict)

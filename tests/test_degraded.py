@@ -43,11 +43,17 @@ async def test_healthz_is_liveness_and_readyz_survives_a_degraded_pair(storage: 
         assert (await http.get("/healthz")).status_code == 200  # the process still answers
 
 
-async def test_readyz_wants_some_pair_taking_writes(storage: Storage) -> None:
+async def test_readyz_serves_without_writes_unless_asked_for_them(storage: Storage) -> None:
+    """A node whose pairs take no writes still serves every blob: ready (DESIGN §1); a pool
+    that only takes uploads asks `?writes=1`."""
     async with app_client(storage.config(writable_pairs_regex="^nothing$")) as http:
-        answer = await http.get("/readyz")
+        ready = await http.get("/readyz", params={"format": "json"})
+        assert ready.status_code == 200 and ready.json()["writable"] is False
+        answer = await http.get("/readyz", params={"writes": "1"})
         assert answer.status_code == 503 and "no pair takes writes" in answer.text
         assert (await http.get("/status")).status_code == 200
+    async with app_client(storage.config()) as http:
+        assert (await http.get("/readyz", params={"writes": "1"})).text == "OK\n"
 
 
 async def test_a_blob_whose_copies_are_all_quarantined_is_lost_not_absent(storage: Storage) -> None:

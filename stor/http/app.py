@@ -58,10 +58,13 @@ def create_app(
         return _health_answer(request, report, report.ok, report.reasons)
 
     async def readyz(request: Request) -> Response:
-        """For load balancers: 503 only when some pair has no readable member or no pair
-        takes writes. A degraded pair (one member down) still serves."""
+        """For load balancers: 503 only when some pair has no readable member (a degraded pair,
+        one member down, still serves); `?writes=1` also when no pair takes writes."""
         report = await service.status()
-        return _health_answer(request, report, report.ready, report.ready_reasons)
+        reasons = list(report.ready_reasons)
+        if request.query_params.get("writes") in ("1", "true", "yes") and not report.writable:
+            reasons.append("no pair takes writes")
+        return _health_answer(request, report, not reasons, reasons)
 
     async def healthz(request: Request) -> Response:
         """Liveness: the process answers. Touches no disk."""

@@ -76,6 +76,7 @@ class BlobRoutes:
             answer = in_full(error_response(exc, method, path, {}))
         if answer is None:
             return None
+        self.service.requested(sha)
         counter.status, counter.sent = answer[0], 0 if method == "HEAD" else len(answer[2])
         counter.report(self.service.metrics, method, "blob", path, client)
         return answer
@@ -102,6 +103,7 @@ class BlobRoutes:
         hot_tried = bool(scope.get(HOT_TRIED))
         try:
             await self.authenticator.check_read(Headers(scope=scope).get("authorization"))
+            self.service.requested(sha)
             if method == "HEAD":
                 stat = await self.service.stat(sha, hot_tried=hot_tried)
                 return blob_response(Headers(scope=scope), sha, stat, None)

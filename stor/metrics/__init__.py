@@ -39,6 +39,12 @@ class Metrics(Protocol):
     def integrity(self, event: str) -> None:
         """An integrity event: `s3_corrupt` (an S3 object failed its hash), …"""
 
+    def dropped(self, what: str, count: int) -> None:
+        """Hints dropped (`rabbitmq`: requested shas the buffer could not hold for the broker)."""
+
+    def events_backlog(self, events: int, oldest_age: float) -> None:
+        """Lifecycle events waiting in the durable outbox, and the oldest one's age (seconds)."""
+
     def close(self) -> None:
         """Release sockets; called once at shutdown."""
 
@@ -68,6 +74,12 @@ class NullMetrics:
         pass
 
     def integrity(self, event: str) -> None:
+        pass
+
+    def dropped(self, what: str, count: int) -> None:
+        pass
+
+    def events_backlog(self, events: int, oldest_age: float) -> None:
         pass
 
     def close(self) -> None:
@@ -111,6 +123,14 @@ class FanoutMetrics:
     def integrity(self, event: str) -> None:
         for target in self.targets:
             target.integrity(event)
+
+    def dropped(self, what: str, count: int) -> None:
+        for target in self.targets:
+            target.dropped(what, count)
+
+    def events_backlog(self, events: int, oldest_age: float) -> None:
+        for target in self.targets:
+            target.events_backlog(events, oldest_age)
 
     def close(self) -> None:
         for target in self.targets:

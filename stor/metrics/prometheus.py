@@ -197,6 +197,16 @@ class PrometheusMetrics:
         self._children: dict[tuple[str, str, int], tuple[Any, Any, Any, Any]] = {}
         self._labelled: dict[tuple[int, str], Any] = {}
         self._integrity = Counter("stor_integrity_events", "Corrupt or lost copies found", ["event"], registry=r)
+        self._dropped = Counter("stor_hints_dropped", "Hints dropped (rabbitmq: requested shas)", ["what"], registry=r)
+        self._events_backlog = Gauge(
+            "stor_events_outbox", "Lifecycle events waiting to be published", registry=r, multiprocess_mode="livemax"
+        )
+        self._events_age = Gauge(
+            "stor_events_oldest_age_seconds",
+            "Age of the oldest unpublished event",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self._tally: _Tally | _Direct = _Tally() if os.environ.get(ENV_MULTIPROC) else _Direct()
         self._flusher: threading.Thread | None = None
         self._closed = threading.Event()
@@ -252,6 +262,13 @@ class PrometheusMetrics:
 
     def integrity(self, event: str) -> None:
         self._integrity.labels(event).inc()
+
+    def dropped(self, what: str, count: int) -> None:
+        self._dropped.labels(what).inc(count)
+
+    def events_backlog(self, events: int, oldest_age: float) -> None:
+        self._events_backlog.set(events)
+        self._events_age.set(oldest_age)
 
     def close(self) -> None:
         self._closed.set()

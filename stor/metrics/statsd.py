@@ -76,6 +76,13 @@ class StatsdMetrics:
     def integrity(self, event: str) -> None:
         self._count(f"integrity.{event}.count")
 
+    def dropped(self, what: str, count: int) -> None:
+        self._count(f"{what}.dropped.count", count)
+
+    def events_backlog(self, events: int, oldest_age: float) -> None:
+        self._client.gauge("events.outbox.backlog", events)
+        self._client.gauge("events.outbox.oldest_age", oldest_age)
+
     def close(self) -> None:
         self._closed.set()
         self.flush()

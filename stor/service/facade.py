@@ -26,6 +26,8 @@ from stor.digest import Sha
 from stor.errors import BlobGone, BlobLost, BlobNotFound, StorageUnavailable
 from stor.metrics import Metrics
 from stor.model import BlobInfo, BlobStat, PutResult, StatusReport
+from stor.service.announce import Announcer, NoAnnouncer
+from stor.service.events import EventLog
 from stor.service.health import HealthMonitor
 from stor.service.hotpath import HotPath
 from stor.service.integrity import Integrity
@@ -57,6 +59,8 @@ class BlobService:
     uploads: Uploads
     integrity: Integrity
     takedowns: Takedowns
+    events: EventLog
+    announcer: Announcer | NoAnnouncer
     s3: S3Part
     reporter: StatusReporter
     open_files: OpenFiles
@@ -66,6 +70,9 @@ class BlobService:
     background: Background
     metrics: Metrics
 
+    def __post_init__(self) -> None:
+        self._lost: set[Sha] = set()  # announced lost by this process (once each)
+
     # -- start-up and shutdown -------------------------------------------------------------
 
     def prepare(self, *, sweep: bool = True) -> int:
@@ -74,6 +81,7 @@ class BlobService:
         swept = sum(disk.prepare(sweep=sweep) for disk in self.pool.disks)
         self.s3.prepare()
         self.takedowns.store.prepare()
+        self.events.prepare()
         return swept
 
     @property
@@ -108,7 +116,9 @@ class BlobService:
         self.monitor.add(list(pair.members))
         for disk in pair.members:
             self.s3.add(disk)
+            self.events.add(disk)
         self.s3.prepare()
+        self.events.prepare()
 
     async def run_background(self, health_interval: float) -> None:
         """Health probes, cache checks, healing and the S3 mirror; runs until cancelled."""
@@ -118,12 +128,15 @@ class BlobService:
             tasks.create_task(self.s3.run(self.lookup.local_path))
             tasks.create_task(self.hot.flush_counts())
             tasks.create_task(self.takedowns.run())
+            tasks.create_task(self.events.run())
+            tasks.create_task(self.announcer.run())
 
     async def _health_loop(self, interval: float) -> None:
         while True:
             await self.monitor.check()
             await self.offload.run(self._let_go_of_down_disks)
             await self.offload.run(self.s3.prepare)  # a disk that came back gets a queue again
+            await self.offload.run(self.events.prepare)
             await self.reporter.check_cache()
             await self.reporter.read_scrub_runs()
             await asyncio.sleep(interval)
@@ -143,6 +156,7 @@ class BlobService:
         """Release everything the service took: threads, open copies, connections, and the
         directories it claimed on the disks (their lock files)."""
         self.s3.close()
+        self.events.close()
         self.background.close()
         self.offload.close()
         self.commits.close()
@@ -196,12 +210,26 @@ class BlobService:
 
     def _from_s3(self, ask: Callable[[Sha, Exception], T], sha: Sha, miss: Exception) -> T:
         """Ask S3 after the disks missed with `miss`; a blob lost on the disks and absent from
-        S3 is counted."""
+        S3 is counted, and announced once per process."""
         try:
             return ask(sha, miss)
-        except BlobLost:
+        except BlobLost as lost:
             self.metrics.integrity("lost")
+            if sha not in self._lost:
+                self._lost.add(sha)
+                self.events.note("blob.lost", sha=sha, reason=str(lost))
             raise
+
+    def record_event(
+        self, event: str, *, sha: str | None = None, size: int | None = None, name: str | None = None
+    ) -> None:
+        """Blocking: record a lifecycle event (see `events`) before the request is answered."""
+        self.events.record(event, sha=sha, size=size, name=name)
+
+    def requested(self, sha: Sha) -> None:
+        """A GET or HEAD asked for `sha` (found or not): Stor's `rabbitmq_uri` hint, off the
+        request path."""
+        self.announcer.announce(sha)
 
     async def stat_many(self, shas: list[Sha]) -> dict[Sha, BlobInfo | None]:
         """Batch existence: size and copy count per sha (None when stored nowhere), one thread
@@ -253,7 +281,9 @@ class BlobService:
         self, sha: Sha, pair: Pair, targets: list[Disk], body: AsyncIterator[bytes], size: int, mtime: int
     ) -> list[str]:
         """Rewrite `sha` on `targets` of `pair` from a verified source (see `Uploads.repair`)."""
-        return await self.uploads.repair(sha, pair, targets, body, size, mtime)
+        paths = await self.uploads.repair(sha, pair, targets, body, size, mtime)
+        await self.in_thread(self.events.note, "blob.repaired", sha=sha, size=size, pair=pair.index, reason="scrub")
+        return paths
 
     async def relocate(self, sha: Sha, away: Pair, body: AsyncIterator[bytes], size: int, mtime: int) -> PutResult:
         """Store `sha` on a writable pair other than `away` (see `Uploads.relocate`)."""
@@ -287,6 +317,7 @@ class BlobService:
         if result.created:
             self.metrics.integrity("healed")
             log.info("healed %s: %s", sha, ", ".join(result.paths))
+            await self.in_thread(self.events.note, "blob.repaired", sha=sha, size=blob.stat.size, reason="healed")
 
     # -- status ----------------------------------------------------------------------------
 

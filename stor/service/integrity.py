@@ -23,6 +23,7 @@ from stor.digest import Sha
 from stor.errors import InsufficientStorage, StorageUnavailable
 from stor.metrics import Metrics
 from stor.model import BlobStat
+from stor.service.events import EventLog, NoEvents
 from stor.service.nearcache import NearCache
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,14 @@ def quarantine_note(sha: Sha, *, actual: str | None, size: int, mtime_ns: int, f
 class Integrity:
     """Bad and missing copies, as the read path finds them (from worker threads and the loop)."""
 
-    def __init__(self, metrics: Metrics, near: NearCache, open_files: OpenFiles, healer: Healer) -> None:
+    def __init__(
+        self, metrics: Metrics, near: NearCache, open_files: OpenFiles, healer: Healer, events: EventLog | None = None
+    ) -> None:
         self.metrics = metrics
         self.near = near
         self.open_files = open_files
         self.healer = healer
+        self.events: EventLog = events or NoEvents()
 
     def corrupt(self, disk: Disk, sha: Sha, stat: BlobStat, actual: str, size: int) -> None:
         """A copy failed verification: count it, quarantine it, and ask for a re-copy."""
@@ -62,6 +66,7 @@ class Integrity:
             log.error("corrupt copy %s (sha256 %s) could not be quarantined: %s", stat.path, actual, exc)
         else:
             log.error("corrupt copy %s (sha256 %s, %d bytes) quarantined to %s", stat.path, actual, size, moved)
+            self.events.note("blob.quarantined", sha=sha, size=stat.size, reason=f"{disk.root}: sha256 is {actual}")
         self.near.forget(sha)
         self.open_files.forget(sha)
         self.heal(sha)

@@ -56,6 +56,7 @@ class NamedFiles:
             previous = await self.blobs.in_thread(lambda: store.put(record, create_only=create))
         except NameConflict:
             raise NameExists(name) from None
+        await self.blobs.in_thread(self.blobs.record_event, "name.put", sha=sha, size=size, name=name)
         return previous is None
 
     async def get(self, name: str) -> NameRecord:
@@ -67,6 +68,7 @@ class NamedFiles:
     async def delete(self, name: str) -> None:
         if not await self.blobs.in_thread(self.store.delete, name):
             raise NameNotFound(name)
+        await self.blobs.in_thread(self.blobs.record_event, "name.deleted", name=name)
 
     async def listing(self, prefix: str, after: str, limit: int) -> list[NameRecord]:
         return await self.blobs.in_thread(self.store.listing, prefix, after, limit)

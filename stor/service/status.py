@@ -19,6 +19,8 @@ from stor.metrics import Metrics
 from stor.model import DiskHealth, PairState, StatusReport
 from stor.service.health import HealthMonitor
 from stor.service.offload import Offload
+from stor.service.announce import Announcer, NoAnnouncer
+from stor.service.events import EventLog
 from stor.service.s3tier import S3Part
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,8 @@ class StatusReporter:
     s3: S3Part
     offload: Offload
     metrics: Metrics
+    events: EventLog
+    announcer: Announcer | NoAnnouncer
 
     def __post_init__(self) -> None:
         self.cache_reachable: bool | None = None
@@ -47,13 +51,15 @@ class StatusReporter:
         reasons = [f"{h.path}: {h.error}" for h in disks if not h.ok]
         pairs = [self._pair_state(pair, by_root) for pair in self.pool.pairs]
         not_ready = [f"pair {p.index} is down: no member is readable" for p in pairs if p.state == "down"]
-        if not any(p.takes_writes for p in pairs):
-            not_ready.append("no pair takes writes")
+        writable = any(p.takes_writes for p in pairs)
         return StatusReport(
             ok=not reasons,
             reasons=reasons,
             ready=not not_ready,
             ready_reasons=not_ready,
+            writable=writable,
+            events=self.events.status(),
+            rabbitmq=self.announcer.status(),
             disks=disks,
             pairs=pairs,
             memcached={"configured": self.locations is not None, "reachable": self.cache_reachable},

@@ -25,6 +25,7 @@ from stor.backends.pairs import Pair, PairWrite, StoragePool, settle
 from stor.digest import Sha
 from stor.errors import InsufficientStorage
 from stor.model import PutResult
+from stor.service.events import EventLog
 from stor.service.health import HealthMonitor
 from stor.service.lookup import Lookup
 from stor.service.offload import Offload
@@ -53,6 +54,9 @@ class Plan:
     queue_s3: bool
     restoring: bool = False
     """An admin's upload of a blob taken down: the takedown is lifted, not enforced."""
+    event: str | None = None
+    """The lifecycle event the upload records when it writes (`blob.stored` for a new blob,
+    `blob.restored` for one an admin brings back), or None."""
 
     @property
     def done(self) -> bool:
@@ -70,6 +74,7 @@ class Upload:
         self.received = 0
         self.writer = PairWrite(plan.targets)
         self._paths: list[str] | None = None
+        self._event: str | None = None
         self._reserved = True
         pipeline.pool.reserve(plan.pair, size)
 
@@ -81,12 +86,20 @@ class Upload:
     ) -> None:
         if kind is not None:
             await self.pipeline.offload.run(self.writer.abort)  # runs to the end even when cancelled
+            await self.pipeline.offload.run(self._discard_event)
         self.close(failed=False)
+
+    def _discard_event(self) -> None:
+        """The upload failed: the event it staged must not be published."""
+        if self._event is not None and self._paths is None:
+            self.pipeline.events.discard(self._event)
+            self._event = None
 
     def close(self, *, failed: bool) -> None:
         """Blocking: abort (when `failed`) and release the reservation, once."""
         if failed:
             self.writer.abort()
+            self._discard_event()
         if self._reserved:
             self._reserved = False
             self.pipeline.pool.release(self.plan.pair, self.size)
@@ -111,6 +124,15 @@ class Upload:
         temps = self.writer.temps
         if self.plan.queue_s3:
             self.pipeline.s3.enqueue(self.writer.disks[0], sha, durable=not temps[0].groupable)
+        if self.plan.event is not None:  # durable with the first copy, as the S3 marker
+            self._event = self.pipeline.events.record(
+                self.plan.event,
+                disk=self.writer.disks[0],
+                durable=not temps[0].groupable,
+                sha=sha,
+                size=self.size or self.received,
+                pair=self.plan.pair.index,
+            )
         if not any(temp.groupable for temp in temps):
             self._paths = settle([temp.commit(sha) for temp in temps])
             self.pipeline.lookup.remember(sha, self.writer.disks[0].root)
@@ -137,6 +159,7 @@ class Uploads:
     offload: Offload
     s3: S3Part
     takedowns: Takedowns
+    events: EventLog
 
     def __post_init__(self) -> None:
         self._sha_locks: dict[Sha, tuple[asyncio.Lock, int]] = {}
@@ -157,11 +180,13 @@ class Uploads:
         down is refused (`BlobGone`), but to an admin (`restore_by`), whose upload lifts it."""
         async with self._sha_lock(sha):
             if restore_by is not None:
-                result = await self._store(sha, body, length or 0, queue_s3=True, restoring=True)
+                result = await self._store(
+                    sha, body, length or 0, queue_s3=True, restoring=True, new_event="blob.stored"
+                )
                 await self.offload.run(self.takedowns.lift, sha, restore_by)
                 return result
             if early_answer or length is None or length > SPOOL_BYTES:
-                return await self._store(sha, body, length or 0, queue_s3=True)
+                return await self._store(sha, body, length or 0, queue_s3=True, new_event="blob.stored")
             data = b"".join([chunk async for chunk in body])
             plan, upload = await self.offload.run(self._plan_and_stage, sha, data)
             if upload is None:
@@ -195,7 +220,7 @@ class Uploads:
         """Store a body whose sha is not known in advance (named files): it is hashed on the
         way in, and if the blob turns out to be stored already the new copies are dropped."""
         pair = await self.offload.run(self.pool.choose_pair, length or 0, self.monitor.pair_healthy)
-        plan = Plan(pair, list(pair.members), None, [], queue_s3=True)
+        plan = Plan(pair, list(pair.members), None, [], queue_s3=True, event="blob.stored")
         async with Upload(self, plan, length or 0) as upload:
             tail = await upload.spool(body)
             sha, existing = await self.offload.run(self._content_sha, upload, tail)
@@ -214,19 +239,23 @@ class Uploads:
         away: Pair | None = None,
         mtime_ns: int | None = None,
         restoring: bool = False,
+        new_event: str | None = None,
     ) -> Plan:
         """Blocking. `BlobGone` when the blob was taken down (unless `restoring`). Nothing to
         write when it is stored on a pair already; else the missing members of a healthy pair
         that holds some copies (keeping their mtime), else every member of a pair chosen by free
         space (given `mtime_ns`, or now). Copies on `away` (a pair being evacuated, which takes
         no writes) are left out of account."""
-        if not restoring:
+        if restoring:
+            event = "blob.restored" if self.takedowns.gone(sha) is not None else new_event
+        else:
             self.takedowns.refuse(sha)
+            event = new_event
         copies = self.lookup.copies(sha, skip=away)
         if copies is not None:
             if copies.complete:
                 paths = [copies.present[d.root].path for d in copies.pair.members]
-                return Plan(copies.pair, [], None, paths, queue_s3, restoring)
+                return Plan(copies.pair, [], None, paths, queue_s3, restoring)  # (restoring: lifted all the same)
             if copies.pair.writable and self.monitor.pair_healthy(copies.pair):
                 missing = [d for d in copies.pair.members if d.root not in copies.present]
                 mtime = min(st.mtime_ns for st in copies.present.values())
@@ -235,12 +264,21 @@ class Uploads:
         pair = self.pool.choose_pair(size, self.monitor.pair_healthy)
         if pair is away:
             raise InsufficientStorage(f"pair {pair.index} takes writes: it cannot be evacuated onto itself")
-        return Plan(pair, list(pair.members), mtime_ns, [], queue_s3, restoring)
+        return Plan(pair, list(pair.members), mtime_ns, [], queue_s3, restoring, event)
 
     async def _store(
-        self, sha: Sha, body: AsyncIterator[bytes], size: int, *, queue_s3: bool, restoring: bool = False
+        self,
+        sha: Sha,
+        body: AsyncIterator[bytes],
+        size: int,
+        *,
+        queue_s3: bool,
+        restoring: bool = False,
+        new_event: str | None = None,
     ) -> PutResult:
-        plan = await self.offload.run(lambda: self.plan(sha, size, queue_s3=queue_s3, restoring=restoring))
+        plan = await self.offload.run(
+            lambda: self.plan(sha, size, queue_s3=queue_s3, restoring=restoring, new_event=new_event)
+        )
         return await self._write(plan, sha, body, size)
 
     async def _write(self, plan: Plan, sha: Sha, body: AsyncIterator[bytes], size: int) -> PutResult:
@@ -254,7 +292,7 @@ class Uploads:
 
     def _plan_and_stage(self, sha: Sha, data: bytes) -> tuple[Plan, Upload | None]:
         """Blocking: `plan`, then `stage` of the whole body, in one thread hop."""
-        plan = self.plan(sha, len(data), queue_s3=True)
+        plan = self.plan(sha, len(data), queue_s3=True, new_event="blob.stored")
         if plan.done:
             return plan, None
         upload = Upload(self, plan, len(data))

@@ -18,6 +18,7 @@ from stor.backends.disk import Disk
 from stor.backends.groupcommit import GroupCommits
 from stor.backends.locations import LocationCache, MemcachedLocations
 from stor.backends.openfiles import OpenFiles, fd_budget
+from stor.backends.outbox import Outbox
 from stor.backends.pairs import Pair, StoragePool
 from stor.backends.s3 import S3Store
 from stor.backends.s3queue import S3Queue
@@ -37,6 +38,8 @@ from stor.metrics import FanoutMetrics, Metrics, NullMetrics
 from stor.metrics.prometheus import DiskGauge, PrometheusMetrics
 from stor.metrics.statsd import StatsdMetrics
 from stor.service import BlobService
+from stor.service.announce import Announcer, NoAnnouncer
+from stor.service.events import EventLog, Events, NoEvents
 from stor.service.health import HealthMonitor
 from stor.service.hotpath import HotPath
 from stor.service.integrity import Healer, Integrity
@@ -76,7 +79,11 @@ def build_service(config: Config, metrics: Metrics | None = None) -> BlobService
     locations = _locations(config)
     commits = GroupCommits()
     background = Background(offload)
-    integrity = Integrity(metrics, near, open_files, Healer())
+    events: EventLog = NoEvents()
+    if config.events is not None:
+        events = Events(config.events, Outbox(pool.disks), monitor, offload=offload, metrics=metrics)
+    announcer = NoAnnouncer() if config.rabbitmq_uri is None else Announcer(config.rabbitmq_uri, metrics)
+    integrity = Integrity(metrics, near, open_files, Healer(), events)
     s3 = _s3(config, pool, offload, metrics, integrity)
     takedowns = Takedowns(
         TombstoneStore(pool.pairs[0].members),
@@ -87,6 +94,7 @@ def build_service(config: Config, metrics: Metrics | None = None) -> BlobService
         locations=locations,
         s3=s3,
         offload=offload,
+        events=events,
     )
     lookup = Lookup(
         pool,
@@ -107,12 +115,24 @@ def build_service(config: Config, metrics: Metrics | None = None) -> BlobService
         monitor,
         lookup=lookup,
         hot=hot,
-        uploads=Uploads(pool, monitor, lookup, commits=commits, offload=offload, s3=s3, takedowns=takedowns),
+        uploads=Uploads(
+            pool, monitor, lookup, commits=commits, offload=offload, s3=s3, takedowns=takedowns, events=events
+        ),
         integrity=integrity,
         takedowns=takedowns,
+        events=events,
+        announcer=announcer,
         s3=s3,
         reporter=StatusReporter(
-            pool, monitor, locations=locations, commits=commits, s3=s3, offload=offload, metrics=metrics
+            pool,
+            monitor,
+            locations=locations,
+            commits=commits,
+            s3=s3,
+            offload=offload,
+            metrics=metrics,
+            events=events,
+            announcer=announcer,
         ),
         open_files=open_files,
         locations=locations,
