@@ -23,7 +23,7 @@ import pytest
 from stor.config import config_from_mapping
 from stor.wiring.build import build_app
 from tests.helpers import PASSWORD, USER, layout_path, temp_files
-from tests.services import Memcached, MotoS3, StatsdSink, free_port
+from tests.services import Memcached, MotoS3, RabbitMQ, StatsdSink, free_port
 
 
 def _cancel_all_tasks_bounded(loop: asyncio.AbstractEventLoop) -> None:
@@ -221,6 +221,23 @@ def moto_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
     server = MotoS3(tmp_path_factory.mktemp("moto"))
     yield server
     server.kill()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQ]:
+    if not any(os.access(os.path.join(d, "rabbitmq-server"), os.X_OK) for d in ("/usr/sbin", "/usr/bin")):
+        pytest.skip("rabbitmq-server is not installed (make test installs it)")
+    broker = RabbitMQ(tmp_path_factory.mktemp("rabbitmq"))
+    yield broker
+    broker.close()
+
+
+@pytest.fixture
+def rabbitmq(rabbitmq_session: RabbitMQ) -> RabbitMQ:
+    """The shared private broker, running (a test that stopped it has it started again)."""
+    if rabbitmq_session.proc is None:
+        rabbitmq_session.start()
+    return rabbitmq_session
 
 
 @pytest.fixture
