@@ -17,10 +17,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 
 from stor import __version__
 from stor.metrics.prometheus import FLUSH_INTERVAL, _Tally
-from stor.metrics.statsd import stor_outcome
+from stor.metrics.statsd import server_name, stor_outcome
 from tests.conftest import Storage, StorProcess, app_client
 from tests.helpers import AUTH, sha256, wait_for
-from tests.services import StatsdSink
+from tests.services import MotoS3, StatsdSink
 
 DATA = os.urandom(1500)
 SHA = sha256(DATA)
@@ -214,3 +214,34 @@ def test_tallied_updates_add_up_to_the_same_values() -> None:
     assert text(tallied) == text(direct)
     tally.flush()  # a second flush adds nothing
     assert text(tallied) == text(direct)
+
+
+@pytest.mark.anyio
+async def test_stor_1_5_2_names_arrive_beside_0_6s(storage: Storage, statsd_sink: StatsdSink, s3: MotoS3) -> None:
+    """Stor 1.5.2 names reads by the storage directory that served them (and S3, its HCP)."""
+    config = statsd_config(storage, statsd_sink, **s3.config(s3_fill_local=False))
+    only_s3 = os.urandom(3000)
+    async with app_client(config) as http:
+        assert (await http.post(f"/{SHA}", content=DATA, auth=AUTH)).status_code == 201
+        for _ in range(3):
+            assert (await http.get(f"/{SHA}")).status_code == 200
+        assert (await http.head(f"/{SHA}")).status_code == 200
+        assert (await http.get(f"/{sha256(b'nothing')}")).status_code == 404
+        s3.put_raw(sha256(only_s3), only_s3)
+        assert (await http.get(f"/{sha256(only_s3)}")).content == only_s3
+        counts = {name.removeprefix("stor.test."): n for name, n in statsd_sink.counts().items()}
+    served = [name for name in counts if name.startswith("success.get.ok_old.")]
+    servers = {server_name(str(root)) for root in storage.roots}
+    assert served and {name.split(".")[3] for name in served} <= servers
+    assert sum(v for k, v in counts.items() if k.startswith("success.get.ok_old.") and k.endswith(".count")) == 4
+    assert sum(v for k, v in counts.items() if k.startswith("success.get.ok_old.") and k.endswith(".size")) == 3 * len(
+        DATA
+    )
+    assert counts["success.get.ok_hcp.count"] == 1 and counts["success.get.ok_hcp.size"] == len(only_s3)
+    assert counts["error.get.not_found_old.count"] == 1 and counts["error.get.not_found_hcp.count"] == 1
+    assert counts["success.get.ok.count"] == 5  # 0.6's names stay
+
+
+def test_stor_1_5_2_server_names() -> None:
+    assert server_name("/mnt/data1") == "mnt-data1"
+    assert server_name("/srv/stor//disk_2/") == "srv-stor-disk-2"

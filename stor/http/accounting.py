@@ -83,11 +83,18 @@ class SendCounter:
         return {**scope, SENDFILE: counted}
 
     def report(
-        self, metrics: Metrics, method: str, route: str, path: str | None = None, client: tuple[str, int] | None = None
+        self,
+        metrics: Metrics,
+        method: str,
+        route: str,
+        path: str | None = None,
+        client: tuple[str, int] | None = None,
+        source: str | None = None,
     ) -> None:
-        """Count the request; log it too, given its `path`."""
+        """Count the request (`source`: the path of the copy that answered); log it too, given
+        its `path`."""
         seconds = time.perf_counter() - self.started
-        metrics.request(method, route, self.status, seconds, self.received, self.sent)
+        metrics.request(method, route, self.status, seconds, self.received, self.sent, source)
         if path is not None:
             access(method, path, self.status, self.sent, seconds, client)
 

@@ -78,15 +78,16 @@ class BlobRoutes:
             return None
         self.service.requested(sha)
         counter.status, counter.sent = answer[0], 0 if method == "HEAD" else len(answer[2])
-        counter.report(self.service.metrics, method, "blob", path, client)
+        counter.report(self.service.metrics, method, "blob", path, client, None if stat is None else stat.path)
         return answer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         method = scope["method"]
         counter = SendCounter(send, receive)
+        source: str | None = None
         try:
             if method in ("GET", "HEAD"):
-                response = await self._read(scope, method)
+                response, source = await self._read(scope, method)
                 scope = counter.counting_sendfile(scope)
             else:
                 request = Request(scope, counter.receive)
@@ -96,9 +97,10 @@ class BlobRoutes:
                     response = error_response(exc, method, scope["path"], close_if_body_unread(request))
             await response(scope, counter.receive, counter.send)
         finally:
-            counter.report(self.service.metrics, method, "blob", scope["path"], scope.get("client"))
+            counter.report(self.service.metrics, method, "blob", scope["path"], scope.get("client"), source)
 
-    async def _read(self, scope: Scope, method: str) -> Response:
+    async def _read(self, scope: Scope, method: str) -> tuple[Response, str | None]:
+        """The answer to a GET or HEAD, and the path of the copy it comes from (None: none)."""
         sha = Sha(scope["path"][1:].lower())
         hot_tried = bool(scope.get(HOT_TRIED))
         try:
@@ -106,11 +108,11 @@ class BlobRoutes:
             self.service.requested(sha)
             if method == "HEAD":
                 stat = await self.service.stat(sha, hot_tried=hot_tried)
-                return blob_response(Headers(scope=scope), sha, stat, None)
+                return blob_response(Headers(scope=scope), sha, stat, None), stat.path
             blob = await self.service.open(sha, hot_tried=hot_tried)
-            return blob_response(Headers(scope=scope), sha, blob.stat, blob)
+            return blob_response(Headers(scope=scope), sha, blob.stat, blob), blob.stat.path
         except StorError as exc:
-            return error_response(exc, method, scope["path"], {})
+            return error_response(exc, method, scope["path"], {}), None
 
     async def _write(self, request: Request) -> Response:
         """POST or PUT: the body stored under the sha of the path, verified (see `Uploads.put`).

@@ -11,9 +11,19 @@ from typing import Protocol
 
 
 class Metrics(Protocol):
-    def request(self, method: str, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int) -> None:
+    def request(
+        self,
+        method: str,
+        route: str,
+        status: int,
+        seconds: float,
+        bytes_in: int,
+        bytes_out: int,
+        source: str | None = None,
+    ) -> None:
         """One HTTP request finished: its method, route (`blob`, `status`, `file`, …, `other`),
-        status, duration and body bytes each way."""
+        status, duration and body bytes each way; for a blob served, `source`, the path of the
+        copy that answered (`s3://…` for S3)."""
 
     def cache(self, result: str, seconds: float, count: int = 1) -> None:
         """Where a blob's location came from (`count` times): `kept` (a copy kept open),
@@ -52,7 +62,16 @@ class Metrics(Protocol):
 class NullMetrics:
     """Records nothing: the default when no metrics are configured."""
 
-    def request(self, method: str, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int) -> None:
+    def request(
+        self,
+        method: str,
+        route: str,
+        status: int,
+        seconds: float,
+        bytes_in: int,
+        bytes_out: int,
+        source: str | None = None,
+    ) -> None:
         pass
 
     def cache(self, result: str, seconds: float, count: int = 1) -> None:
@@ -92,9 +111,18 @@ class FanoutMetrics:
     def __init__(self, *targets: Metrics) -> None:
         self.targets = targets
 
-    def request(self, method: str, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int) -> None:
+    def request(
+        self,
+        method: str,
+        route: str,
+        status: int,
+        seconds: float,
+        bytes_in: int,
+        bytes_out: int,
+        source: str | None = None,
+    ) -> None:
         for target in self.targets:
-            target.request(method, route, status, seconds, bytes_in, bytes_out)
+            target.request(method, route, status, seconds, bytes_in, bytes_out, source)
 
     def cache(self, result: str, seconds: float, count: int = 1) -> None:
         for target in self.targets:

@@ -211,7 +211,16 @@ class PrometheusMetrics:
         self._flusher: threading.Thread | None = None
         self._closed = threading.Event()
 
-    def request(self, method: str, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int) -> None:
+    def request(
+        self,
+        method: str,
+        route: str,
+        status: int,
+        seconds: float,
+        bytes_in: int,
+        bytes_out: int,
+        source: str | None = None,
+    ) -> None:
         key = (route, method, status)
         children = self._children.get(key)
         if children is None:  # labels() validates and takes the family's lock: once per combination

@@ -9,6 +9,7 @@ no time worth sending).
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 
@@ -23,9 +24,12 @@ class StatsdMetrics:
     `error.post.bad_sha.count`, …), `cache.hit`/`cache.miss`/`cache.time`, `lookup.time`,
     `lookup.attempt.<n>.count`, `success.get.ok.size`/`.time`, `healthcheck.count`; and ours:
     `cache.error`, `cache.stale`, `cache.negative`, `s3.<op>.ok|error.count`, `s3.<op>.time`,
-    `s3.queue.backlog`, `integrity.<event>.count`. Sends are UDP, fire and forget."""
+    `s3.queue.backlog`, `integrity.<event>.count`. Stor 1.5.2's names too:
+    `success.get.ok_old.<server>.count|size|time` per storage directory, `success.get.ok_hcp.*`
+    for S3, `error.get.not_found_old.count`, `error.get.not_found_hcp.count` (with S3),
+    `error.get.500.count`, `error.post.unknown.count`. Sends are UDP, fire and forget."""
 
-    def __init__(self, settings: StatsiteSettings, *, flush_interval: float = 1.0) -> None:
+    def __init__(self, settings: StatsiteSettings, *, flush_interval: float = 1.0, s3: bool = False) -> None:
         try:
             self._client = statsd.StatsClient(settings.host, settings.port, prefix=settings.prefix or None)
         except socket.gaierror as exc:
@@ -36,9 +40,21 @@ class StatsdMetrics:
         self._closed = threading.Event()
         self._interval = flush_interval
         self._flusher: threading.Thread | None = None
+        self._s3 = s3
+        self._names: dict[str, tuple[str, str, str]] = {}
 
-    def request(self, method: str, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int) -> None:
+    def request(
+        self,
+        method: str,
+        route: str,
+        status: int,
+        seconds: float,
+        bytes_in: int,
+        bytes_out: int,
+        source: str | None = None,
+    ) -> None:
         outcome = stor_outcome(method, route, status)
+        names = self._served_names(source) if source is not None and outcome == "success.get.ok" else None
         with self._lock:
             counts = self._counts
             name = _REQUEST_NAMES.get(method) or f"request.{method.lower()}.count"
@@ -46,8 +62,28 @@ class StatsdMetrics:
             if outcome:
                 name = f"{outcome}.count"
                 counts[name] = counts.get(name, 0) + 1
+                for also in _STOR_15_ALSO.get(outcome, ()):
+                    if also != _NOT_FOUND_HCP or self._s3:
+                        counts[also] = counts.get(also, 0) + 1
+            if names is not None:
+                counts[names[0]] = counts.get(names[0], 0) + 1
+                if bytes_out:
+                    counts[names[1]] = counts.get(names[1], 0) + bytes_out
         if self._flusher is None:
             self._start_flusher()
+        if names is not None and seconds >= TIMED_SECONDS:  # an answer made on the spot: no time worth sending
+            self._client.timing(names[2], seconds * 1000, rate=self._rate)
+
+    def _served_names(self, source: str) -> tuple[str, str, str]:
+        """Stor 1.5.2's names for a read served from `source`: `success.get.ok_old.<server>.*`
+        for a disk copy (`<server>`: its storage directory, `/mnt/data1` → `mnt-data1`),
+        `success.get.ok_hcp.*` for S3."""
+        root = "s3" if source.startswith("s3://") else source.rsplit("/", 4)[0]
+        names = self._names.get(root)
+        if names is None:
+            stem = "success.get.ok_hcp" if root == "s3" else f"success.get.ok_old.{server_name(root)}"
+            names = self._names[root] = (f"{stem}.count", f"{stem}.size", f"{stem}.time")
+        return names
 
     def cache(self, result: str, seconds: float, count: int = 1) -> None:
         self._count(f"cache.{_STOR_CACHE.get(result, result)}", count)
@@ -134,6 +170,26 @@ _OUTCOMES = {
     ("post", 503): "error.post.unavailable",
     ("post", 507): "error.post.no_space",
 }
+
+
+TIMED_SECONDS = 0.001
+"""Reads answered faster than this (on the event loop) send no timing: one UDP packet would cost
+more than the answer."""
+_NOT_FOUND_HCP = "error.get.not_found_hcp.count"
+_STOR_15_ALSO = {
+    "error.get.not_found": ("error.get.not_found_old.count", _NOT_FOUND_HCP),
+    "error.get.unavailable": ("error.get.500.count",),
+    "error.get.500": ("error.get.500.count",),
+    "error.post.500": ("error.post.unknown.count",),
+}
+"""Stor 1.5.2's names sent beside 0.6's: a miss on the disks (`_old`) and, with S3, on HCP (its
+S3); a failed read or write (`not_found_hcp` only when S3 is on)."""
+
+
+def server_name(root: str) -> str:
+    """Stor 1.5.2's `<server>` in `success.get.ok_old.<server>`: the storage directory with each
+    run of non-alphanumerics turned into `-`, and none at either end."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", root).strip("-")
 
 
 def stor_outcome(method: str, route: str, status: int) -> str:

@@ -17,10 +17,10 @@ from stor.backends.pairs import Pair, StoragePool
 from stor.backends.scrubstate import last_runs
 from stor.metrics import Metrics
 from stor.model import DiskHealth, PairState, StatusReport
-from stor.service.health import HealthMonitor
-from stor.service.offload import Offload
 from stor.service.announce import Announcer, NoAnnouncer
 from stor.service.events import EventLog
+from stor.service.health import HealthMonitor
+from stor.service.offload import Offload
 from stor.service.s3tier import S3Part
 
 log = logging.getLogger(__name__)

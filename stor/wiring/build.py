@@ -197,7 +197,7 @@ def build_app(config: Config, config_path: str | None = None) -> Starlette:
     prometheus = PrometheusMetrics(lambda: _disk_gauges(service.monitor), lambda: service.scrub_runs)
     metrics: Metrics = prometheus
     if config.statsite is not None:
-        metrics = FanoutMetrics(prometheus, StatsdMetrics(config.statsite))
+        metrics = FanoutMetrics(prometheus, StatsdMetrics(config.statsite, s3=config.s3_enabled))
     service = build_service(config, metrics)
     names = NamedFiles(service)
     authenticator = Authenticator(lists_of(config))
