@@ -31,6 +31,7 @@ from stor.http.io import (
     plain_answer,
     request_body,
 )
+from stor.model import BlobStat
 from stor.service import BlobService
 from stor.service.stream import OpenBlob
 
@@ -61,6 +62,7 @@ class BlobRoutes:
                 return None  # refused, or a slow hash to verify: `__call__` answers
         sha = Sha(path[1:].lower())
         blob: OpenBlob | None = None
+        stat: BlobStat | None = None
         try:
             if method == "HEAD":
                 stat = self.service.stat_now(sha)
