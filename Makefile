@@ -35,7 +35,7 @@ test-deps:
 	if [ "$$(id -u)" = 0 ]; then scripts/debian-deps.sh fusermount3:fuse3 strace:strace mkfs.ext4:e2fsprogs; fi
 
 bench: $(DEV) ## benchmark stor against nginx on the same files; writes docs/benchmarks.md
-	scripts/debian-deps.sh wrk:wrk hey:hey nginx:nginx-light memcached:memcached
+	scripts/debian-deps.sh wrk:wrk hey:hey nginx:nginx-light memcached:memcached rabbitmq-server:rabbitmq-server
 	PATH="/usr/sbin:$$PATH" scripts/private-mounts.sh $(BIN)/python -m bench.run
 
 bench-scale: $(DEV) ## how costs grow with the store (10x more blobs, names); writes docs/benchmarks-scale.md

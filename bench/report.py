@@ -116,6 +116,12 @@ def _section(section: Section, n: int) -> str:
             f"\nGET 4k with `read_auth` (a bcrypt reader, verified once, then remembered) runs at "
             f"**{authed.rps / get4k.rps:.2f}x** open reads.\n"
         )
+    announced = next((o for o, _ in section.results if o.workload == RABBITMQ_ROW), None)
+    if get4k and announced:
+        versus += (
+            f"\nGET 4k with `rabbitmq_uri` set (every requested sha published to a broker on loopback) runs at "
+            f"**{announced.rps / get4k.rps:.2f}x** the rate without it.\n"
+        )
     limits = "\n".join(f"| {k} | {'-' if v is None else f'{v:,.1f}'} |" for k, v in section.limits.items())
     notes = _NOTES if n == 0 else ""
     return f"""## On {section.storage}
@@ -140,6 +146,7 @@ run starts after a `sync`, with nothing dirty.
 
 
 READ_AUTH_ROW = "GET 4k, read_auth (a bcrypt reader)"
+RABBITMQ_ROW = "GET 4k, rabbitmq_uri (every sha published)"
 
 _NOTES = """
 nginx's URL carries the sha in uppercase (core nginx cannot change case; the files are the same). GET 404 counts

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from bench.corpus import Members, build_corpus, can_mount_images, warm
-from bench.report import READ_AUTH_ROW, Section, write_report
+from bench.report import RABBITMQ_ROW, READ_AUTH_ROW, Section, write_report
 from bench.servers import Nginx, Stor, free_port, raise_fd_limit
 from bench.settings import AUTH, POST_BLOBS, wanted
 from bench.workloads import (
@@ -38,6 +38,7 @@ from bench.workloads import (
     wrk,
 )
 from stor.http.auth import hash_password
+from tests.services import RabbitMQ
 
 
 def main() -> None:
@@ -136,6 +137,9 @@ def run_on(base: Path, *, images: bool, full: bool) -> Section:  # noqa: PLR0915
                 post_script("post-off", POST_BLOBS // 2),
             ),
         ]
+        broker = RabbitMQ(base / "rabbitmq") if wanted("variants") and full and has_rabbitmq() else None
+        if broker is not None:
+            variants.append((RABBITMQ_ROW, {**base_config, "rabbitmq_uri": broker.url}, None, scripts / "4k.lua"))
         memcached = shutil.which("memcached")
         mc_port = free_port()
         mc = None
@@ -171,6 +175,8 @@ def run_on(base: Path, *, images: bool, full: bool) -> Section:  # noqa: PLR0915
         finally:
             if mc:
                 mc.kill()
+            if broker is not None:
+                broker.close()
             nginx.stop()
         refilled = None
         if wanted("refill") and full:
@@ -202,6 +208,10 @@ def run_on(base: Path, *, images: bool, full: bool) -> Section:  # noqa: PLR0915
         return Section(members.kind, results, limits, refilled)
     finally:
         members.close()
+
+
+def has_rabbitmq() -> bool:
+    return any(os.access(os.path.join(d, "rabbitmq-server"), os.X_OK) for d in ("/usr/sbin", "/usr/bin"))
 
 
 if __name__ == "__main__":
