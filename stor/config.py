@@ -349,6 +349,8 @@ class Config:
     placement_threshold: int = _key(_natural, GiB)
     check_mountpoints: bool = _key(_bool, True)
     body_idle_timeout: float = _key(_seconds(3600.0), 30.0)
+    min_upload_rate: int = _key(_natural, 500)
+    max_uploads_in_flight: int = _key(_natural, 128)
     status_timeout: float = _key(_seconds(1.9), 1.5)
     health_check_interval: float = _key(_seconds(3600.0), 5.0)
     s3_enabled: bool = _key(_bool, False)

@@ -92,6 +92,19 @@ class ClientTimeout(StorError):
     """The client stopped sending its body for longer than the idle timeout."""
 
 
+class UploadTooSlow(ClientTimeout):
+    """The body arrives slower than `min_upload_rate` (after its grace period)."""
+
+
+class Overloaded(StorError):
+    """This worker has as many uploads in flight as it takes (`max_uploads_in_flight`): the
+    client should retry after `retry_after` seconds."""
+
+    def __init__(self, limit: int, retry_after: int = 1) -> None:
+        super().__init__(f"{limit} uploads in flight on this worker already; retry shortly")
+        self.retry_after = retry_after
+
+
 class ClientDisconnected(StorError):
     """The client went away before its body was complete."""
 

@@ -93,6 +93,7 @@ class StatusReport:
     writable: bool = True  # some pair takes writes (`/readyz?writes=1` asks for it too)
     events: dict[str, object] = field(default_factory=dict)  # the lifecycle events' outbox and broker
     rabbitmq: dict[str, object] = field(default_factory=dict)  # Stor's requested-sha hints
+    uploads: dict[str, object] = field(default_factory=dict)  # in flight, promised bytes, refused for load
     version: str = __version__
     uptime: float = 0.0
     reserved_bytes: dict[int, int] = field(default_factory=dict)

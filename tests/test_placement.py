@@ -73,16 +73,22 @@ def real_pool(tmp_path: Path, n: int = 2) -> StoragePool:
     return StoragePool(made, placement_threshold=0, rng=random.Random(3))
 
 
-def test_reservations_count_against_free_space(tmp_path: Path) -> None:
+def test_reservations_steer_but_never_refuse(tmp_path: Path) -> None:
+    """Bytes promised by uploads in flight steer new blobs to other pairs; they never make a
+    pair whose disks have room refuse one (DESIGN §3)."""
     pool = real_pool(tmp_path, 1)
     free = pool.pairs[0].members[0].free_bytes()
-    assert pool.choose_pair(free // 2, lambda pair: True) is pool.pairs[0]
     with pool.reservation(pool.pairs[0], free // 2 + 4096 * 1024):
         assert pool.reserved(pool.pairs[0]) > free // 2
+        assert pool.choose_pair(free // 2, lambda pair: True) is pool.pairs[0]  # the disks have room
         with pytest.raises(InsufficientStorage):
-            pool.choose_pair(free // 2, lambda pair: True)
+            pool.choose_pair(free * 2, lambda pair: True)  # they have not
     assert pool.reserved(pool.pairs[0]) == 0
-    assert pool.choose_pair(free // 2, lambda pair: True) is pool.pairs[0]
+    p = pairs(2)
+    full_of_promises = Candidate(p[0], -GiB, 50 * GiB)
+    for seed in range(20):
+        assert pick_pair([full_of_promises, Candidate(p[1], 10 * GiB, 10 * GiB)], 100, GiB, random.Random(seed)) is p[1]
+    assert pick_pair([full_of_promises], 100, GiB, random.Random(1)) is p[0]
 
 
 def test_unhealthy_and_unwritable_pairs_take_no_writes(tmp_path: Path) -> None:

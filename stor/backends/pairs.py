@@ -4,7 +4,7 @@ Contract:
 - `StoragePool.probe_order` lists every disk once: the pairs in random order, one random
   member of each pair first, then the partners (Stor's order).
 - `StoragePool.choose_pair` raises `InsufficientStorage` when no writable, healthy pair has
-  room for the blob once the bytes reserved by uploads in flight are counted.
+  room for the blob on its disks; the bytes reserved by uploads in flight only steer the choice.
 - `PairWrite` streams one body into a temp file on every member, hashing once; `finish`
   makes every copy durable or raises, leaving no temp behind. `stage` stops before that, for
   a caller that group-commits the temps (see `groupcommit`) and calls `abort` in the end.
@@ -47,21 +47,31 @@ class Pair:
 class Candidate:
     pair: Pair
     free: int
+    """Free space less the bytes promised to uploads in flight: what placement steers by."""
+    room: int | None = None
+    """Free space on the disks (`statvfs`, the smallest member's): what decides "no room"
+    (None: `free`)."""
+
+    @property
+    def fits(self) -> int:
+        return self.free if self.room is None else self.room
 
 
 def pick_pair(candidates: list[Candidate], size: int, threshold: int, rng: random.Random) -> Pair:
     """The placement rule, free of I/O so it can be tested alone.
 
-    Among pairs with room for `size`: if some have more than `threshold` free, pick one of
-    those at random, weighted by free space; otherwise the one with the most free space.
+    Among pairs whose disks have room for `size`: if some have more than `threshold` free once
+    promised bytes are counted, pick one of those at random, weighted by that; otherwise the
+    one with the most. Promised bytes steer, never refuse: bytes merely promised by a
+    `Content-Length` (a stalled or slow upload) must not make stor refuse an upload that fits.
     """
-    roomy = [c for c in candidates if c.free >= size]
+    roomy = [c for c in candidates if c.fits >= size]
     if not roomy:
         raise InsufficientStorage(f"no writable storage pair has room for {size} bytes")
     above = [c for c in roomy if c.free > threshold]
     if above:
         return rng.choices([c.pair for c in above], weights=[c.free for c in above])[0]
-    return max(roomy, key=lambda c: c.free).pair
+    return max(roomy, key=lambda c: (c.free, c.fits)).pair
 
 
 class StoragePool:
@@ -109,13 +119,13 @@ class StoragePool:
                 down.append(f"pair {pair.index} is unhealthy")
                 continue
             try:
-                free = min(disk.free_bytes() for disk in pair.members)
+                room = min(disk.free_bytes() for disk in pair.members)
             except StorageUnavailable as exc:
                 down.append(str(exc))
                 continue
             with self._lock:
-                free -= self._reserved[pair.index]
-            candidates.append(Candidate(pair, free))
+                promised = self._reserved[pair.index]
+            candidates.append(Candidate(pair, room - promised, room))
         try:
             return pick_pair(candidates, size, self.placement_threshold, self._rng)
         except InsufficientStorage as full:

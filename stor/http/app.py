@@ -29,7 +29,7 @@ from stor.http.auth import ADMINS, METRICS_READERS, WRITERS, Authenticator, Role
 from stor.http.blobs import BlobRoutes
 from stor.http.errors import error_response
 from stor.http.files import named_routes
-from stor.http.io import close_if_body_unread, content_length, request_body
+from stor.http.io import BodyLimits, close_if_body_unread, content_length, request_body
 from stor.model import StatusReport
 from stor.service import BlobService
 from stor.service.namedfiles import NamedFiles
@@ -45,10 +45,13 @@ def create_app(
     max_upload_size: int,
     body_idle_timeout: float,
     names: NamedFiles,
+    min_upload_rate: int = 0,
     metrics_text: Callable[[], tuple[bytes, str]] | None = None,
     max_named_file_size: int = 2 * 1024 * 1024,
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
 ) -> Starlette:
+    limits = BodyLimits(body_idle_timeout, min_upload_rate)
+
     async def root(request: Request) -> Response:
         return PlainTextResponse(f"This is stor {__version__}\n")
 
@@ -107,11 +110,11 @@ def create_app(
         Route("/healthz", healthz, methods=["GET"], name="healthz"),
         Route("/metrics", metrics, methods=["GET"], name="metrics"),
         Route("/stat", stat_many, methods=["POST"], name="stat"),
-        *named_routes(service, names, authenticator, max_named_file_size, body_idle_timeout),
+        *named_routes(service, names, authenticator, max_named_file_size, limits),
         Route("/{rest:path}", bad_path, methods=["GET", "POST", "PUT", "DELETE"]),
     ]
     route_names = {route.path: route.name for route in routes if "{" not in route.path}
-    blobs = BlobRoutes(service, authenticator, max_upload_size=max_upload_size, body_idle_timeout=body_idle_timeout)
+    blobs = BlobRoutes(service, authenticator, max_upload_size=max_upload_size, limits=limits)
     return StorApp(
         blobs,
         routes=routes,

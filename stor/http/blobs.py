@@ -24,6 +24,7 @@ from stor.http.errors import error_response
 from stor.http.io import (
     HOT_TRIED,
     Answer,
+    BodyLimits,
     blob_response,
     close_if_body_unread,
     content_length,
@@ -40,12 +41,12 @@ Client = tuple[str, int] | None
 
 class BlobRoutes:
     def __init__(
-        self, service: BlobService, authenticator: Authenticator, *, max_upload_size: int, body_idle_timeout: float
+        self, service: BlobService, authenticator: Authenticator, *, max_upload_size: int, limits: BodyLimits
     ) -> None:
         self.service = service
         self.authenticator = authenticator
         self.max_upload_size = max_upload_size
-        self.body_idle_timeout = body_idle_timeout
+        self.limits = limits
 
     def answer_now(
         self, method: str, path: str, headers: list[tuple[bytes, bytes]], client: Client = None
@@ -125,10 +126,14 @@ class BlobRoutes:
         length = content_length(request)
         if length is not None and length > self.max_upload_size:
             raise PayloadTooLarge(self.max_upload_size, mid_stream=False)
-        body = request_body(request, self.max_upload_size, self.body_idle_timeout)
-        early = "100-continue" in request.headers.get("expect", "").lower()  # such a client waits for our word
-        admin = self.authenticator.check_now(authorization, ADMINS) is True
-        result = await self.service.put(sha, body, length, early_answer=early, restore_by=user if admin else None)
+        with self.service.admitted():  # a place among this worker's uploads, or 503 before the body
+            limits = self.limits
+            body = request_body(
+                request, self.max_upload_size, limits.idle_timeout, limits.min_rate, self.service.upload_cut
+            )
+            early = "100-continue" in request.headers.get("expect", "").lower()  # such a client waits for our word
+            admin = self.authenticator.check_now(authorization, ADMINS) is True
+            result = await self.service.put(sha, body, length, early_answer=early, restore_by=user if admin else None)
         headers = close_if_body_unread(request)
         return JSONResponse(result.paths, status_code=201 if result.created else 200, headers=headers)
 

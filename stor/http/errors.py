@@ -21,6 +21,7 @@ from stor.errors import (
     InsufficientStorage,
     NameExists,
     NameNotFound,
+    Overloaded,
     PayloadTooLarge,
     StorageUnavailable,
     StorError,
@@ -40,6 +41,7 @@ ERROR_STATUS: dict[type[StorError], int] = {
     DigestMismatch: 412,
     PayloadTooLarge: 413,
     StorageUnavailable: 503,
+    Overloaded: 503,
     BlobLost: 500,
     InsufficientStorage: 507,
     ClientDisconnected: 499,  # never reaches the client; keeps the access log honest
@@ -63,6 +65,9 @@ def error_response(exc: StorError, method: str, path: str, headers: dict[str, st
         return PlainTextResponse("internal error\n", status_code=500, headers=headers)
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = 'Basic realm="stor"'
+    if isinstance(exc, Overloaded):
+        headers["Retry-After"] = str(exc.retry_after)
+        return PlainTextResponse(f"{exc}\n", status_code=code, headers=headers)  # load, not a fault: not logged
     if code >= 500:
         log.warning("%s %s: %d %s", method, path, code, exc)
     return PlainTextResponse(f"{exc}\n", status_code=code, headers=headers)

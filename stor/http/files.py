@@ -10,7 +10,7 @@ from starlette.routing import Route
 
 from stor.errors import BadRequest, PayloadTooLarge
 from stor.http.auth import Authenticator
-from stor.http.io import blob_response, close_if_body_unread, content_length, limited, request_body
+from stor.http.io import BodyLimits, blob_response, close_if_body_unread, content_length, limited, request_body
 from stor.http.multipart import form_field, is_multipart
 from stor.service import BlobService
 from stor.service.namedfiles import NamedFiles, check_name
@@ -25,7 +25,7 @@ def named_routes(
     names: NamedFiles,
     authenticator: Authenticator,
     max_named_file_size: int,
-    body_idle_timeout: float,
+    limits: BodyLimits,
 ) -> list[Route]:
     async def named_write(request: Request) -> Response:
         await authenticator.check(request.headers.get("authorization"))
@@ -36,10 +36,11 @@ def named_routes(
         length = content_length(request)
         if length is not None and length > limit:
             raise PayloadTooLarge(max_named_file_size, mid_stream=False)
-        body = request_body(request, limit, body_idle_timeout)
-        if multipart:
-            body = limited(form_field(body, content_type or "", "upload_file"), max_named_file_size)
-        created = await names.write(name, body, None if multipart else length, create=request.method == "POST")
+        with service.admitted():  # a place among this worker's uploads, or 503 before the body
+            body = request_body(request, limit, limits.idle_timeout, limits.min_rate, service.upload_cut)
+            if multipart:
+                body = limited(form_field(body, content_type or "", "upload_file"), max_named_file_size)
+            created = await names.write(name, body, None if multipart else length, create=request.method == "POST")
         record = await names.get(name)
         answer = {"path": record.path, "sha": record.sha, "size": record.size}
         return JSONResponse(answer, status_code=201 if created else 200, headers=close_if_body_unread(request))

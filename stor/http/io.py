@@ -4,7 +4,9 @@ and blob responses with ETag, Range and conditional requests."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -12,7 +14,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from stor.digest import Sha, repr_digest
-from stor.errors import BadRequest, ClientDisconnected, ClientTimeout, PayloadTooLarge
+from stor.errors import BadRequest, ClientDisconnected, ClientTimeout, PayloadTooLarge, UploadTooSlow
 from stor.http.semantics import (
     RangeNotSatisfiable,
     http_date,
@@ -44,15 +46,46 @@ def content_length(request: Request) -> int | None:
     return int(value)
 
 
-async def request_body(request: Request, limit: int, idle_timeout: float) -> AsyncIterator[bytes]:
-    """The request body, chunk by chunk, enforcing the size limit and the idle timeout."""
+@dataclass(frozen=True)
+class BodyLimits:
+    """How long an upload's body may stall (`body_idle_timeout`) and how slowly it may arrive
+    (`min_upload_rate`, bytes/s; 0: no floor)."""
+
+    idle_timeout: float
+    min_rate: int = 0
+
+
+RATE_GRACE_SECONDS = 20.0
+"""A body is judged against `min_upload_rate` only after this long (Apache's `mod_reqtimeout`
+`body=20,MinRate=500`): a client may start slowly."""
+
+
+async def request_body(
+    request: Request, limit: int, idle_timeout: float, min_rate: int = 0, on_slow: Callable[[], None] | None = None
+) -> AsyncIterator[bytes]:
+    """The request body, chunk by chunk, enforcing the size limit, the idle timeout and (when
+    `min_rate` is set) a floor on its average rate once `RATE_GRACE_SECONDS` have passed: a body
+    that crawls below it is cut (`UploadTooSlow`, 408; `on_slow` is told)."""
     total = 0
+    started = time.monotonic()
     request.state.body_done = False
     while True:
+        wait, by_rate = idle_timeout, False
+        if min_rate:
+            behind = max(RATE_GRACE_SECONDS, total / min_rate) - (time.monotonic() - started)
+            if behind < wait:  # nothing more by then: under the floor
+                wait, by_rate = max(behind, 0.0), True
         try:
-            async with asyncio.timeout(idle_timeout):  # half the cost of anyio.fail_after
+            async with asyncio.timeout(wait):  # half the cost of anyio.fail_after
                 message = await request.receive()
         except TimeoutError:
+            if by_rate:
+                if on_slow is not None:
+                    on_slow()
+                raise UploadTooSlow(
+                    f"the body arrived slower than {min_rate} bytes/s ({total} bytes in "
+                    f"{time.monotonic() - started:.0f}s); upload cut"
+                ) from None
             raise ClientTimeout(f"no body bytes received for {idle_timeout:g}s; upload abandoned") from None
         if message["type"] == "http.disconnect":
             request.state.body_done = True  # nothing to drain: the client is gone

@@ -49,6 +49,10 @@ class Metrics(Protocol):
     def integrity(self, event: str) -> None:
         """An integrity event: `s3_corrupt` (an S3 object failed its hash), …"""
 
+    def upload_refused(self, reason: str) -> None:
+        """An upload refused for load: `shed` (the worker had `max_uploads_in_flight` already:
+        503) or `slow` (its body crawled below `min_upload_rate`: 408)."""
+
     def dropped(self, what: str, count: int) -> None:
         """Hints dropped (`rabbitmq`: requested shas the buffer could not hold for the broker)."""
 
@@ -93,6 +97,9 @@ class NullMetrics:
         pass
 
     def integrity(self, event: str) -> None:
+        pass
+
+    def upload_refused(self, reason: str) -> None:
         pass
 
     def dropped(self, what: str, count: int) -> None:
@@ -151,6 +158,10 @@ class FanoutMetrics:
     def integrity(self, event: str) -> None:
         for target in self.targets:
             target.integrity(event)
+
+    def upload_refused(self, reason: str) -> None:
+        for target in self.targets:
+            target.upload_refused(reason)
 
     def dropped(self, what: str, count: int) -> None:
         for target in self.targets:

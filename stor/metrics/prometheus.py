@@ -197,6 +197,9 @@ class PrometheusMetrics:
         self._children: dict[tuple[str, str, int], tuple[Any, Any, Any, Any]] = {}
         self._labelled: dict[tuple[int, str], Any] = {}
         self._integrity = Counter("stor_integrity_events", "Corrupt or lost copies found", ["event"], registry=r)
+        self._refused = Counter(
+            "stor_uploads_refused", "Uploads refused for load (shed: 503; slow: 408)", ["reason"], registry=r
+        )
         self._dropped = Counter("stor_hints_dropped", "Hints dropped (rabbitmq: requested shas)", ["what"], registry=r)
         self._events_backlog = Gauge(
             "stor_events_outbox", "Lifecycle events waiting to be published", registry=r, multiprocess_mode="livemax"
@@ -271,6 +274,9 @@ class PrometheusMetrics:
 
     def integrity(self, event: str) -> None:
         self._integrity.labels(event).inc()
+
+    def upload_refused(self, reason: str) -> None:
+        self._refused.labels(reason).inc()
 
     def dropped(self, what: str, count: int) -> None:
         self._dropped.labels(what).inc(count)

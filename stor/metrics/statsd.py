@@ -112,6 +112,9 @@ class StatsdMetrics:
     def integrity(self, event: str) -> None:
         self._count(f"integrity.{event}.count")
 
+    def upload_refused(self, reason: str) -> None:
+        self._count(f"error.post.{reason}.count")
+
     def dropped(self, what: str, count: int) -> None:
         self._count(f"{what}.dropped.count", count)
 

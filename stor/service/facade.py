@@ -13,6 +13,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import KW_ONLY, dataclass
 from typing import ParamSpec, TypeVar
 
@@ -26,6 +27,7 @@ from stor.digest import Sha
 from stor.errors import BlobGone, BlobLost, BlobNotFound, StorageUnavailable
 from stor.metrics import Metrics
 from stor.model import BlobInfo, BlobStat, PutResult, StatusReport
+from stor.service.admission import Admission
 from stor.service.announce import Announcer, NoAnnouncer
 from stor.service.events import EventLog
 from stor.service.health import HealthMonitor
@@ -61,6 +63,7 @@ class BlobService:
     takedowns: Takedowns
     events: EventLog
     announcer: Announcer | NoAnnouncer
+    admission: Admission
     s3: S3Part
     reporter: StatusReporter
     open_files: OpenFiles
@@ -268,6 +271,15 @@ class BlobService:
         """Store a client's body under `sha` (see `Uploads.put`); `restore_by`: the admin whose
         upload restores a blob taken down."""
         return await self.uploads.put(sha, body, length, early_answer=early_answer, restore_by=restore_by)
+
+    def admitted(self) -> AbstractContextManager[None]:
+        """Hold one of this worker's upload places for a block (`Overloaded` when none is
+        free: see `admission`)."""
+        return self.admission.admitted()
+
+    def upload_cut(self) -> None:
+        """An upload was cut for crawling below `min_upload_rate`."""
+        self.admission.cut()
 
     async def take_down(self, sha: Sha, admin: str, reason: str) -> TakedownReport:
         """Take `sha` down for good (see `takedown`): `BlobGone` if it was already,

@@ -17,6 +17,7 @@ from stor.backends.pairs import Pair, StoragePool
 from stor.backends.scrubstate import last_runs
 from stor.metrics import Metrics
 from stor.model import DiskHealth, PairState, StatusReport
+from stor.service.admission import Admission
 from stor.service.announce import Announcer, NoAnnouncer
 from stor.service.events import EventLog
 from stor.service.health import HealthMonitor
@@ -38,6 +39,7 @@ class StatusReporter:
     metrics: Metrics
     events: EventLog
     announcer: Announcer | NoAnnouncer
+    admission: Admission
 
     def __post_init__(self) -> None:
         self.cache_reachable: bool | None = None
@@ -60,6 +62,7 @@ class StatusReporter:
             writable=writable,
             events=self.events.status(),
             rabbitmq=self.announcer.status(),
+            uploads=self.admission.status(),
             disks=disks,
             pairs=pairs,
             memcached={"configured": self.locations is not None, "reachable": self.cache_reachable},

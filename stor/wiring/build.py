@@ -38,6 +38,7 @@ from stor.metrics import FanoutMetrics, Metrics, NullMetrics
 from stor.metrics.prometheus import DiskGauge, PrometheusMetrics
 from stor.metrics.statsd import StatsdMetrics
 from stor.service import BlobService
+from stor.service.admission import Admission
 from stor.service.announce import Announcer, NoAnnouncer
 from stor.service.events import EventLog, Events, NoEvents
 from stor.service.health import HealthMonitor
@@ -84,6 +85,7 @@ def build_service(config: Config, metrics: Metrics | None = None) -> BlobService
         events = Events(config.events, Outbox(pool.disks), monitor, offload=offload, metrics=metrics)
     announcer = NoAnnouncer() if config.rabbitmq_uri is None else Announcer(config.rabbitmq_uri, metrics)
     integrity = Integrity(metrics, near, open_files, Healer(), events)
+    admission = Admission(config.max_uploads_in_flight, pool, metrics)
     s3 = _s3(config, pool, offload, metrics, integrity)
     takedowns = Takedowns(
         TombstoneStore(pool.pairs[0].members),
@@ -122,6 +124,7 @@ def build_service(config: Config, metrics: Metrics | None = None) -> BlobService
         takedowns=takedowns,
         events=events,
         announcer=announcer,
+        admission=admission,
         s3=s3,
         reporter=StatusReporter(
             pool,
@@ -133,6 +136,7 @@ def build_service(config: Config, metrics: Metrics | None = None) -> BlobService
             metrics=metrics,
             events=events,
             announcer=announcer,
+            admission=admission,
         ),
         open_files=open_files,
         locations=locations,
@@ -231,6 +235,7 @@ def build_app(config: Config, config_path: str | None = None) -> Starlette:
         authenticator,
         max_upload_size=config.max_upload_size,
         body_idle_timeout=config.body_idle_timeout,
+        min_upload_rate=config.min_upload_rate,
         metrics_text=lambda: (prometheus.render(), prometheus.content_type),
         names=names,
         max_named_file_size=config.max_named_file_size,

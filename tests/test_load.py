@@ -1,0 +1,179 @@
+"""Load held (DESIGN.md §3 "Load"): stalled and crawling uploads never lock others out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from stor.http import io
+from tests.conftest import Storage, StorProcess, app_client
+from tests.helpers import AUTH, sha256
+
+pytestmark = pytest.mark.anyio
+
+
+async def stalled_body(first: bytes, release: asyncio.Event) -> AsyncIterator[bytes]:
+    """Some bytes, then nothing until `release` is set (then the connection goes away)."""
+    yield first
+    await release.wait()
+    raise ConnectionResetError("the client went away")
+
+
+async def status(http: httpx.AsyncClient) -> dict[str, object]:
+    uploads: dict[str, object] = (await http.get("/status", params={"format": "json"})).json()["uploads"]
+    return uploads
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting tmpfs needs root")
+async def test_promised_bytes_steer_but_never_refuse(tmp_path: Path) -> None:
+    """Uploads that promise most of a small pair and stall do not make stor refuse a small upload
+    that fits (today's 507 'no room' while the disks had room)."""
+    members = [tmp_path / "m1", tmp_path / "m2"]
+    for member in members:
+        member.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(member)], check=True)
+    try:
+        storage = Storage(tmp_path, [members])
+        release = asyncio.Event()
+        async with app_client(storage.config()) as http:
+            promised = 40 * 1024 * 1024
+            stalled = [
+                asyncio.create_task(
+                    http.post(
+                        f"/{sha256(os.urandom(8))}",
+                        content=stalled_body(b"x" * 1024, release),
+                        auth=AUTH,
+                        headers={"Content-Length": str(promised)},
+                    )
+                )
+                for _ in range(2)  # 80 MiB promised on a 64 MiB pair
+            ]
+            for _ in range(100):
+                if (await status(http))["in_flight"] == 2:
+                    break
+                await asyncio.sleep(0.02)
+            assert (await status(http))["promised_bytes"] == 2 * promised
+            small = os.urandom(4096)
+            answer = await http.post(f"/{sha256(small)}", content=small, auth=AUTH)
+            assert answer.status_code == 201, answer.text
+            too_big = await http.post(
+                f"/{sha256(b'y')}", content=b"y", auth=AUTH, headers={"Content-Length": str(100 << 20)}
+            )
+            assert too_big.status_code == 507  # more than the disks really hold: still 507
+            release.set()
+            for task in stalled:
+                with pytest.raises((httpx.HTTPError, ConnectionResetError)):
+                    await task
+            for _ in range(100):
+                if (await status(http))["in_flight"] == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert (await status(http))["promised_bytes"] == 0
+            assert storage.temps() == []
+    finally:
+        for member in members:
+            subprocess.run(["umount", "-l", str(member)], check=False)
+
+
+async def test_a_crawling_upload_is_cut_and_leaves_nothing(storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(io, "RATE_GRACE_SECONDS", 0.5)  # 20 s in production
+    data = os.urandom(1 << 20)
+
+    async def crawl() -> AsyncIterator[bytes]:
+        for offset in range(0, len(data), 64):
+            yield data[offset : offset + 64]
+            await asyncio.sleep(0.1)  # 640 bytes/s, under the floor set below
+
+    async with app_client(storage.config(min_upload_rate=10_000, body_idle_timeout=5)) as http:
+        started = time.monotonic()
+        answer = await http.post(
+            f"/{sha256(data)}", content=crawl(), auth=AUTH, headers={"Content-Length": str(len(data))}
+        )
+        assert answer.status_code == 408 and "slower than" in answer.text
+        assert time.monotonic() - started < 3  # cut once the grace is over, not at the idle timeout
+        assert storage.temps() == [] and storage.copies(sha256(data)) == []
+        uploads = await status(http)
+        assert uploads["in_flight"] == 0 and uploads["promised_bytes"] == 0 and uploads["cut_for_rate"] == 1
+        fast = await http.post(f"/{sha256(data)}", content=data, auth=AUTH)  # a fast one is fine
+        assert fast.status_code == 201
+
+
+async def test_uploads_beyond_the_bound_get_503_and_retry_after(storage: Storage) -> None:
+    release = asyncio.Event()
+    async with app_client(storage.config(max_uploads_in_flight=2)) as http:
+        held = [
+            asyncio.create_task(
+                http.post(
+                    f"/{sha256(os.urandom(8))}",
+                    content=stalled_body(b"x", release),
+                    auth=AUTH,
+                    headers={"Content-Length": "100"},
+                )
+            )
+            for _ in range(2)
+        ]
+        for _ in range(100):
+            if (await status(http))["in_flight"] == 2:
+                break
+            await asyncio.sleep(0.02)
+        read = False
+
+        async def body() -> AsyncIterator[bytes]:
+            nonlocal read
+            read = True
+            yield b"z" * 10
+
+        shed = await http.post(f"/{sha256(b'z' * 10)}", content=body(), auth=AUTH, headers={"Content-Length": "10"})
+        assert shed.status_code == 503 and int(shed.headers["retry-after"]) >= 1
+        assert not read  # answered before its body was read
+        named = await http.put("/file", params={"path": "n"}, content=b"abc", auth=AUTH)
+        assert named.status_code == 503  # named files count too
+        assert (await http.get("/status")).status_code == 200  # reads and probes are not bounded
+        release.set()
+        for task in held:
+            with pytest.raises((httpx.HTTPError, ConnectionResetError)):
+                await task
+        for _ in range(100):
+            if (await status(http))["in_flight"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        uploads = await status(http)
+        assert uploads["shed"] == 2 and uploads["in_flight"] == 0
+        again = await http.post(f"/{sha256(b'z' * 10)}", content=b"z" * 10, auth=AUTH)
+        assert again.status_code == 201  # recovered
+
+
+def test_a_thousand_idle_connections_starve_no_one(storage: Storage, start_stor: Callable[..., StorProcess]) -> None:
+    path = storage.base / "config.json"
+    path.write_text(json.dumps(storage.config()))
+    server = start_stor("--config", str(path))
+    data = os.urandom(4096)
+    assert httpx.post(f"{server.url}/{sha256(data)}", content=data, auth=AUTH).status_code == 201
+    host, port = "127.0.0.1", server.port
+    idle: list[socket.socket] = []
+    try:
+        for n in range(1000):
+            sock = socket.create_connection((host, port), timeout=5)
+            if n % 3 == 0:
+                sock.sendall(b"GET /" + sha256(data).encode() + b" HTTP/1.1\r\nHost: x\r\n")  # half a head
+            elif n % 3 == 1:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # a keep-alive, then silence
+            idle.append(sock)
+        started = time.monotonic()
+        for _ in range(20):
+            with httpx.Client(timeout=5) as fresh:
+                assert fresh.get(f"{server.url}/{sha256(data)}").content == data
+                assert fresh.post(f"{server.url}/{sha256(os.urandom(9))}", content=b"q", auth=AUTH).status_code == 412
+        assert time.monotonic() - started < 10
+    finally:
+        for sock in idle:
+            sock.close()
