@@ -23,7 +23,7 @@ venv: $(DEV) ## create .venv with stor and its test and lint tools
 run: $(SERVE) ## serve stor on the embedded default (./stor-data), port 8321 (installs only what serving needs)
 	$(BIN)/stor serve
 
-test: $(DEV) test-deps ## install what the suite needs (venv, memcached, RabbitMQ, fault tools) and run it
+test: $(DEV) test-deps ## install what the suite needs (venv, memcached, RabbitMQ, git-lfs, fault tools) and run it
 	scripts/private-mounts.sh $(BIN)/pytest -m "not faults"
 	scripts/private-mounts.sh $(BIN)/pytest -m faults
 
@@ -31,7 +31,7 @@ test-faults: $(DEV) test-deps ## only the reliability suite (tests/faults; mount
 	scripts/private-mounts.sh $(BIN)/pytest -m faults
 
 test-deps:
-	scripts/debian-deps.sh memcached:memcached rabbitmq-server:rabbitmq-server
+	scripts/debian-deps.sh memcached:memcached rabbitmq-server:rabbitmq-server git:git git-lfs:git-lfs
 	if [ "$$(id -u)" = 0 ]; then scripts/debian-deps.sh fusermount3:fuse3 strace:strace mkfs.ext4:e2fsprogs; fi
 
 bench: $(DEV) ## benchmark stor against nginx on the same files; writes docs/benchmarks.md

@@ -30,6 +30,7 @@ from stor.http.blobs import BlobRoutes
 from stor.http.errors import error_response
 from stor.http.files import named_routes
 from stor.http.io import BodyLimits, close_if_body_unread, content_length, request_body
+from stor.http.lfs import lfs_routes
 from stor.model import StatusReport
 from stor.service import BlobService
 from stor.service.namedfiles import NamedFiles
@@ -111,6 +112,7 @@ def create_app(
         Route("/metrics", metrics, methods=["GET"], name="metrics"),
         Route("/stat", stat_many, methods=["POST"], name="stat"),
         *named_routes(service, names, authenticator, max_named_file_size, limits),
+        *lfs_routes(service, authenticator, limits),
         Route("/{rest:path}", bad_path, methods=["GET", "POST", "PUT", "DELETE"]),
     ]
     route_names = {route.path: route.name for route in routes if "{" not in route.path}

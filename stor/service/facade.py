@@ -234,6 +234,10 @@ class BlobService:
         request path."""
         self.announcer.announce(sha)
 
+    async def taken_down(self, shas: list[Sha]) -> set[Sha]:
+        """Which of `shas` an admin took down (one thread hop)."""
+        return await self.in_thread(lambda: {sha for sha in shas if self.takedowns.gone(sha) is not None})
+
     async def stat_many(self, shas: list[Sha]) -> dict[Sha, BlobInfo | None]:
         """Batch existence: size and copy count per sha (None when stored nowhere), one thread
         hop per 1000 shas. At most one `stat` per copy; S3 is asked only about blobs no disk
