@@ -31,7 +31,7 @@ test-faults: $(DEV) test-deps ## only the reliability suite (tests/faults; mount
 	scripts/private-mounts.sh $(BIN)/pytest -m faults
 
 test-deps:
-	scripts/debian-deps.sh memcached:memcached rabbitmq-server:rabbitmq-server git:git git-lfs:git-lfs
+	scripts/debian-deps.sh memcached:memcached rabbitmq-server:rabbitmq-server git:git git-lfs:git-lfs 7z:p7zip-full unzip:unzip
 	if [ "$$(id -u)" = 0 ]; then scripts/debian-deps.sh fusermount3:fuse3 strace:strace mkfs.ext4:e2fsprogs; fi
 
 bench: $(DEV) ## benchmark stor against nginx on the same files; writes docs/benchmarks.md

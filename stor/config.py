@@ -351,6 +351,8 @@ class Config:
     body_idle_timeout: float = _key(_seconds(3600.0), 30.0)
     min_upload_rate: int = _key(_natural, 500)
     max_uploads_in_flight: int = _key(_natural, 128)
+    archive_password: str = _key(_str, "infected")
+    archive_max_blobs: int = _key(_natural, 1000)
     status_timeout: float = _key(_seconds(1.9), 1.5)
     health_check_interval: float = _key(_seconds(3600.0), 5.0)
     s3_enabled: bool = _key(_bool, False)

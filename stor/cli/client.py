@@ -3,12 +3,14 @@
 The server comes from `--url` or `STOR_URL`; credentials from `-u/--user USER:PASS` (as curl),
 `STOR_CREDENTIALS`, or `STOR_USER` + `STOR_PASSWORD`. Connection failures and 5xx answers are
 retried with backoff (`--retries`). Exit codes: 0 done, 1 not found or content mismatch, 2 usage
-or credentials, 3 server unreachable or still failing after the retries. Machine-readable
-output on stdout, errors and progress bars (on a terminal only) on stderr.
+or credentials (a `--url` without http:// or https:// among them), 3 server unreachable or still
+failing after the retries. Machine-readable output on stdout (`stor get -o -`: the verified
+bytes), errors, skipped paths and progress bars (on a terminal only) on stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,17 +19,28 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import click
 from tqdm import tqdm
 
 from stor.cli.common import DEFAULT_PORT, fail
 from stor.client import NOT_FOUND, ClientError, StorClient, hash_file, parse_credentials
+from stor.client.api import check_url
 from stor.digest import Sha, parse_sha
 from stor.errors import InvalidDigest
 
 BIG_FILE = 8 * 1024 * 1024
+STDOUT = Path("-")
+CREDENTIALS_HINT = "give credentials with -u USER:PASS or STOR_CREDENTIALS (or STOR_USER and STOR_PASSWORD)"
+
+
+def _url(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """A usage error (exit 2) now, rather than a URL httpx would read as a path and retry."""
+    try:
+        return check_url(value)
+    except ClientError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _client_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -37,7 +50,8 @@ def _client_options(command: Callable[..., None]) -> Callable[..., None]:
             envvar="STOR_URL",
             default=f"http://127.0.0.1:{DEFAULT_PORT}",
             show_default=True,
-            help="stor's URL [env STOR_URL]",
+            callback=_url,
+            help="stor's URL, http:// or https:// [env STOR_URL]",
         ),
         click.option(
             "-u",
@@ -62,7 +76,7 @@ def _client_options(command: Callable[..., None]) -> Callable[..., None]:
 
 def _client(url: str, credentials: str | None, retries: int) -> StorClient:
     logging.getLogger("stamina").setLevel(logging.ERROR)  # a retry is not news: the last failure is
-    return StorClient(url, _credentials(credentials), retries=retries)
+    return StorClient(url, _credentials(credentials), retries=retries, credentials_hint=CREDENTIALS_HINT)
 
 
 def _credentials(given: str | None) -> tuple[str, str] | None:
@@ -100,29 +114,64 @@ def _exit(error: ClientError) -> None:
 class _Outcome:
     file: Path
     sha: Sha | None = None
-    result: str = "error"  # stored, exists, error
+    result: str = "error"  # stored, exists, error, skipped
     error: str | None = None
     exit_code: int = 0
+    reason: str | None = None  # why a path under a directory was skipped
 
     def line(self, as_json: bool) -> str:
         if as_json:
             fields: dict[str, Any] = {"sha": self.sha, "file": str(self.file), "result": self.result}
             if self.error:
                 fields["error"] = self.error
+            if self.reason:
+                fields["reason"] = self.reason
             return json.dumps(fields)
         return f"{self.sha}  {self.file}  {self.result}"
+
+
+def _skipped(path: Path, reason: str) -> _Outcome:
+    return _Outcome(path, result="skipped", reason=reason)
 
 
 def _files(arguments: tuple[Path, ...]) -> Iterator[Path | _Outcome]:
     """The files to upload: each argument, or every file under a directory (recursively)."""
     for path in arguments:
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file())
+            yield from _walk(path)
         elif path.is_file():
             yield path
         else:
             reason = "no such file" if not path.exists() and not path.is_symlink() else "not a regular file"
             yield _Outcome(path, error=f"{path}: {reason}", exit_code=NOT_FOUND)
+
+
+def _walk(directory: Path) -> Iterator[Path | _Outcome]:
+    """The regular files under `directory` (symlinks to files included), sorted; what is not
+    one is skipped, and said so: a broken symlink, a symlink to a directory (not followed, so no
+    loop), a FIFO, socket or device. A directory that cannot be listed is an error."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError as exc:
+        yield _Outcome(directory, error=f"{directory}: cannot list: {exc.strerror}", exit_code=NOT_FOUND)
+        return
+    for name in names:
+        path = directory / name
+        if path.is_symlink():
+            if path.is_file():
+                yield path
+            elif path.is_dir():
+                yield _skipped(path, "symlink to a directory, not followed")
+            elif not path.exists():
+                yield _skipped(path, "broken symlink")
+            else:
+                yield _skipped(path, "not a regular file")
+        elif path.is_dir():
+            yield from _walk(path)
+        elif path.is_file():
+            yield path
+        else:
+            yield _skipped(path, "not a regular file")
 
 
 @click.command()
@@ -135,7 +184,9 @@ def put(
     files: tuple[Path, ...], name: str | None, jobs: int, as_json: bool, url: str, credentials: str | None, retries: int
 ) -> None:
     """Upload FILES (directories: every file in them), skipping those the server has already.
-    Prints `sha  file  stored|exists` per file (or JSON with --json)."""
+    Prints `sha  file  stored|exists` per file (or JSON with --json). What a directory holds
+    that is not a regular file (broken symlink, FIFO...) is skipped with a line on stderr (and
+    `"result": "skipped"` with --json); skipping alone does not change the exit code."""
     if name is not None:
         _put_named(files, name, _client(url, credentials, retries))
         return
@@ -174,6 +225,8 @@ def put(
     for outcome in outcomes + hashed:
         if outcome.error:
             fail(outcome.error)
+        if outcome.reason:
+            fail(f"{outcome.file}: skipped ({outcome.reason})")
         if outcome.sha is not None or as_json:
             click.echo(outcome.line(as_json))
     sys.exit(max((o.exit_code for o in outcomes + hashed), default=0))
@@ -195,31 +248,51 @@ def _put_named(files: tuple[Path, ...], name: str, client: StorClient) -> None:
 
 @click.command()
 @click.argument("sha", required=False)
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="File to write (default: ./SHA or ./NAME).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path, allow_dash=True),
+    help="File to write (default: ./SHA or ./NAME); - for stdout.",
+)
 @click.option("--name", help="Get the file stored under this path name instead of a SHA.")
 @_client_options
 def get(
     sha: str | None, output: Path | None, name: str | None, url: str, credentials: str | None, retries: int
 ) -> None:
-    """Download a blob (or a named file), verify its hash and write it atomically."""
+    """Download a blob (or a named file), verify its hash and write it atomically (-o -: to
+    stdout, once verified). A blob is checked against SHA itself, a named file against the sha
+    its ETag (or Repr-Digest) announces."""
     if (sha is None) == (name is None):
         raise click.UsageError("give either a SHA or --name")
     what = name if name is not None else _sha_or_usage(sha or "")
+    to_stdout = output == STDOUT
     target = output or Path(Path(what).name)
-    if target.is_dir():
+    if not to_stdout and target.is_dir():
         target = target / Path(what).name
+    into: Path | BinaryIO = sys.stdout.buffer if to_stdout else target
     with _client(url, credentials, retries) as client:
         try:
             if name is not None:
-                client.get_named(name, target)
+                client.get_named(name, into)
             else:
                 blob = Sha(what)
                 size = client.head(blob).size
                 with _bar(size, "downloading", sys.stderr.isatty() and size > BIG_FILE) as bar:
-                    client.get(blob, target, bar.update)
+                    client.get(blob, into, bar.update)
         except ClientError as exc:
+            if to_stdout:
+                _quiet_stdout()
             _exit(ClientError(f"{what}: not found", 404) if exc.status == 404 else exc)
-    click.echo(f"{what}  {target}")
+    if not to_stdout:  # stdout holds the bytes
+        click.echo(f"{what}  {target}")
+
+
+def _quiet_stdout() -> None:
+    """After a failed write to stdout (a closed pipe), drop what is still buffered for it, so
+    that exiting does not fail again on flushing it."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 @click.command()

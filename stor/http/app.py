@@ -25,6 +25,7 @@ from stor import __version__
 from stor.digest import Sha, parse_sha
 from stor.errors import BadRequest, BlobNotFound, InvalidDigest, PayloadTooLarge, StorError
 from stor.http.accounting import RequestMetrics, is_sha_path
+from stor.http.archives import Archives, ArchiveSettings, archive_routes
 from stor.http.auth import ADMINS, METRICS_READERS, WRITERS, Authenticator, Role
 from stor.http.blobs import BlobRoutes
 from stor.http.errors import error_response
@@ -36,6 +37,7 @@ from stor.service import BlobService
 from stor.service.namedfiles import NamedFiles
 
 MAX_STAT_SHAS = 10_000
+DEFAULT_ARCHIVES = ArchiveSettings(b"infected", 1000)
 MAX_STAT_BODY = 2 * 1024 * 1024
 
 
@@ -47,11 +49,13 @@ def create_app(
     body_idle_timeout: float,
     names: NamedFiles,
     min_upload_rate: int = 0,
+    archive: ArchiveSettings = DEFAULT_ARCHIVES,
     metrics_text: Callable[[], tuple[bytes, str]] | None = None,
     max_named_file_size: int = 2 * 1024 * 1024,
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
 ) -> Starlette:
     limits = BodyLimits(body_idle_timeout, min_upload_rate)
+    archives = Archives(service, archive)
 
     async def root(request: Request) -> Response:
         return PlainTextResponse(f"This is stor {__version__}\n")
@@ -113,10 +117,11 @@ def create_app(
         Route("/stat", stat_many, methods=["POST"], name="stat"),
         *named_routes(service, names, authenticator, max_named_file_size, limits),
         *lfs_routes(service, authenticator, limits),
+        *archive_routes(service, authenticator, archives, limits),
         Route("/{rest:path}", bad_path, methods=["GET", "POST", "PUT", "DELETE"]),
     ]
     route_names = {route.path: route.name for route in routes if "{" not in route.path}
-    blobs = BlobRoutes(service, authenticator, max_upload_size=max_upload_size, limits=limits)
+    blobs = BlobRoutes(service, authenticator, max_upload_size=max_upload_size, limits=limits, archives=archives)
     return StorApp(
         blobs,
         routes=routes,

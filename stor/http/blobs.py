@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 from stor.digest import Sha, parse_sha
 from stor.errors import BadRequest, PayloadTooLarge, StorError
 from stor.http.accounting import SendCounter, is_sha_path
+from stor.http.archives import Archives
 from stor.http.auth import ADMINS, READERS, Authenticator
 from stor.http.errors import error_response
 from stor.http.io import (
@@ -41,9 +42,16 @@ Client = tuple[str, int] | None
 
 class BlobRoutes:
     def __init__(
-        self, service: BlobService, authenticator: Authenticator, *, max_upload_size: int, limits: BodyLimits
+        self,
+        service: BlobService,
+        authenticator: Authenticator,
+        *,
+        max_upload_size: int,
+        limits: BodyLimits,
+        archives: Archives,
     ) -> None:
         self.service = service
+        self.archives = archives
         self.authenticator = authenticator
         self.max_upload_size = max_upload_size
         self.limits = limits
@@ -109,6 +117,8 @@ class BlobRoutes:
         try:
             await self.authenticator.check_read(Headers(scope=scope).get("authorization"))
             self.service.requested(sha)
+            if b"format=zip" in scope.get("query_string", b""):  # the blob in a password-protected zip
+                return await self.archives.one(sha, head=method == "HEAD"), None
             if method == "HEAD":
                 stat = await self.service.stat(sha, hot_tried=hot_tried)
                 return blob_response(Headers(scope=scope), sha, stat, None), stat.path

@@ -159,7 +159,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.cycle is not None and not self.cycle.response_complete:
             return False  # pipelined behind a request still running: answers keep their order
         method = self.parser.get_method()
-        if method not in (b"GET", b"HEAD") or self.parser.should_upgrade() or b"%" in self.url:
+        if method not in (b"GET", b"HEAD") or self.parser.should_upgrade() or b"%" in self.url or b"?" in self.url:
             return False
         if any(name in _BODY_HEADERS for name, _ in self.headers):
             return False

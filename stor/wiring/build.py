@@ -33,6 +33,7 @@ from stor.config import (
 )
 from stor.errors import ConfigError
 from stor.http.app import create_app
+from stor.http.archives import ArchiveSettings
 from stor.http.auth import Authenticator, Role, lists_of
 from stor.metrics import FanoutMetrics, Metrics, NullMetrics
 from stor.metrics.prometheus import DiskGauge, PrometheusMetrics
@@ -236,6 +237,7 @@ def build_app(config: Config, config_path: str | None = None) -> Starlette:
         max_upload_size=config.max_upload_size,
         body_idle_timeout=config.body_idle_timeout,
         min_upload_rate=config.min_upload_rate,
+        archive=ArchiveSettings(config.archive_password.encode(), config.archive_max_blobs),
         metrics_text=lambda: (prometheus.render(), prometheus.content_type),
         names=names,
         max_named_file_size=config.max_named_file_size,
