@@ -29,6 +29,8 @@ class HashedCopy:
     stat: BlobStat
     fast: FastSum
     recorded: FastSum | None
+    data: bytes | None = None
+    """The bytes themselves, when the caller asked to keep copies this small (`Disk.hash_copy`)."""
 
 
 @dataclass(frozen=True)

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 
+from stor.client import ClientError, StorClient
 from tests.conftest import Storage, StorProcess
 from tests.helpers import PASSWORD, USER, layout_path, sha256
 from tests.services import free_port
@@ -180,3 +190,239 @@ def test_a_server_that_comes_back_is_retried_until_it_answers(
     out, err = client.communicate(timeout=60)
     assert client.returncode == 0, err
     assert out.startswith(f"{sha256(data)}  300  ")
+
+
+# -- servers that send no ETag, stdout, modes, URLs, 401s, skipped paths, the Python API --------
+
+
+@dataclass
+class Bare:
+    """A Stor-era server, or a proxy that drops headers: answers GET and HEAD from `answers`
+    (keyed by the request path without its leading slash) with a Content-Length and no ETag or
+    digest header, and counts the requests."""
+
+    url: str
+    answers: dict[str, bytes]
+    requests: list[str]
+
+
+@pytest.fixture
+def bare() -> Iterator[Bare]:
+    answers: dict[str, bytes] = {}
+    requests: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.answer(with_body=False)
+
+        def do_GET(self) -> None:
+            self.answer(with_body=True)
+
+        def answer(self, *, with_body: bool) -> None:
+            requests.append(f"{self.command} {self.path}")
+            data = answers.get(self.path.lstrip("/"))
+            self.send_response(200 if data is not None else 404)
+            self.send_header("Content-Length", str(len(data or b"")))
+            self.end_headers()
+            if with_body and data:
+                self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield Bare(f"http://127.0.0.1:{server.server_address[1]}", answers, requests)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def client(
+    url: str, *args: str, cwd: Path | None = None, umask: int = -1, unbuffered: bool = True
+) -> subprocess.CompletedProcess[bytes]:
+    """`stor ARGS` against `url`, no credentials, bytes out (stdout may carry a blob)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STOR_") and k != "PYTHONUNBUFFERED"}
+    if unbuffered:  # sys.stdout.buffer is then a raw FileIO, which may write only part of a chunk
+        env["PYTHONUNBUFFERED"] = "1"
+    return subprocess.run(
+        [sys.executable, "-m", "stor", *args, "--url", url, "--retries", "0"],
+        capture_output=True,
+        timeout=60,
+        env=env,
+        cwd=cwd,
+        umask=umask,
+    )
+
+
+def test_get_checks_the_body_against_the_sha_when_no_etag_is_sent(bare: Bare, tmp_path: Path) -> None:
+    data = os.urandom(70_000)
+    bare.answers[sha256(data)] = data
+    good = client(bare.url, "get", sha256(data), "-o", str(tmp_path / "good"))
+    assert good.returncode == 0, good.stderr
+    assert (tmp_path / "good").read_bytes() == data
+    wrong = sha256(b"what was asked for")
+    bare.answers[wrong] = b"something else"
+    bad = client(bare.url, "get", wrong, "-o", str(tmp_path / "bad"))
+    assert bad.returncode == 1
+    assert bad.stderr.decode().strip() == (
+        f"stor: GET /{wrong}: the bytes received hash to {sha256(b'something else')}, not {wrong}; nothing written"
+    )
+    bare.answers["file?path=r.txt"] = data  # by name, only an ETag or Repr-Digest can say what to expect
+    named = client(bare.url, "get", "--name", "r.txt", "-o", str(tmp_path / "named"))
+    assert named.returncode == 1
+    assert "no ETag or Repr-Digest to check the bytes against" in named.stderr.decode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good"]  # nothing else written, no temp left
+
+
+def test_get_dash_o_writes_the_verified_bytes_to_stdout(bare: Bare, tmp_path: Path) -> None:
+    data = os.urandom(1024 * 1024)  # not text, and more than a pipe holds
+    bare.answers[sha256(data)] = data
+    for unbuffered in (True, False):
+        out = client(bare.url, "get", sha256(data), "-o", "-", cwd=tmp_path, unbuffered=unbuffered)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == data and out.stderr == b""
+    wrong = sha256(b"asked")
+    bare.answers[wrong] = b"not what was asked"
+    bad = client(bare.url, "get", wrong, "-o", "-", cwd=tmp_path)
+    assert bad.returncode == 1 and bad.stdout == b"" and b"hash to" in bad.stderr
+    assert list(tmp_path.iterdir()) == []  # no file named "-"
+    with subprocess.Popen(  # `stor get -o - | head -c 10`
+        [sys.executable, "-m", "stor", "get", sha256(data), "-o", "-", "--url", bare.url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as reader:
+        assert reader.stdout is not None and reader.stderr is not None
+        assert reader.stdout.read(10) == data[:10]
+        reader.stdout.close()
+        assert reader.wait(timeout=60) == 1
+        assert reader.stderr.read().decode().splitlines() == ["stor: <stdout>: cannot write: Broken pipe"]
+
+
+def test_a_downloaded_file_gets_the_mode_the_umask_gives(bare: Bare, tmp_path: Path) -> None:
+    data = b"for everyone to read"
+    bare.answers[sha256(data)] = data
+    for umask, mode in ((0o022, 0o644), (0o027, 0o640)):
+        target = tmp_path / f"out-{umask:o}"
+        result = client(bare.url, "get", sha256(data), "-o", str(target), umask=umask)
+        assert result.returncode == 0, result.stderr
+        assert stat.S_IMODE(target.stat().st_mode) == mode
+
+
+def test_a_url_without_a_scheme_is_a_usage_error(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    url = f"127.0.0.1:{free_port()}"
+    for command in (["put", str(path)], ["get", "1" * 64], ["head", "1" * 64], ["takedown", "1" * 64, "--reason", "r"]):
+        result = client(url, *command, cwd=tmp_path)
+        assert result.returncode == 2, (command, result.stderr)
+        assert "has no scheme: add http:// (or https://)" in result.stderr.decode(), command
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_a_401_says_how_to_give_credentials(
+    storage: Storage, start_stor: Callable[..., StorProcess], tmp_path: Path
+) -> None:
+    server = start_stor("--config", str(storage.write_config()))
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(10))
+    none = client(server.url, "put", str(path))
+    assert none.returncode == 2
+    assert (
+        none.stderr.decode()
+        .strip()
+        .endswith(": give credentials with -u USER:PASS or STOR_CREDENTIALS (or STOR_USER and STOR_PASSWORD)")
+    )
+    refused = client(server.url, "put", str(path), "-u", f"{USER}:wrong")
+    assert refused.returncode == 2
+    assert refused.stderr.decode().strip() == (
+        f"stor: POST /{sha256(path.read_bytes())}: 401 the server refused the credentials of user '{USER}'"
+    )
+
+
+def test_put_of_a_directory_says_what_it_skips(
+    storage: Storage, start_stor: Callable[..., StorProcess], tmp_path: Path
+) -> None:
+    server = start_stor("--config", str(storage.write_config()))
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "real").write_bytes(b"real")
+    (tree / "broken").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "outside").write_bytes(b"outside")
+    (tree / "linked").symlink_to(tmp_path / "outside")  # a symlink to a file is uploaded
+    (tree / "dirlink").symlink_to(tree / "sub")
+    os.mkfifo(tree / "fifo")
+    skipped = {
+        tree / "broken": "broken symlink",
+        tree / "dirlink": "symlink to a directory, not followed",
+        tree / "fifo": "not a regular file",
+    }
+    env = {**os.environ, "STOR_USER": USER, "STOR_PASSWORD": PASSWORD}
+    result = subprocess.run(
+        [sys.executable, "-m", "stor", "put", str(tree), "--url", server.url], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr  # skipping is no error
+    assert result.stderr.splitlines() == [f"stor: {p}: skipped ({why})" for p, why in skipped.items()]
+    assert result.stdout.splitlines() == [
+        f"{sha256(b'outside')}  {tree / 'linked'}  stored",
+        f"{sha256(b'real')}  {tree / 'sub' / 'real'}  stored",
+    ]
+    as_json = subprocess.run(
+        [sys.executable, "-m", "stor", "put", str(tree), "--json", "--url", server.url],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert as_json.returncode == 0, as_json.stderr
+    lines = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [line for line in lines if line["result"] == "skipped"] == [
+        {"sha": None, "file": str(p), "result": "skipped", "reason": why} for p, why in skipped.items()
+    ]
+    assert {line["result"] for line in lines if line["result"] != "skipped"} == {"exists"}
+
+
+def test_the_python_api_checks_shas_and_urls_before_asking(tmp_path: Path) -> None:
+    asked: list[str] = []
+    data = b"mocked"
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        asked.append(f"{request.method} {request.url.path}")
+        if request.method == "POST":
+            return httpx.Response(401, text="valid Basic credentials are required to write")
+        if request.url.path == "/file":
+            digest = base64.b64encode(hashlib.sha256(data).digest()).decode()
+            return httpx.Response(200, content=data, headers={"Repr-Digest": f"sha-256=:{digest}:"})
+        return httpx.Response(200, content=data)
+
+    with StorClient("http://stor.test", transport=httpx.MockTransport(answer), retries=0) as api:
+        calls: list[Callable[[], object]] = [
+            lambda: api.head("not-a-sha"),
+            lambda: api.get("abc", tmp_path / "x"),
+            lambda: api.stat([sha256(data), "g" * 64]),
+            lambda: api.put("0" * 63, tmp_path / "x"),
+            lambda: api.take_down("", "reason"),
+        ]
+        for call in calls:
+            with pytest.raises(ClientError) as caught:
+                call()
+            assert caught.value.exit_code == 2 and "not a sha256" in str(caught.value)
+        assert asked == []  # the server was never asked
+        assert api.head(sha256(data).upper()).size == len(data)
+        out = io.BytesIO()
+        assert api.get(sha256(data), out) == len(data) and out.getvalue() == data
+        assert api.get_named("r.txt", tmp_path / "named") == len(data)  # checked against its Repr-Digest
+        with pytest.raises(ClientError) as mismatch:
+            api.get(sha256(b"other"), tmp_path / "y")
+        assert mismatch.value.exit_code == 1 and not (tmp_path / "y").exists()
+        (tmp_path / "up").write_bytes(data)
+        with pytest.raises(ClientError) as refused:
+            api.put(sha256(data), tmp_path / "up")
+        assert refused.value.status == 401 and "pass credentials=(USER, PASSWORD)" in str(refused.value)
+    assert asked[:3] == [f"HEAD /{sha256(data)}", f"GET /{sha256(data)}", "GET /file"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["named", "up"]
+    with pytest.raises(ClientError) as no_scheme:
+        StorClient("127.0.0.1:8321")
+    assert no_scheme.value.exit_code == 2 and "add http://" in str(no_scheme.value)

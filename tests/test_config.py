@@ -1,12 +1,17 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner, Result
 
-from stor.config import Credential, check_storage_dirs, config_from_mapping, load_config
+from stor.cli.main import main
+from stor.config import ROLE_KEYS, Credential, check_storage_dirs, config_from_mapping, load_config
 from stor.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,3 +135,85 @@ def test_check_storage_dirs_refuses_the_root_filesystem(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="root filesystem"):
         check_storage_dirs(config)
     check_storage_dirs(make(storage_pairs=[list(p) for p in config.storage_pairs], check_mountpoints=False))
+
+
+# --- `stor check-config`: valid, but nothing can be uploaded (DESIGN.md §5) --------------------
+
+NOBODY_WRITES = "stor: warning: nobody can write"
+NO_PAIR_WRITES = "stor: warning: no pair takes writes"
+
+
+def check_config(tmp_path: Path, env: dict[str, str] | None = None, **raw: Any) -> Result:
+    """`stor check-config` on a config of two real pairs, in an environment without the
+    credential variables unless `env` sets them."""
+    pairs = [[str(tmp_path / f"data{n}"), str(tmp_path / f"data{n + 1}")] for n in (1, 3)]
+    for member in (m for pair in pairs for m in pair):
+        Path(member).mkdir(exist_ok=True)
+    path = tmp_path / "stor.json"
+    path.write_text(json.dumps({"storage_pairs": pairs, "check_mountpoints": False, **raw}))
+    unset: dict[str, str | None] = {variable: None for variable in (*ROLE_KEYS.values(), "CONFIG_FILE")}
+    return CliRunner().invoke(main, ["check-config", "--config", str(path)], env={**unset, **(env or {})})
+
+
+@pytest.mark.parametrize(
+    ("raw", "env", "warnings"),
+    [
+        ({"basic_auth": "w:p"}, {}, []),
+        ({"admin_auth": ["a:p"]}, {}, []),  # admins may upload too
+        ({}, {}, [NOBODY_WRITES]),
+        ({"read_auth": ["r:p"], "metrics_auth": ["m:p"]}, {}, [NOBODY_WRITES]),
+        ({}, {"STOR_BASIC_AUTH": "w:p"}, []),
+        ({}, {"STOR_ADMIN_AUTH": '["a:p"]'}, []),
+        ({"basic_auth": "w:p", "writable_pairs_regex": "data[1-4]"}, {}, []),
+        ({"basic_auth": "w:p", "writable_pairs_regex": "data[12]"}, {}, []),  # one pair is enough
+        ({"basic_auth": "w:p", "writable_pairs_regex": "data[13]"}, {}, [NO_PAIR_WRITES]),  # every member must match
+        ({"basic_auth": "w:p", "writable_pairs_regex": "^nowhere$"}, {}, [NO_PAIR_WRITES]),
+        ({"writable_pairs_regex": "x^"}, {}, [NOBODY_WRITES, NO_PAIR_WRITES]),
+    ],
+)
+def test_check_config_warns_when_no_upload_can_succeed(
+    tmp_path: Path, raw: dict[str, Any], env: dict[str, str], warnings: list[str]
+) -> None:
+    result = check_config(tmp_path, env, **raw)
+    assert result.exit_code == 0, result.output
+    assert "stor.json: OK (2 pairs" in result.stdout
+    lines = result.stderr.splitlines()
+    assert [line for line in lines if line.startswith("stor: warning: ")] == lines  # only warnings, one line each
+    assert [w for w in (NOBODY_WRITES, NO_PAIR_WRITES) if any(line.startswith(w) for line in lines)] == warnings
+    assert len(lines) == len(warnings)
+
+
+def test_check_config_warnings_name_the_cause(tmp_path: Path) -> None:
+    result = check_config(tmp_path, writable_pairs_regex="^nowhere$")
+    nobody, no_pair = result.stderr.splitlines()
+    assert "basic_auth" in nobody and "admin_auth" in nobody and "STOR_BASIC_AUTH" in nobody
+    assert "STOR_ADMIN_AUTH" in nobody and "401" in nobody
+    assert "'^nowhere$'" in no_pair
+
+
+def test_check_config_warns_on_stderr_and_exits_0_as_a_command(tmp_path: Path) -> None:
+    """The same through a real `stor check-config` process: the OK line on stdout, the warning on stderr."""
+    pair = [str(tmp_path / "a"), str(tmp_path / "b")]
+    for member in pair:
+        Path(member).mkdir()
+    path = tmp_path / "stor.json"
+    path.write_text(json.dumps({"storage_pairs": [pair], "check_mountpoints": False}))
+    env = {k: v for k, v in os.environ.items() if k not in (*ROLE_KEYS.values(), "CONFIG_FILE")}
+    result = subprocess.run(
+        [sys.executable, "-m", "stor", "check-config", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"{path}: OK (1 pairs")
+    assert result.stderr.startswith(NOBODY_WRITES) and len(result.stderr.splitlines()) == 1
+    with_writer = subprocess.run(
+        [sys.executable, "-m", "stor", "check-config", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "STOR_BASIC_AUTH": "w:p"},
+    )
+    assert with_writer.returncode == 0 and with_writer.stderr == ""

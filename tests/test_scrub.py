@@ -13,13 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+from stor.backends import refill
 from stor.backends.disk import Disk
 from stor.backends.pairs import Pair
+from stor.config import config_from_mapping
+from stor.service.portal import Portal
 from stor.tools.scrub import Scrubber
 from stor.tools.scrubreport import ScrubReport
+from stor.wiring.build import build_service
 from tests.conftest import Storage, StorProcess
-from tests.helpers import AUTH, corrupt, name_record, sha256, shorten
+from tests.helpers import AUTH, corrupt, layout_path, name_record, sha256, shorten
 from tests.services import MotoS3
 
 
@@ -205,7 +210,9 @@ def test_the_last_scrub_shows_in_status_and_metrics(storage: Storage, start_stor
 
 
 def test_scrub_repairs_go_through_the_upload_pipeline(storage: Storage, s3: MotoS3) -> None:
-    """The repaired copy is queued for S3 like any upload (the marker beside the first copy)."""
+    """A copy rewritten in place of a corrupt one goes through the upload pipeline: queued for S3
+    like any upload (the marker beside the first copy). (A merely missing copy is refilled in
+    batches from its verified partner: see `test_a_blank_member_is_refilled_in_batches`.)"""
     config = storage.write_config(**s3.config())
     [blob] = import_blobs(storage, config, 1)
     sha = sha256(blob)
@@ -215,7 +222,7 @@ def test_scrub_repairs_go_through_the_upload_pipeline(storage: Storage, s3: Moto
     assert markers
     for marker in markers:
         marker.unlink()
-    second.unlink()
+    corrupt(second, 10)
     code, report = scrub(config, "--repair")
     assert code == 0 and report["repaired"] == 1
     assert second.read_bytes() == blob and first.read_bytes() == blob
@@ -244,4 +251,37 @@ def test_scrub_refills_a_blank_member_with_blobs_and_name_records(storage: Stora
     assert all(name_record(member, f"n/{n}").exists() for n in range(3))
     for blob in blobs:
         assert len(storage.copies(sha256(blob))) == 2
+    assert scrub(config)[0] == 0
+
+
+def test_a_blank_member_is_refilled_in_batches(storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Missing copies are written from the verified partner in batches (a `syncfs` per batch,
+    not a commit per blob), small ones from the bytes the hash pass read, large ones copied and
+    checked against the partner's fast checksum; each is whole, with the partner's mtime and a
+    fast checksum attribute."""
+    monkeypatch.setattr(refill, "BATCH_FILES", 3)  # several batches, and some left for the end
+    storage.pairs = storage.pairs[:1]
+    config = storage.write_config()
+    blobs = import_blobs(storage, config, 7) + import_blobs(storage, config, 1, size=3 * 1024 * 1024)
+    member, partner = storage.pairs[0]
+    shutil.rmtree(member)
+    member.mkdir()
+    service = build_service(config_from_mapping(json.loads(config.read_text()), {}))
+    service.prepare(sweep=False)
+    try:
+        with Portal() as portal:
+
+            def rewrite(sha: Any, pair: Any, targets: Any, chunks: Any, size: int, mtime: int) -> Any:
+                return portal.submit(service.repair(sha, pair, targets, service.body_from(chunks), size, mtime))
+
+            report = Scrubber(service.pairs, repair=rewrite).run()
+    finally:
+        service.close()
+    assert report.repaired == len(blobs) and report.damage_left == 0, report.findings
+    for blob in blobs:
+        copy, source = layout_path(member, sha256(blob)), layout_path(partner, sha256(blob))
+        assert copy.read_bytes() == blob
+        assert copy.stat().st_mtime_ns == source.stat().st_mtime_ns
+        assert os.getxattr(copy, "user.stor.xxh3") == os.getxattr(source, "user.stor.xxh3")
+    assert storage.temps() == []
     assert scrub(config)[0] == 0

@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import os
 import secrets
-import shutil
+import select
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -253,7 +253,8 @@ class StorClient:
             size = self._retried("GET", url, lambda: self._download(url, params, sha, buffer, shown, progress))
             buffer.seek(0)
             with _writing(str(getattr(target, "name", "the output"))):
-                shutil.copyfileobj(buffer, target, CHUNK)
+                while chunk := buffer.read(CHUNK):
+                    _write_all(target, chunk)
                 target.flush()
         return size
 
@@ -381,6 +382,18 @@ def _create_beside(target: Path) -> tuple[int, str]:
             continue
         except OSError as exc:
             raise ClientError(f"{target.parent}: cannot write here: {exc.strerror}", exit_code=NOT_FOUND) from None
+
+
+def _write_all(target: BinaryIO, data: bytes) -> None:
+    """Write all of `data`: an unbuffered stream (`sys.stdout.buffer` under PYTHONUNBUFFERED is
+    a raw `FileIO`) may take part of it, or none when non-blocking, and say so only by its count."""
+    view = memoryview(data)
+    while view:
+        written: int | None = target.write(view)
+        if written is None:  # a non-blocking file, full: wait until it takes more
+            select.select([], [target.fileno()], [])
+            continue
+        view = view[written:]
 
 
 @contextlib.contextmanager

@@ -26,8 +26,10 @@ from stor.backends.disk import Disk
 from stor.backends.namestore import NameStore
 from stor.backends.owners import dead_owner_dirs
 from stor.backends.pairs import Pair, leaves
+from stor.backends.refill import Refill
 from stor.backends.scrubstate import read_json, state_dir, write_json
 from stor.backends.tombstones import Tombstone, TombstoneStore
+from stor.checksum import FastSum
 from stor.digest import Sha, sha_from_filename
 from stor.errors import InsufficientStorage, StorageUnavailable
 from stor.model import HashedCopy
@@ -62,6 +64,20 @@ class _Copy:
     size: int
     mtime_ns: int
     digest: str | None
+    fast: FastSum | None = None
+    data: bytes | None = None  # its bytes, when small (for a batched refill)
+
+
+REFILL_KEEP = 1024 * 1024
+"""Good copies up to this size keep their bytes from the hash pass for a batched refill: a blank
+member is refilled without reading the partner twice."""
+
+
+@dataclass
+class _Refilled:
+    sha: Sha
+    pair: int
+    disk: Disk
 
 
 class Throttle:
@@ -93,8 +109,12 @@ class Scrubber:
         rate: float | None = None,
         progress: Callable[[int, int], None] | None = None,
         restart: bool = False,
+        batch_refill: bool = True,
     ) -> None:
         self.pairs = pairs
+        self.batch_refill = batch_refill and repair is not None
+        self._refills: dict[str, Refill] = {}
+        self._refilling: dict[str, list[_Refilled]] = {}
         self.s3_source = s3_source
         self.names = names
         self.tombstones = tombstones
@@ -256,7 +276,7 @@ class Scrubber:
     def _check_copy(self, pair: Pair, disk: Disk, sha: Sha, report: ScrubReport) -> _Copy | None:
         """The state of the copy on `disk` (hashed), or None when there is none."""
         try:
-            result = disk.hash_copy(sha)
+            result = disk.hash_copy(sha, keep=REFILL_KEEP if self.batch_refill else 0)
         except StorageUnavailable:
             return _Copy(disk, "unreadable", 0, 0, None)
         if result is None:
@@ -269,7 +289,7 @@ class Scrubber:
         good = result.sha == sha
         if good and result.recorded != result.fast:
             self._check_sum(pair, disk, sha, result, report)
-        return _Copy(disk, "ok" if good else "corrupt", stat.size, stat.mtime_ns, result.sha)
+        return _Copy(disk, "ok" if good else "corrupt", stat.size, stat.mtime_ns, result.sha, result.fast, result.data)
 
     def _check_sum(self, pair: Pair, disk: Disk, sha: Sha, copy: HashedCopy, report: ScrubReport) -> None:
         """A good copy whose fast checksum is absent or wrong: counted, and with --repair
@@ -294,6 +314,9 @@ class Scrubber:
         problems: list[tuple[Disk, str]],
         report: ScrubReport,
     ) -> None:
+        if self.batch_refill and good and not bad and all(problem == "missing" for _, problem in problems):
+            self._refill(pair, sha, good[0], [disk for disk, _ in problems], report)
+            return
         quarantined: set[str] = set()
         for copy in bad:
             if copy.state == "unreadable":
@@ -326,8 +349,48 @@ class Scrubber:
         self._pending.append(_Pending(future, sha, pair.index, problems, quarantined))
         self._settle(report, keep=REPAIRS_IN_FLIGHT)
 
+    def _refill(self, pair: Pair, sha: Sha, good: _Copy, targets: list[Disk], report: ScrubReport) -> None:
+        """A copy missing on `targets`, written from the verified `good` one in batches (see
+        `backends.refill`): no pipeline, no per-blob commit."""
+        assert good.fast is not None
+        for disk in targets:
+            refill = self._refills.setdefault(disk.root, Refill(disk))
+            try:
+                done = refill.add(sha, good.disk.blob_path(sha), good.data, good.mtime_ns, good.fast)
+            except (StorageUnavailable, InsufficientStorage) as exc:
+                report.note(Finding(sha, pair.index, disk.root, "missing", f"failed: {exc}"), damage=True)
+                self._refilled(disk.root, len(self._refilling.get(disk.root, [])), report, str(exc))
+                continue
+            self._refilling.setdefault(disk.root, []).append(_Refilled(sha, pair.index, disk))
+            if done:
+                self._refilled(disk.root, len(done), report)
+
+    def _refilled(self, root: str, count: int, report: ScrubReport, error: str | None = None) -> None:
+        """The first `count` staged copies on `root` are durable (or, with `error`, failed)."""
+        waiting = self._refilling.get(root, [])
+        finished, self._refilling[root] = waiting[:count], waiting[count:]
+        for item in finished:
+            if error is None:
+                report.repaired += 1
+                report.note(Finding(item.sha, item.pair, item.disk.root, "missing", "repaired"), damage=False)
+            else:
+                report.note(Finding(item.sha, item.pair, item.disk.root, "missing", f"failed: {error}"), damage=True)
+
+    def _flush_refills(self, report: ScrubReport) -> None:
+        for root, refill in self._refills.items():
+            waiting = len(self._refilling.get(root, []))
+            try:
+                refill.flush()
+            except StorageUnavailable as exc:
+                self._refilled(root, waiting, report, str(exc))
+            else:
+                self._refilled(root, waiting, report)
+
     def _settle(self, report: ScrubReport, *, keep: int) -> None:
-        """Wait for the oldest repairs until at most `keep` are under way; note their outcome."""
+        """Wait for the oldest repairs until at most `keep` are under way; note their outcome.
+        With `keep` 0, batched refills are made durable too."""
+        if keep == 0:
+            self._flush_refills(report)
         while len(self._pending) > keep:
             pending = self._pending[0]
             try:
@@ -343,6 +406,9 @@ class Scrubber:
             self._pending.popleft()
 
     def _cancel_pending(self) -> None:
+        for refill in self._refills.values():
+            refill.abort()
+        self._refilling.clear()
         for pending in self._pending:
             pending.future.cancel()
         self._pending.clear()
