@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -199,17 +199,17 @@ def test_a_server_that_comes_back_is_retried_until_it_answers(
 class Bare:
     """A Stor-era server, or a proxy that drops headers: answers GET and HEAD from `answers`
     (keyed by the request path without its leading slash) with a Content-Length and no ETag or
-    digest header, and counts the requests."""
+    digest header (unless `etag`: then stor's ETag, the quoted sha), and records the requests."""
 
-    url: str
-    answers: dict[str, bytes]
-    requests: list[str]
+    url: str = ""
+    answers: dict[str, bytes] = field(default_factory=dict)
+    requests: list[str] = field(default_factory=list)
+    etag: bool = False
 
 
 @pytest.fixture
 def bare() -> Iterator[Bare]:
-    answers: dict[str, bytes] = {}
-    requests: list[str] = []
+    fake = Bare()
 
     class Handler(BaseHTTPRequestHandler):
         def do_HEAD(self) -> None:
@@ -219,10 +219,12 @@ def bare() -> Iterator[Bare]:
             self.answer(with_body=True)
 
         def answer(self, *, with_body: bool) -> None:
-            requests.append(f"{self.command} {self.path}")
-            data = answers.get(self.path.lstrip("/"))
+            fake.requests.append(f"{self.command} {self.path}")
+            data = fake.answers.get(self.path.lstrip("/"))
             self.send_response(200 if data is not None else 404)
             self.send_header("Content-Length", str(len(data or b"")))
+            if fake.etag:
+                self.send_header("ETag", f'"{self.path.lstrip("/")}"')
             self.end_headers()
             if with_body and data:
                 self.wfile.write(data)
@@ -233,8 +235,9 @@ def bare() -> Iterator[Bare]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        yield Bare(f"http://127.0.0.1:{server.server_address[1]}", answers, requests)
+        yield fake
     finally:
         server.shutdown()
         server.server_close()
@@ -281,6 +284,7 @@ def test_get_checks_the_body_against_the_sha_when_no_etag_is_sent(bare: Bare, tm
 def test_get_dash_o_writes_the_verified_bytes_to_stdout(bare: Bare, tmp_path: Path) -> None:
     data = os.urandom(1024 * 1024)  # not text, and more than a pipe holds
     bare.answers[sha256(data)] = data
+    bare.etag = True  # as stor does: only where the bytes go is in question here
     for unbuffered in (True, False):
         out = client(bare.url, "get", sha256(data), "-o", "-", cwd=tmp_path, unbuffered=unbuffered)
         assert out.returncode == 0, out.stderr
@@ -305,6 +309,7 @@ def test_get_dash_o_writes_the_verified_bytes_to_stdout(bare: Bare, tmp_path: Pa
 def test_a_downloaded_file_gets_the_mode_the_umask_gives(bare: Bare, tmp_path: Path) -> None:
     data = b"for everyone to read"
     bare.answers[sha256(data)] = data
+    bare.etag = True
     for umask, mode in ((0o022, 0o644), (0o027, 0o640)):
         target = tmp_path / f"out-{umask:o}"
         result = client(bare.url, "get", sha256(data), "-o", str(target), umask=umask)

@@ -170,6 +170,19 @@ def check_config(tmp_path: Path, env: dict[str, str] | None = None, **raw: Any) 
         ({"basic_auth": "w:p", "writable_pairs_regex": "^nowhere$"}, {}, [NO_PAIR_WRITES]),
         ({"writable_pairs_regex": "x^"}, {}, [NOBODY_WRITES, NO_PAIR_WRITES]),
     ],
+    ids=[
+        "writer",
+        "admin-only",
+        "nobody",
+        "readers-only",
+        "writer-from-env",
+        "admin-from-env",
+        "regex-matches-all",
+        "regex-matches-one-pair",
+        "regex-matches-half-of-each-pair",
+        "regex-matches-nothing",
+        "both",
+    ],
 )
 def test_check_config_warns_when_no_upload_can_succeed(
     tmp_path: Path, raw: dict[str, Any], env: dict[str, str], warnings: list[str]

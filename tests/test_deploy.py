@@ -201,6 +201,7 @@ def test_the_image_build_installs_the_projects_version(request: pytest.FixtureRe
     env = {
         "PATH": f"{venv / 'bin'}:/usr/local/bin:/usr/bin:/bin",
         "HOME": str(tmp_path),
+        "PIP_CONFIG_FILE": os.devnull,  # as in the image: no pip.conf of this machine's
         "PIP_DISABLE_PIP_VERSION_CHECK": "1",
         "PIP_NO_INPUT": "1",
         "PIP_NO_INDEX": "1",  # offline: the dependencies are lent, the build backend is in the wheelhouse

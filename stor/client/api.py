@@ -20,7 +20,7 @@ import os
 import secrets
 import select
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -165,7 +165,7 @@ class StorClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def stat(self, shas: list[str]) -> dict[Sha, dict[str, object] | None]:
+    def stat(self, shas: Sequence[str]) -> dict[Sha, dict[str, object] | None]:
         """Which of `shas` the server has (batches of 10,000), keyed by the lowercase sha."""
         asked = [check_sha(sha) for sha in shas]
         answers: dict[Sha, dict[str, object] | None] = {}
