@@ -12,7 +12,6 @@ from pathlib import Path
 from bench.settings import CORPUS, DURATION, FD_LIMIT, ONLY, ROOT, WRK_THREADS
 from bench.workloads import Refill, Result
 from stor.backends.openfiles import fd_budget
-from stor.tools.scrub import REPAIRS_IN_FLIGHT
 
 
 @dataclass
@@ -195,10 +194,12 @@ corpus, {refilled.files:,} blobs, {refilled.mb:,.0f} MB, from a warm page cache.
 | `stor scrub --pair 0 --repair` | {scrub_row} |
 
 `stor scrub --repair` runs at {scrub / cp:.2f}x the rate of `cp -a`. It also hashes every copy it reads (the
-partner's), and writes each blob through the upload pipeline, {REPAIRS_IN_FLIGHT} at a time: hash checked again,
-a temp file, a group-committed `syncfs` before the copy is linked and another after. `cp -a` then one `sync`
-orders nothing and makes nothing durable until the end. A profile of the refill (`py-spy`) shows the
-kernel's work for the temp, the new `AB/CD/EF` directories and the links, and the waits for `syncfs`,
-ahead of the Python: it runs at about the rate of POST (the durable-write limit above), not of `cp`.
+partner's) with SHA-256, then writes the missing copies in batches (`backends/refill.py`): each to a temp
+file with its mtime and fast checksum (small ones from the bytes the hash pass read, large ones copied
+and checked against the partner's fast checksum), one `syncfs`, no-replace links into the new `AB/CD/EF`
+directories, one more `syncfs`. `cp -a` then one `sync` orders nothing and makes nothing durable until
+the end. A profile of the refill shows temp creation and `mkdir` on the wiped member's filesystem
+(ext4, right after the member's old files were deleted) ahead of the Python: ~400 us per temp file
+there, against ~25 us in a fresh tree.
 
 """
