@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 
 from stor.backends.disk import Disk
-from stor.backends.owners import OwnedDir, dead_owner_dirs
+from stor.backends.owners import OwnedDir, return_claims
 from stor.backends.temps import disk_error, fsync_dir
 
 OUTBOX_DIR = ".stor-events"
@@ -67,14 +67,7 @@ class Outbox:
                 with contextlib.suppress(OSError):
                     outbox = self._dir(disk)
                     os.makedirs(outbox, exist_ok=True)
-                    for dead in dead_owner_dirs(outbox):
-                        for name in os.listdir(dead):
-                            if name.endswith(".json"):
-                                os.replace(os.path.join(dead, name), os.path.join(outbox, name))
-                                returned += 1
-                        with contextlib.suppress(OSError):
-                            os.unlink(os.path.join(dead, "owner.lock"))
-                            os.rmdir(dead)
+                    returned += return_claims(outbox, lambda name: name.endswith(".json"))
                     owner.claim()
         return returned
 

@@ -7,11 +7,12 @@ any process can tell a dead owner's directory (its lock can be taken) from a liv
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 LOCK_NAME = "owner.lock"
 
@@ -78,3 +79,19 @@ def _alive(owner_dir: str) -> bool:
     finally:
         os.close(fd)  # closing drops a lock we may just have taken
     return False
+
+
+def return_claims(queue: str, wanted: Callable[[str], bool]) -> int:
+    """Move the entries (`wanted` names) of dead owners' directories under `queue` back into
+    `queue`, and remove those directories: what a process that died had claimed is claimable
+    again. How many went back."""
+    returned = 0
+    for dead in dead_owner_dirs(queue):
+        for name in os.listdir(dead):
+            if wanted(name):
+                os.replace(os.path.join(dead, name), os.path.join(queue, name))
+                returned += 1
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(dead, LOCK_NAME))
+            os.rmdir(dead)
+    return returned

@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass
 
 from stor.backends.disk import Disk
-from stor.backends.owners import OwnedDir, dead_owner_dirs
+from stor.backends.owners import OwnedDir, return_claims
 from stor.backends.temps import fsync_dir
 from stor.digest import Sha, parse_sha
 from stor.errors import InvalidDigest
@@ -63,14 +63,7 @@ class S3Queue:
                 continue
             queue = self._dir(disk)
             os.makedirs(queue, exist_ok=True)
-            for dead in dead_owner_dirs(queue):
-                for name in os.listdir(dead):
-                    if _sha(name) is not None:
-                        os.replace(os.path.join(dead, name), os.path.join(queue, name))
-                        returned += 1
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(dead, "owner.lock"))
-                    os.rmdir(dead)
+            returned += return_claims(queue, lambda name: _sha(name) is not None)
             owner.claim()
         return returned
 

@@ -9,7 +9,6 @@ them, counted by `RequestMetrics`.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -22,15 +21,14 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from stor import __version__
-from stor.digest import Sha, parse_sha
-from stor.errors import BadRequest, BlobNotFound, InvalidDigest, PayloadTooLarge, StorError
+from stor.errors import BlobNotFound, InvalidDigest, PayloadTooLarge, StorError
 from stor.http.accounting import RequestMetrics, is_sha_path
 from stor.http.archives import Archives, ArchiveSettings, archive_routes
 from stor.http.auth import ADMINS, METRICS_READERS, WRITERS, Authenticator, Role
 from stor.http.blobs import BlobRoutes
 from stor.http.errors import error_response
 from stor.http.files import named_routes
-from stor.http.io import BodyLimits, close_if_body_unread, content_length, request_body
+from stor.http.io import BodyLimits, close_if_body_unread, content_length, request_body, sha_list
 from stor.http.lfs import lfs_routes
 from stor.model import StatusReport
 from stor.service import BlobService
@@ -92,7 +90,10 @@ def create_app(
         if length is not None and length > MAX_STAT_BODY:
             raise PayloadTooLarge(MAX_STAT_BODY, mid_stream=False)
         body = b"".join([chunk async for chunk in request_body(request, MAX_STAT_BODY, body_idle_timeout)])
-        answers = await service.stat_many(_sha_list(body))
+        shas = sha_list(
+            body, MAX_STAT_SHAS, lambda count: PayloadTooLarge(MAX_STAT_SHAS, mid_stream=False, unit="shas")
+        )
+        answers = await service.stat_many(shas)
         return JSONResponse({sha: None if info is None else dataclasses.asdict(info) for sha, info in answers.items()})
 
     async def bad_path(request: Request) -> Response:
@@ -157,24 +158,3 @@ def _health_answer(request: Request, report: StatusReport, ok: bool, reasons: li
         return JSONResponse(dataclasses.asdict(report), status_code=code, headers=headers)
     text = "OK\n" if ok else "".join(f"{reason}\n" for reason in reasons)
     return PlainTextResponse(text, status_code=code, headers=headers)
-
-
-def _sha_list(body: bytes) -> list[Sha]:
-    """A JSON array of shas: each validated (the error names it), duplicates answered once."""
-    try:
-        entries = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequest("the body must be a JSON array of sha256 strings") from None
-    if not isinstance(entries, list):
-        raise BadRequest("the body must be a JSON array of sha256 strings")
-    if len(entries) > MAX_STAT_SHAS:
-        raise PayloadTooLarge(MAX_STAT_SHAS, mid_stream=False, unit="shas")
-    shas: dict[Sha, None] = {}
-    for index, entry in enumerate(entries):
-        if not isinstance(entry, str):
-            raise BadRequest(f"entry {index} is not a string: {entry!r}"[:200])
-        try:
-            shas[parse_sha(entry)] = None
-        except InvalidDigest as exc:
-            raise BadRequest(f"entry {index}: {exc}") from None
-    return list(shas)

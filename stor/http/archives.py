@@ -18,10 +18,10 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from stor.digest import Sha, parse_sha
-from stor.errors import BadRequest, BlobNotFound, InvalidDigest, PayloadTooLarge
+from stor.digest import Sha
+from stor.errors import BadRequest, BlobNotFound, PayloadTooLarge
 from stor.http.auth import Authenticator
-from stor.http.io import BodyLimits, content_length, request_body
+from stor.http.io import BodyLimits, content_length, request_body, sha_list
 from stor.http.zipcrypto import MAX_ARCHIVE_BYTES, Entry, archive_bytes, zip_entries
 from stor.model import BlobStat
 from stor.service import BlobService
@@ -48,7 +48,7 @@ class Archives:
     async def many(self, shas: list[Sha]) -> Response:
         """`POST /archive`: the blobs there are, and a manifest of the rest."""
         if len(shas) > self.settings.max_blobs:
-            raise BadRequest(f"at most {self.settings.max_blobs} shas per archive (archive_max_blobs), got {len(shas)}")
+            raise _too_many(self.settings.max_blobs, len(shas))
         gone = await self.service.taken_down(shas)
         found: list[tuple[Sha, BlobStat]] = []
         absent: list[Sha] = []
@@ -101,6 +101,10 @@ class Archives:
             yield "manifest.json", len(manifest), 0.0, _one(manifest)
 
 
+def _too_many(limit: int, count: int) -> BadRequest:
+    return BadRequest(f"at most {limit} shas per archive (archive_max_blobs), got {count}")
+
+
 async def _one(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
@@ -114,28 +118,7 @@ def archive_routes(
         if length is not None and length > MAX_ARCHIVE_BODY:
             raise PayloadTooLarge(MAX_ARCHIVE_BODY, mid_stream=False)
         raw = b"".join([chunk async for chunk in request_body(request, MAX_ARCHIVE_BODY, limits.idle_timeout)])
-        return await archives.many(sha_list(raw, archives.settings.max_blobs))
+        limit = archives.settings.max_blobs
+        return await archives.many(sha_list(raw, limit, lambda count: _too_many(limit, count)))
 
     return [Route("/archive", archive, methods=["POST"], name="archive")]
-
-
-def sha_list(body: bytes, limit: int) -> list[Sha]:
-    """A JSON array of shas: each validated (the error names the first bad one), duplicates
-    answered once; `BadRequest` past `limit`."""
-    try:
-        entries = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequest("the body must be a JSON array of sha256 strings") from None
-    if not isinstance(entries, list):
-        raise BadRequest("the body must be a JSON array of sha256 strings")
-    if len(entries) > limit:
-        raise BadRequest(f"at most {limit} shas per archive (archive_max_blobs), got {len(entries)}")
-    shas: dict[Sha, None] = {}
-    for index, entry in enumerate(entries):
-        if not isinstance(entry, str):
-            raise BadRequest(f"entry {index} is not a string: {entry!r}"[:200])
-        try:
-            shas[parse_sha(entry)] = None
-        except InvalidDigest as exc:
-            raise BadRequest(f"entry {index}: {exc}") from None
-    return list(shas)

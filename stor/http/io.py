@@ -4,6 +4,7 @@ and blob responses with ETag, Range and conditional requests."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -13,8 +14,16 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from stor.digest import Sha, repr_digest
-from stor.errors import BadRequest, ClientDisconnected, ClientTimeout, PayloadTooLarge, UploadTooSlow
+from stor.digest import Sha, parse_sha, repr_digest
+from stor.errors import (
+    BadRequest,
+    ClientDisconnected,
+    ClientTimeout,
+    InvalidDigest,
+    PayloadTooLarge,
+    StorError,
+    UploadTooSlow,
+)
 from stor.http.semantics import (
     RangeNotSatisfiable,
     http_date,
@@ -241,3 +250,25 @@ class BlobResponse(Response):
         finally:
             await chunks.aclose()
             self.blob.close()
+
+
+def sha_list(body: bytes, limit: int, too_many: Callable[[int], StorError]) -> list[Sha]:
+    """A JSON array of shas: each validated (the error names the first bad entry), duplicates
+    answered once; `too_many(count)` is raised past `limit` entries."""
+    try:
+        entries = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadRequest("the body must be a JSON array of sha256 strings") from None
+    if not isinstance(entries, list):
+        raise BadRequest("the body must be a JSON array of sha256 strings")
+    if len(entries) > limit:
+        raise too_many(len(entries))
+    shas: dict[Sha, None] = {}
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, str):
+            raise BadRequest(f"entry {index} is not a string: {entry!r}"[:200])
+        try:
+            shas[parse_sha(entry)] = None
+        except InvalidDigest as exc:
+            raise BadRequest(f"entry {index}: {exc}") from None
+    return list(shas)
