@@ -24,7 +24,8 @@ from stor.errors import BlobLost, BlobNotFound, StorageUnavailable
 from stor.metrics import NullMetrics
 from stor.model import BlobStat, DiskHealth
 from stor.service import BlobService
-from stor.service.lookup import Found, ThreadMode, WouldBlock
+from stor.service.lookup import ThreadMode
+from stor.service.readmode import Found, WouldBlock
 from stor.service.stream import OpenBlob
 from stor.wiring.build import build_service
 from tests.conftest import Storage

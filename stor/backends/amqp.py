@@ -24,7 +24,7 @@ import aiormq
 import aiormq.abc
 from pamqp.commands import Basic
 
-from stor.config import AmqpTarget
+from stor.amqpuri import AmqpTarget
 
 
 class BrokerUnavailable(Exception):

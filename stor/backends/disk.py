@@ -33,8 +33,8 @@ from stor.backends.opencopy import OpenCopy
 from stor.backends.owners import OwnedDir, dead_owner_dirs
 from stor.backends.quarantine import Quarantine
 from stor.backends.temps import TempFile, disk_error, fsync_dir
-from stor.checksum import FastHasher, FastSum
-from stor.digest import Sha, blob_relpath, new_hasher
+from stor.checksum import FastSum
+from stor.digest import Sha, blob_relpath
 from stor.errors import StorageUnavailable
 from stor.model import BlobStat, DiskHealth, HashedCopy
 
@@ -256,28 +256,12 @@ class Disk:
 
     @guarded
     def hash_copy(self, sha: Sha, *, keep: int = 0) -> HashedCopy | None:
-        """The copy here hashed (SHA-256 and its fast checksum) with its recorded fast checksum,
-        or None when there is none; with its bytes too when it holds at most `keep` of them.
-        The stat's size is the number of bytes actually read."""
+        """The copy here hashed whole (see `OpenCopy.hashed`), or None when there is none."""
         copy = self.open(sha)
         if copy is None:
             return None
-        hasher, fast = new_hasher(), FastHasher()
-        offset = 0
-        kept: list[bytes] | None = [] if copy.stat.size <= keep else None
         with copy:
-            recorded = copy.recorded_sum()
-            while chunk := copy.read_some(offset, 1024 * 1024):
-                hasher.update(chunk)
-                fast.update(chunk)
-                offset += len(chunk)
-                if kept is not None:
-                    kept.append(chunk)
-        stat = copy.stat
-        data = b"".join(kept) if kept is not None and offset <= keep else None
-        return HashedCopy(
-            Sha(hasher.hexdigest()), BlobStat(stat.path, offset, stat.mtime_ns), fast.digest(), recorded, data
-        )
+            return copy.hashed(keep=keep)
 
     def read_sum(self, fd: int) -> FastSum | None:
         """The fast checksum recorded on the open copy `fd`, or None (see `xattrs`)."""

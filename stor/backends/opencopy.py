@@ -19,8 +19,9 @@ from types import TracebackType
 from typing import Generic, Protocol, TypeVar
 
 from stor.backends import nowait
-from stor.checksum import FastSum
-from stor.model import BlobStat
+from stor.checksum import FastHasher, FastSum
+from stor.digest import Sha, new_hasher
+from stor.model import BlobStat, HashedCopy
 
 
 class DiskReads(Protocol):
@@ -105,6 +106,24 @@ class OpenCopy(Generic[D]):
     def record_sum(self, digest: FastSum) -> None:
         """Record `digest` (of bytes verified by the caller) on the copy; best effort."""
         self.disk.write_sum(self.fileno(), digest)
+
+    def hashed(self, *, keep: int = 0) -> HashedCopy:
+        """The whole copy hashed (SHA-256 and its fast checksum), with its recorded fast checksum,
+        and its bytes too when it holds at most `keep` of them. The stat's size is the number of
+        bytes actually read. Blocking."""
+        hasher, fast = new_hasher(), FastHasher()
+        offset = 0
+        kept: list[bytes] | None = [] if self.stat.size <= keep else None
+        recorded = self.recorded_sum()
+        while chunk := self.read_some(offset, 1024 * 1024):
+            hasher.update(chunk)
+            fast.update(chunk)
+            offset += len(chunk)
+            if kept is not None:
+                kept.append(chunk)
+        data = b"".join(kept) if kept is not None and offset <= keep else None
+        stat = BlobStat(self.stat.path, offset, self.stat.mtime_ns)
+        return HashedCopy(Sha(hasher.hexdigest()), stat, fast.digest(), recorded, data)
 
     # -- ownership ------------------------------------------------------------------------------
 

@@ -51,6 +51,11 @@ class Refill:
         self._staged: list[_Staged] = []
         self._bytes = 0
 
+    @property
+    def staged(self) -> int:
+        """Copies staged, not yet durable."""
+        return len(self._staged)
+
     def add(self, sha: Sha, source: str, data: bytes | None, mtime_ns: int, fast: FastSum) -> list[Sha]:
         """Stage a copy of `sha` (bytes: `data`, or read from the file `source`, which must hash
         to the fast checksum `fast` of the verified copy). The shas made durable by a batch this

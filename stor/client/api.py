@@ -17,8 +17,6 @@ import binascii
 import contextlib
 import hashlib
 import os
-import secrets
-import select
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -30,36 +28,16 @@ import httpx
 import stamina
 
 from stor import __version__
+from stor.client.errors import NOT_FOUND, UNREACHABLE, USAGE, ClientError
+from stor.client.files import CHUNK, Progress, create_beside, file_size, read_file, write_all, writing
 from stor.digest import Sha, parse_sha
 from stor.errors import InvalidDigest
 
-CHUNK = 1024 * 1024
 STAT_BATCH = 10_000
-Progress = Callable[[int], None]
 T = TypeVar("T")
-
-NOT_FOUND, USAGE, UNREACHABLE = 1, 2, 3
-"""Exit codes of the client commands (0 is success)."""
 
 CREDENTIALS_HINT = "pass credentials=(USER, PASSWORD) to StorClient"
 """What a 401 to a client without credentials tells its caller to do (`stor` says which option)."""
-
-
-class ClientError(Exception):
-    """One clear line; `status` is the HTTP status when the server answered."""
-
-    def __init__(self, message: str, status: int | None = None, *, exit_code: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.exit_code = exit_code if exit_code is not None else _exit_code(status)
-
-
-def _exit_code(status: int | None) -> int:
-    if status is None or status >= 500:
-        return UNREACHABLE
-    if status in (400, 401, 403):
-        return USAGE
-    return NOT_FOUND  # 404, and 410 (taken down)
 
 
 class _ServerError(Exception):
@@ -104,29 +82,6 @@ def parse_credentials(text: str) -> tuple[str, str]:
     if not user or not colon:
         raise ClientError("credentials must be USER:PASSWORD", exit_code=USAGE)
     return user, password
-
-
-def hash_file(path: Path, progress: Progress | None = None) -> Sha:
-    """The sha256 of a file, streamed; raises `ClientError` when it cannot be read."""
-    hasher = hashlib.sha256()
-    for chunk in _read(path, progress):
-        hasher.update(chunk)
-    return Sha(hasher.hexdigest())
-
-
-def _read(path: Path, progress: Progress | None) -> Iterator[bytes]:
-    try:
-        with path.open("rb") as handle:
-            while chunk := handle.read(CHUNK):
-                if progress:
-                    progress(len(chunk))
-                yield chunk
-    except FileNotFoundError:
-        raise ClientError(f"{path}: no such file", exit_code=NOT_FOUND) from None
-    except IsADirectoryError:
-        raise ClientError(f"{path}: is a directory", exit_code=USAGE) from None
-    except OSError as exc:
-        raise ClientError(f"{path}: cannot read: {exc.strerror}", exit_code=NOT_FOUND) from None
 
 
 class StorClient:
@@ -177,17 +132,21 @@ class StorClient:
     def put(self, sha: str, path: Path, progress: Progress | None = None) -> bool:
         """Upload the file as `sha`; True if stored now, False if the server had it."""
         sha = check_sha(sha)
-        size = str(_size(path))
+        size = str(file_size(path))
         response = self._request(
-            "POST", f"/{sha}", body=lambda: _read(path, progress), headers={"Content-Length": size}
+            "POST", f"/{sha}", body=lambda: read_file(path, progress), headers={"Content-Length": size}
         )
         return response.status_code == 201
 
     def put_named(self, name: str, path: Path, progress: Progress | None = None) -> Sha:
         """Store the file under the name `name` (created or replaced); returns its sha."""
-        size = str(_size(path))
+        size = str(file_size(path))
         response = self._request(
-            "PUT", "/file", params={"path": name}, body=lambda: _read(path, progress), headers={"Content-Length": size}
+            "PUT",
+            "/file",
+            params={"path": name},
+            body=lambda: read_file(path, progress),
+            headers={"Content-Length": size},
         )
         return Sha(str(response.json()["sha"]))
 
@@ -229,14 +188,14 @@ class StorClient:
         if not isinstance(target, (str, os.PathLike)):
             return self._stream_to(url, params, sha, target, progress)
         target = Path(target)
-        fd, temp = _create_beside(target)
+        fd, temp = create_beside(target)
         try:
             with os.fdopen(fd, "wb") as out:
                 size = self._retried("GET", url, lambda: self._download(url, params, sha, out, str(target), progress))
-                with _writing(str(target)):
+                with writing(str(target)):
                     out.flush()
                     os.fsync(out.fileno())
-            with _writing(str(target)):
+            with writing(str(target)):
                 os.replace(temp, target)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -252,9 +211,9 @@ class StorClient:
         with tempfile.TemporaryFile(prefix=".stor-get.", suffix=".part") as buffer:
             size = self._retried("GET", url, lambda: self._download(url, params, sha, buffer, shown, progress))
             buffer.seek(0)
-            with _writing(str(getattr(target, "name", "the output"))):
+            with writing(str(getattr(target, "name", "the output"))):
                 while chunk := buffer.read(CHUNK):
-                    _write_all(target, chunk)
+                    write_all(target, chunk)
                 target.flush()
         return size
 
@@ -263,7 +222,7 @@ class StorClient:
     ) -> int:
         """GET into `out` (`shown` in messages) and check the bytes against `sha` (None: the
         sha the answer announces)."""
-        with _writing(shown):
+        with writing(shown):
             out.seek(0)  # a retry starts the file again
             out.truncate()
         hasher = hashlib.sha256()
@@ -277,7 +236,7 @@ class StorClient:
                     exit_code=NOT_FOUND,
                 )
             for chunk in response.iter_bytes(CHUNK):
-                with _writing(shown):
+                with writing(shown):
                     out.write(chunk)
                 hasher.update(chunk)
                 size += len(chunk)
@@ -368,45 +327,3 @@ def _length(response: httpx.Response, method: str, url: str) -> int:
         return int(response.headers["content-length"])
     except (KeyError, ValueError):
         raise ClientError(f"{method} {url}: the answer has no valid Content-Length", exit_code=UNREACHABLE) from None
-
-
-def _create_beside(target: Path) -> tuple[int, str]:
-    """A new temp file beside `target`, opened with mode 0666 so that the umask decides its
-    mode (and so the downloaded file's), as `curl -o` does; `mkstemp` would make it 0600."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    while True:
-        temp = target.parent / f".{target.name}.{secrets.token_hex(6)}.part"
-        try:
-            return os.open(temp, flags, 0o666), str(temp)
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise ClientError(f"{target.parent}: cannot write here: {exc.strerror}", exit_code=NOT_FOUND) from None
-
-
-def _write_all(target: BinaryIO, data: bytes) -> None:
-    """Write all of `data`: an unbuffered stream (`sys.stdout.buffer` under PYTHONUNBUFFERED is
-    a raw `FileIO`) may take part of it, or none when non-blocking, and say so only by its count."""
-    view = memoryview(data)
-    while view:
-        written: int | None = target.write(view)
-        if written is None:  # a non-blocking file, full: wait until it takes more
-            select.select([], [target.fileno()], [])
-            continue
-        view = view[written:]
-
-
-@contextlib.contextmanager
-def _writing(target: str) -> Iterator[None]:
-    """An `OSError` while writing (disk full, a closed pipe) becomes a `ClientError`."""
-    try:
-        yield
-    except OSError as exc:
-        raise ClientError(f"{target}: cannot write: {exc.strerror or exc}", exit_code=NOT_FOUND) from None
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        raise ClientError(f"{path}: no such file", exit_code=NOT_FOUND) from None

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from collections import deque
 
-from stor.config import AmqpTarget
+from stor.amqpuri import AmqpTarget
 from stor.digest import Sha
 from stor.metrics import Metrics
 from stor.service.broker import BrokerLink

@@ -7,8 +7,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from stor.amqpuri import AmqpTarget
 from stor.backends.amqp import AmqpPublisher, BrokerUnavailable, Message
-from stor.config import AmqpTarget
 
 log = logging.getLogger(__name__)
 

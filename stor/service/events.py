@@ -23,9 +23,9 @@ import socket
 import time
 from dataclasses import asdict, dataclass
 
+from stor.amqpuri import AmqpTarget
 from stor.backends.disk import Disk
 from stor.backends.outbox import Claimed, Outbox
-from stor.config import AmqpTarget
 from stor.errors import StorageUnavailable
 from stor.metrics import Metrics
 from stor.service.broker import BrokerLink

@@ -20,8 +20,9 @@ from stor.checksum import fast_sum
 from stor.digest import Sha, sha_of
 from stor.errors import BlobNotFound
 from stor.model import BlobStat
-from stor.service.lookup import Found, Lookup, WouldBlock
+from stor.service.lookup import Lookup
 from stor.service.offload import Background
+from stor.service.readmode import Found, WouldBlock
 from stor.service.stream import InMemory, OpenBlob
 from stor.service.takedown import gone
 

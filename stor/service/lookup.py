@@ -18,11 +18,11 @@ import contextlib
 import functools
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import KW_ONLY, dataclass, field
-from typing import Generic, NamedTuple, Protocol, TypeVar
+from dataclasses import KW_ONLY, dataclass
+from typing import Generic, TypeVar
 
 from stor.backends.disk import Disk
-from stor.backends.locations import ABSENT, CacheUnavailable, LocationCache
+from stor.backends.locations import ABSENT, LocationCache
 from stor.backends.opencopy import OpenCopy
 from stor.backends.openfiles import OpenFiles
 from stor.backends.pairs import Pair, StoragePool
@@ -32,9 +32,11 @@ from stor.errors import BlobLost, BlobNotFound, CorruptCopy, StorageUnavailable
 from stor.metrics import Metrics
 from stor.model import BlobStat
 from stor.service.health import HealthMonitor
+from stor.service.hints import Hints
 from stor.service.integrity import Integrity
 from stor.service.nearcache import NearCache
 from stor.service.offload import Offload
+from stor.service.readmode import Found, Mode, Seen, WouldBlock
 from stor.service.stream import DiskStream, InMemory, OpenBlob
 from stor.service.takedown import Takedowns
 from stor.service.verify import Verdict, check_bytes, check_copy, sha_of_copy
@@ -44,19 +46,6 @@ T_co = TypeVar("T_co", covariant=True)
 
 READ_WHOLE_BYTES = 1024 * 1024
 """Blobs up to this size are read in the same thread hop as the lookup."""
-
-
-class WouldBlock(Exception):
-    """The event loop's mode cannot go on without waiting on a disk: a thread must look."""
-
-
-class Found(NamedTuple, Generic[T]):
-    value: T
-    disk: Disk
-    how: str
-    """kept (a copy kept open), local (where the location hint said) or miss (disks probed)."""
-    tried: int
-    """Disks probed after the hint, for a miss."""
 
 
 @dataclass
@@ -69,52 +58,6 @@ class Copies:
     @property
     def complete(self) -> bool:
         return len(self.present) == len(self.pair.members)
-
-
-@dataclass
-class _Seen:
-    """What the disks asked so far answered, short of a copy."""
-
-    missed: set[str] = field(default_factory=set)
-    unreachable: list[str] = field(default_factory=list)
-    corrupt: list[str] = field(default_factory=list)
-
-
-class Mode(Protocol[T]):
-    """How one read may touch the disks. `find` calls these in this order."""
-
-    def refuse(self, sha: Sha) -> None:
-        """`BlobGone` when an admin took the blob down (before any disk is asked)."""
-
-    def kept(self, sha: Sha) -> Found[T] | None:
-        """A copy already open, or None."""
-
-    def hint(self, sha: Sha) -> str | None:
-        """The disk root the location caches name, or None; `BlobNotFound` when a cache knows
-        the blob is absent."""
-
-    def may_ask(self, disk: Disk) -> bool:
-        """Whether `disk` may be asked at all (else it counts as unreachable)."""
-
-    def ask(self, disk: Disk, sha: Sha) -> T | None:
-        """The copy on `disk`, or None when it has none. Raises `CorruptCopy`,
-        `StorageUnavailable` or `WouldBlock` (both count as unreachable)."""
-
-    def stale(self, sha: Sha) -> None:
-        """The hinted disk had no copy."""
-
-    def located(self, sha: Sha, found: Found[T], missed: set[str]) -> None:
-        """A copy was found (`missed`: the disks that said they have none): remember it, check
-        its partners."""
-
-    def probed(self, tried: int, elapsed: float) -> None:
-        """The disks were probed (the hint was not enough), found or not."""
-
-    def unreachable(self, sha: Sha, reasons: list[str]) -> Exception:
-        """What to raise when no copy was found and some disk could not answer."""
-
-    def absent(self, sha: Sha) -> None:
-        """Every disk answered "no copy": return if the blob is absent (404), else raise."""
 
 
 @dataclass(eq=False)
@@ -131,6 +74,9 @@ class Lookup:
     metrics: Metrics
     verify: bool
     verify_max: int
+
+    def __post_init__(self) -> None:
+        self.hints = Hints(self.near, self.locations, self.metrics, self.offload)
 
     def answering(self, disks: Iterable[Disk]) -> list[Disk]:
         """The disks worth asking: not hung (see `HealthMonitor.responsive`). Every loop over
@@ -151,7 +97,7 @@ class Lookup:
             return kept
         hint = mode.hint(sha)
         first = None if hint is None else self.pool.disk_at.get(hint)
-        seen = _Seen()
+        seen = Seen()
         asked_first = first is not None and mode.may_ask(first)
         if first is not None:
             found = self._ask(mode, first, sha, seen) if asked_first else None
@@ -183,7 +129,7 @@ class Lookup:
         raise BlobNotFound(sha)
 
     @staticmethod
-    def _ask(mode: Mode[T], disk: Disk, sha: Sha, seen: _Seen) -> T | None:
+    def _ask(mode: Mode[T], disk: Disk, sha: Sha, seen: Seen) -> T | None:
         try:
             found = mode.ask(disk, sha)
         except CorruptCopy as exc:
@@ -225,56 +171,6 @@ class Lookup:
             raise BlobLost(
                 f"blob {sha} is lost: its copies failed verification and are quarantined on {', '.join(held)}"
             )
-
-    # -- the location caches ---------------------------------------------------------------
-
-    def cache_get(self, sha: Sha) -> str | None:
-        """The location hint for `sha` (near cache, then memcached), counted as Stor counts
-        cache events; `ABSENT` when memcached remembers it is stored nowhere."""
-        near = self.near.get(sha)
-        if near is not None:
-            self.metrics.cache("local", 0.0)
-            return near
-        if self.locations is None:
-            self.metrics.cache("miss", 0.0)  # Stor's meaning: the disks must be probed
-            return None
-        started = time.monotonic()
-        try:
-            hint = self.locations.get(sha)
-        except CacheUnavailable:
-            self.metrics.cache("error", time.monotonic() - started)
-            return None
-        result = "miss" if hint is None else "negative" if hint == ABSENT else "hit"
-        self.metrics.cache(result, time.monotonic() - started)
-        return hint
-
-    def forget(self, sha: Sha) -> None:
-        """The hint for `sha` proved stale: dropped from both caches."""
-        self.metrics.cache("stale", 0.0)
-        self.near.forget(sha)
-        if self.locations is not None:
-            self._cache_do(self.locations.forget, sha)
-
-    def remember_absent(self, sha: Sha) -> None:
-        if self.locations is not None:
-            self._cache_do(self.locations.remember_absent, sha)
-
-    def remember(self, sha: Sha, root: str) -> None:
-        self.near.remember(sha, root)
-        if self.locations is not None:
-            self._cache_do(self.locations.remember, sha, root)
-
-    async def remember_soon(self, sha: Sha, root: str) -> None:
-        """`remember`, from the event loop: a thread hop only for memcached."""
-        self.near.remember(sha, root)
-        if self.locations is not None:
-            await self.offload.run(self._cache_do, self.locations.remember, sha, root)
-
-    def _cache_do(self, call: Callable[..., None], *args: object) -> None:
-        try:
-            call(*args)
-        except CacheUnavailable:
-            self.metrics.cache("error", 0.0)
 
     # -- probes: what a thread's `find` does with each disk ---------------------------------
 
@@ -437,7 +333,7 @@ class ThreadMode(Generic[T]):
         return None  # the event loop has tried the copies kept open, or has no reason to
 
     def hint(self, sha: Sha) -> str | None:
-        hint = self.lookup.cache_get(sha)
+        hint = self.lookup.hints.get(sha)
         if hint == ABSENT:
             raise BlobNotFound(sha)
         return hint
@@ -449,13 +345,13 @@ class ThreadMode(Generic[T]):
         return self.probe(disk, sha)
 
     def stale(self, sha: Sha) -> None:
-        self.lookup.forget(sha)
+        self.lookup.hints.forget(sha)
 
     def located(self, sha: Sha, found: Found[T], missed: set[str]) -> None:
         if found.how == "local":
             self.lookup.near.remember(sha, found.disk.root)  # a no-op refresh when it came from there
             return
-        self.lookup.remember(sha, found.disk.root)
+        self.lookup.hints.remember(sha, found.disk.root)
         self.lookup.check_partners(found.disk, sha, missed)
 
     def probed(self, tried: int, elapsed: float) -> None:
@@ -466,4 +362,4 @@ class ThreadMode(Generic[T]):
 
     def absent(self, sha: Sha) -> None:
         self.lookup.check_quarantine(sha)
-        self.lookup.remember_absent(sha)
+        self.lookup.hints.remember_absent(sha)

@@ -123,7 +123,7 @@ class Takedowns:
     async def check_after_write(self, sha: Sha, written: list[Disk]) -> None:
         """After an upload linked copies of `sha` on `written`: if it was taken down meanwhile,
         remove them and raise `BlobGone`. Usually answered from the kernel's caches."""
-        if self.gone_now(sha) is None and self.store.cached(sha) is None:
+        if self.proven_absent(sha):
             return
         found = await self.offload.run(self.gone, sha)
         if found is None:

@@ -135,13 +135,13 @@ class Upload:
             )
         if not any(temp.groupable for temp in temps):
             self._paths = settle([temp.commit(sha) for temp in temps])
-            self.pipeline.lookup.remember(sha, self.writer.disks[0].root)
+            self.pipeline.lookup.hints.remember(sha, self.writer.disks[0].root)
 
     async def publish(self, sha: Sha) -> PutResult:
         """Make the staged copies durable and visible (see `publish`), then mirror."""
         if self._paths is None:
             self._paths = await publish(self.writer, sha, self.pipeline.commits, self.pipeline.offload)
-            await self.pipeline.lookup.remember_soon(sha, self.writer.disks[0].root)
+            await self.pipeline.lookup.hints.remember_soon(sha, self.writer.disks[0].root)
         if not self.plan.restoring:  # taken down while it was being written: it must not win
             await self.pipeline.takedowns.check_after_write(sha, self.writer.disks)
         if self.plan.queue_s3:

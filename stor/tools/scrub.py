@@ -26,7 +26,6 @@ from stor.backends.disk import Disk
 from stor.backends.namestore import NameStore
 from stor.backends.owners import dead_owner_dirs
 from stor.backends.pairs import Pair, leaves
-from stor.backends.refill import Refill
 from stor.backends.scrubstate import read_json, state_dir, write_json
 from stor.backends.tombstones import Tombstone, TombstoneStore
 from stor.checksum import FastSum
@@ -34,6 +33,8 @@ from stor.digest import Sha, sha_from_filename
 from stor.errors import InsufficientStorage, StorageUnavailable
 from stor.model import HashedCopy
 from stor.service.integrity import quarantine_note
+from stor.tools.refills import REFILL_KEEP, Refills
+from stor.tools.scrubgone import remove_taken_down, scrub_takedowns
 from stor.tools.scrubreport import Finding, ScrubReport
 
 S3Source = Callable[[Sha], tuple[Iterator[bytes], int, int] | None]
@@ -66,18 +67,6 @@ class _Copy:
     digest: str | None
     fast: FastSum | None = None
     data: bytes | None = None  # its bytes, when small (for a batched refill)
-
-
-REFILL_KEEP = 1024 * 1024
-"""Good copies up to this size keep their bytes from the hash pass for a batched refill: a blank
-member is refilled without reading the partner twice."""
-
-
-@dataclass
-class _Refilled:
-    sha: Sha
-    pair: int
-    disk: Disk
 
 
 class Throttle:
@@ -113,8 +102,7 @@ class Scrubber:
     ) -> None:
         self.pairs = pairs
         self.batch_refill = batch_refill and repair is not None
-        self._refills: dict[str, Refill] = {}
-        self._refilling: dict[str, list[_Refilled]] = {}
+        self._refills = Refills()
         self.s3_source = s3_source
         self.names = names
         self.tombstones = tombstones
@@ -129,7 +117,7 @@ class Scrubber:
         report = ScrubReport(pairs=[p.index for p in self.pairs])
         try:
             if self.tombstones is not None:
-                self._scrub_tombstones(self.tombstones, report)
+                self._gone = scrub_takedowns(self.tombstones, report, repair=self.rewrite is not None)
             for pair in self.pairs:
                 self._scrub_pair(pair, report)
             if self.names is not None:
@@ -156,42 +144,6 @@ class Scrubber:
         elif report.names_stale:
             report.damage_left += report.names_stale
             report.note(Finding("", 0, "", f"{report.names_stale} name records missing on a member"), damage=False)
-
-    def _scrub_tombstones(self, tombstones: TombstoneStore, report: ScrubReport) -> None:
-        """The takedown records, on both members of the names pair (one away during a takedown
-        lacks it), and which blobs they name: a copy of one found below is removed, never
-        repaired."""
-        try:
-            self._gone = tombstones.all()
-            report.tombstones, report.tombstones_stale = tombstones.reconcile(restore=self.rewrite is not None)
-        except (StorageUnavailable, OSError) as exc:
-            report.note(Finding("", 0, "", "takedown records unreadable", f"failed: {exc}"), damage=True)
-            return
-        if self.rewrite is not None:
-            report.tombstones_restored = report.tombstones_stale
-        elif report.tombstones_stale:
-            report.damage_left += report.tombstones_stale
-            stale = report.tombstones_stale
-            report.note(Finding("", 0, "", f"{stale} takedown records missing on a member"), damage=False)
-
-    def _scrub_gone(self, pair: Pair, sha: Sha, report: ScrubReport) -> None:
-        """Copies of a blob taken down (their member was away during the takedown): removed
-        with --repair, never hashed, never copied anywhere."""
-        for disk in pair.members:
-            try:
-                if disk.stat(sha) is None:
-                    continue
-                report.taken_down_copies += 1
-                if self.rewrite is None:
-                    report.note(Finding(sha, pair.index, disk.root, "taken down"), damage=True)
-                    continue
-                disk.remove(sha)
-                disk.quarantine.purge(sha)
-            except StorageUnavailable as exc:
-                report.note(Finding(sha, pair.index, disk.root, "taken down", f"failed: {exc}"), damage=True)
-                continue
-            report.taken_down_removed += 1
-            report.note(Finding(sha, pair.index, disk.root, "taken down", "removed"), damage=False)
 
     def _scrub_pair(self, pair: Pair, report: ScrubReport) -> None:
         checkpoint = state_dir(pair) / "checkpoint.json"
@@ -241,7 +193,7 @@ class Scrubber:
 
     def _scrub_blob(self, pair: Pair, sha: Sha, report: ScrubReport) -> None:
         if sha in self._gone:
-            self._scrub_gone(pair, sha, report)
+            remove_taken_down(pair, sha, report, repair=self.rewrite is not None)
             return
         good: list[_Copy] = []
         bad: list[_Copy] = []
@@ -351,46 +303,16 @@ class Scrubber:
 
     def _refill(self, pair: Pair, sha: Sha, good: _Copy, targets: list[Disk], report: ScrubReport) -> None:
         """A copy missing on `targets`, written from the verified `good` one in batches (see
-        `backends.refill`): no pipeline, no per-blob commit."""
+        `refills`): no pipeline, no per-blob commit."""
         assert good.fast is not None
-        for disk in targets:
-            refill = self._refills.setdefault(disk.root, Refill(disk))
-            try:
-                done = refill.add(sha, good.disk.blob_path(sha), good.data, good.mtime_ns, good.fast)
-            except (StorageUnavailable, InsufficientStorage) as exc:
-                report.note(Finding(sha, pair.index, disk.root, "missing", f"failed: {exc}"), damage=True)
-                self._refilled(disk.root, len(self._refilling.get(disk.root, [])), report, str(exc))
-                continue
-            self._refilling.setdefault(disk.root, []).append(_Refilled(sha, pair.index, disk))
-            if done:
-                self._refilled(disk.root, len(done), report)
-
-    def _refilled(self, root: str, count: int, report: ScrubReport, error: str | None = None) -> None:
-        """The first `count` staged copies on `root` are durable (or, with `error`, failed)."""
-        waiting = self._refilling.get(root, [])
-        finished, self._refilling[root] = waiting[:count], waiting[count:]
-        for item in finished:
-            if error is None:
-                report.repaired += 1
-                report.note(Finding(item.sha, item.pair, item.disk.root, "missing", "repaired"), damage=False)
-            else:
-                report.note(Finding(item.sha, item.pair, item.disk.root, "missing", f"failed: {error}"), damage=True)
-
-    def _flush_refills(self, report: ScrubReport) -> None:
-        for root, refill in self._refills.items():
-            waiting = len(self._refilling.get(root, []))
-            try:
-                refill.flush()
-            except StorageUnavailable as exc:
-                self._refilled(root, waiting, report, str(exc))
-            else:
-                self._refilled(root, waiting, report)
+        source = good.disk.blob_path(sha)
+        self._refills.add(pair.index, sha, source, good.data, good.mtime_ns, good.fast, targets, report)
 
     def _settle(self, report: ScrubReport, *, keep: int) -> None:
         """Wait for the oldest repairs until at most `keep` are under way; note their outcome.
         With `keep` 0, batched refills are made durable too."""
         if keep == 0:
-            self._flush_refills(report)
+            self._refills.flush(report)
         while len(self._pending) > keep:
             pending = self._pending[0]
             try:
@@ -406,9 +328,7 @@ class Scrubber:
             self._pending.popleft()
 
     def _cancel_pending(self) -> None:
-        for refill in self._refills.values():
-            refill.abort()
-        self._refilling.clear()
+        self._refills.abort()
         for pending in self._pending:
             pending.future.cancel()
         self._pending.clear()
