@@ -3,6 +3,7 @@ tools analysts use (7-Zip, Info-ZIP unzip, Python's zipfile), streamed and verif
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -124,8 +125,11 @@ def test_a_client_that_goes_away_mid_archive_frees_everything(
     worker = int(children[0]) if children else server.proc.pid  # one worker: the process itself
 
     def blob_fds() -> int:
-        fds = os.listdir(f"/proc/{worker}/fd")
-        return sum(1 for fd in fds if os.readlink(f"/proc/{worker}/fd/{fd}").endswith(".dat"))
+        count = 0
+        for fd in os.listdir(f"/proc/{worker}/fd"):
+            with contextlib.suppress(FileNotFoundError):  # closed between the listing and the look
+                count += os.readlink(f"/proc/{worker}/fd/{fd}").endswith(".dat")
+        return count
 
     for data in blobs:  # each copy's stat kept open (the hot path's cache, not a leak)
         assert httpx.head(f"{server.url}/{sha256(data)}").status_code == 200
