@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from stor.http import io
+from stor.service import admission
 from tests.conftest import Storage, StorProcess, app_client
 from tests.helpers import AUTH, sha256
 
@@ -109,7 +110,7 @@ async def test_a_crawling_upload_is_cut_and_leaves_nothing(storage: Storage, mon
 
 async def test_uploads_beyond_the_bound_get_503_and_retry_after(storage: Storage) -> None:
     release = asyncio.Event()
-    async with app_client(storage.config(max_uploads_in_flight=2)) as http:
+    async with app_client(storage.config(max_uploads_in_flight=2, min_upload_rate=0)) as http:  # never stalled
         held = [
             asyncio.create_task(
                 http.post(
@@ -150,6 +151,72 @@ async def test_uploads_beyond_the_bound_get_503_and_retry_after(storage: Storage
         assert uploads["shed"] == 2 and uploads["in_flight"] == 0
         again = await http.post(f"/{sha256(b'z' * 10)}", content=b"z" * 10, auth=AUTH)
         assert again.status_code == 201  # recovered
+
+
+async def hold(http: httpx.AsyncClient, release: asyncio.Event, count: int) -> list[asyncio.Task[httpx.Response]]:
+    """`count` uploads that send one byte of the hundred they declare, then nothing until
+    `release`; returned once the worker holds them all."""
+    held = [
+        asyncio.create_task(
+            http.post(
+                f"/{sha256(os.urandom(8))}",
+                content=stalled_body(b"x", release),
+                auth=AUTH,
+                headers={"Content-Length": "100"},
+            )
+        )
+        for _ in range(count)
+    ]
+    for _ in range(200):
+        if (await status(http))["in_flight"] == count:
+            return held
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the worker never held {count} uploads: {await status(http)}")
+
+
+async def test_stalled_uploads_do_not_hold_places(storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(admission, "STALL_AGE", 0.3)  # 1 s in production
+    release = asyncio.Event()
+    async with app_client(storage.config(max_uploads_in_flight=2, min_upload_rate=1000)) as http:
+        held = await hold(http, release, 2)
+        data = os.urandom(4096)
+        early = await http.post(f"/{sha256(data)}", content=data, auth=AUTH)
+        assert early.status_code == 503  # both places taken by uploads too young to judge
+        await asyncio.sleep(0.4)
+        assert (await status(http))["stalled"] == 2
+        for _ in range(3):  # the stalled ones do not count: fast uploads go through, again and again
+            data = os.urandom(4096)
+            assert (await http.post(f"/{sha256(data)}", content=data, auth=AUTH)).status_code == 201
+        uploads = await status(http)
+        assert uploads["in_flight"] == 2 and uploads["cut_for_room"] == 0  # the stalled are still there
+        release.set()
+        for task in held:
+            with pytest.raises((httpx.HTTPError, ConnectionResetError)):
+                await task
+
+
+async def test_the_slowest_stalled_upload_is_cut_when_stalled_ones_fill_their_bound(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(admission, "STALL_AGE", 0.3)
+    monkeypatch.setattr(admission, "STALLED_PER_PLACE", 1)  # 8 in production
+    release = asyncio.Event()
+    async with app_client(storage.config(max_uploads_in_flight=2, min_upload_rate=1000)) as http:
+        held = await hold(http, release, 2)
+        await asyncio.sleep(0.4)
+        data = os.urandom(4096)
+        answer = await http.post(f"/{sha256(data)}", content=data, auth=AUTH)
+        assert answer.status_code == 201  # one stalled upload made room
+        done, pending = await asyncio.wait(held, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1 and len(pending) == 1
+        cut = done.pop().result()
+        assert cut.status_code == 408 and "other uploads waited" in cut.text
+        uploads = await status(http)
+        assert uploads["cut_for_room"] == 1 and uploads["cut_for_rate"] == 1 and uploads["in_flight"] == 1
+        assert storage.temps() == []  # the cut upload left nothing
+        release.set()
+        with pytest.raises((httpx.HTTPError, ConnectionResetError)):
+            await pending.pop()
 
 
 def test_a_thousand_idle_connections_starve_no_one(storage: Storage, start_stor: Callable[..., StorProcess]) -> None:

@@ -32,6 +32,7 @@ from stor.http.semantics import (
     range_applies,
 )
 from stor.model import BlobStat
+from stor.service.admission import Place
 from stor.service.stream import DiskStream, OpenBlob
 
 _IMMUTABLE = b"public, max-age=31536000, immutable"
@@ -70,11 +71,13 @@ RATE_GRACE_SECONDS = 20.0
 
 
 async def request_body(
-    request: Request, limit: int, idle_timeout: float, min_rate: int = 0, on_slow: Callable[[], None] | None = None
+    request: Request, limit: int, idle_timeout: float, min_rate: int = 0, place: Place | None = None
 ) -> AsyncIterator[bytes]:
     """The request body, chunk by chunk, enforcing the size limit, the idle timeout and (when
     `min_rate` is set) a floor on its average rate once `RATE_GRACE_SECONDS` have passed: a body
-    that crawls below it is cut (`UploadTooSlow`, 408; `on_slow` is told)."""
+    that crawls below it is cut (`UploadTooSlow`, 408). `place`: the upload's place among the
+    worker's uploads (see `admission`), told how many bytes arrived and able to cut the wait for
+    them short to make room."""
     total = 0
     started = time.monotonic()
     request.state.body_done = False
@@ -85,15 +88,28 @@ async def request_body(
             if behind < wait:  # nothing more by then: under the floor
                 wait, by_rate = max(behind, 0.0), True
         try:
-            async with asyncio.timeout(wait):  # half the cost of anyio.fail_after
-                message = await request.receive()
+            async with asyncio.timeout(wait) as waiting:  # half the cost of anyio.fail_after
+                if place is None:
+                    message = await request.receive()
+                else:
+                    place.waiting = waiting
+                    try:
+                        message = await request.receive()
+                    finally:
+                        place.waiting = None
         except TimeoutError:
-            if by_rate:
-                if on_slow is not None:
-                    on_slow()
+            elapsed = time.monotonic() - started
+            if place is not None and place.evicted:
+                place.cut()
                 raise UploadTooSlow(
-                    f"the body arrived slower than {min_rate} bytes/s ({total} bytes in "
-                    f"{time.monotonic() - started:.0f}s); upload cut"
+                    f"the body arrived slower than {min_rate} bytes/s ({total} bytes in {elapsed:.0f}s) while "
+                    "other uploads waited for its place; upload cut"
+                ) from None
+            if by_rate:
+                if place is not None:
+                    place.cut()
+                raise UploadTooSlow(
+                    f"the body arrived slower than {min_rate} bytes/s ({total} bytes in {elapsed:.0f}s); upload cut"
                 ) from None
             raise ClientTimeout(f"no body bytes received for {idle_timeout:g}s; upload abandoned") from None
         if message["type"] == "http.disconnect":
@@ -101,6 +117,8 @@ async def request_body(
             raise ClientDisconnected("client went away before the body was complete")
         chunk: bytes = message.get("body", b"")
         total += len(chunk)
+        if place is not None:
+            place.received = total
         if total > limit:
             raise PayloadTooLarge(limit, mid_stream=True)
         if chunk:

@@ -27,7 +27,7 @@ from stor.digest import Sha
 from stor.errors import BlobGone, BlobLost, BlobNotFound, StorageUnavailable
 from stor.metrics import Metrics
 from stor.model import BlobInfo, BlobStat, PutResult, StatusReport
-from stor.service.admission import Admission
+from stor.service.admission import Admission, Place
 from stor.service.announce import Announcer, NoAnnouncer
 from stor.service.events import EventLog
 from stor.service.health import HealthMonitor
@@ -276,14 +276,10 @@ class BlobService:
         upload restores a blob taken down."""
         return await self.uploads.put(sha, body, length, early_answer=early_answer, restore_by=restore_by)
 
-    def admitted(self) -> AbstractContextManager[None]:
+    def admitted(self) -> AbstractContextManager[Place]:
         """Hold one of this worker's upload places for a block (`Overloaded` when none is
         free: see `admission`)."""
         return self.admission.admitted()
-
-    def upload_cut(self) -> None:
-        """An upload was cut for crawling below `min_upload_rate`."""
-        self.admission.cut()
 
     async def take_down(self, sha: Sha, admin: str, reason: str) -> TakedownReport:
         """Take `sha` down for good (see `takedown`): `BlobGone` if it was already,

@@ -86,7 +86,7 @@ def build_service(config: Config, metrics: Metrics | None = None) -> BlobService
         events = Events(config.events, Outbox(pool.disks), monitor, offload=offload, metrics=metrics)
     announcer = NoAnnouncer() if config.rabbitmq_uri is None else Announcer(config.rabbitmq_uri, metrics)
     integrity = Integrity(metrics, near, open_files, Healer(), events)
-    admission = Admission(config.max_uploads_in_flight, pool, metrics)
+    admission = Admission(config.max_uploads_in_flight, pool, metrics, config.min_upload_rate)
     s3 = _s3(config, pool, offload, metrics, integrity)
     takedowns = Takedowns(
         TombstoneStore(pool.pairs[0].members),
