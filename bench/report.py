@@ -6,7 +6,7 @@ import os
 import platform
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.settings import CORPUS, DURATION, FD_LIMIT, ONLY, ROOT, WRK_THREADS
@@ -22,6 +22,8 @@ class Section:
     results: list[tuple[Result, Result | None]]
     limits: dict[str, float | None]
     refilled: Refill | None
+    extra: list[str] = field(default_factory=list)
+    """Workloads reported in a table of their own (markdown)."""
 
 
 def write_report(sections: list[Section], rates: dict[str, float], seconds: float) -> None:
@@ -129,6 +131,7 @@ def _section(section: Section, n: int) -> str:
 |---|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 {notes}
+{chr(10).join(section.extra)}
 ### Write limits measured in the same run, on the same pair
 
 The bare protocol is DESIGN.md §2's per-copy protocol in a plain Python script, no stor code, no HTTP (O_EXCL temp,

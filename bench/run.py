@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from bench.corpus import Members, build_corpus, can_mount_images, warm
+from bench.hostile import neighbours
 from bench.report import RABBITMQ_ROW, READ_AUTH_ROW, Section, write_report
 from bench.servers import Nginx, Stor, free_port, raise_fd_limit
 from bench.settings import AUTH, POST_BLOBS, wanted
@@ -64,8 +65,9 @@ def run_on(base: Path, *, images: bool, full: bool) -> Section:  # noqa: PLR0915
         scripts = base / "lua"
         scripts.mkdir()
 
-        def post_script(name: str, count: int) -> Path:
-            return lua_post(scripts / f"{name}.lua", post_blobs(base / f"{name}.bin", count), count)
+        def post_script(name: str, count: int, *, statuses: bool = False) -> Path:
+            blobs = post_blobs(base / f"{name}.bin", count)
+            return lua_post(scripts / f"{name}.lua", blobs, count, statuses=statuses)
 
         base_config: dict[str, object] = {
             "storage_pairs": [[str(p) for p in members.paths]],
@@ -76,6 +78,7 @@ def run_on(base: Path, *, images: bool, full: bool) -> Section:  # noqa: PLR0915
         nginx = Nginx(base, members.paths[0])
         stor = Stor(base, base_config)
         results: list[tuple[Result, Result | None]] = []
+        extra: list[str] = []
         try:
             for name in ("4k", "64k", "8m") if full else ("4k", "8m"):
                 if not wanted("get"):
@@ -109,6 +112,11 @@ def run_on(base: Path, *, images: bool, full: bool) -> Section:  # noqa: PLR0915
                 ours = wrk(stor.url, post_script("post", POST_BLOBS), label, stor.pids(), warm_up)
                 results.append((ours, None))
                 print(f"  {label}: {ours.rps:,.0f}/s", flush=True)
+            if wanted("hostile") and full:
+                hostile = neighbours(
+                    stor, scripts / "4k.lua", lambda name, counted: post_script(name, 12_000, statuses=counted)
+                )
+                extra.append(hostile.markdown())
             up, down = big_transfer_rss(stor) if wanted("rss") and full else (0.0, 0.0)
         finally:
             stor.stop()
@@ -205,7 +213,7 @@ def run_on(base: Path, *, images: bool, full: bool) -> Section:  # noqa: PLR0915
             if full:
                 limits["peak RSS growth, 1 GiB upload (MiB)"] = up
                 limits["peak RSS growth, 1 GiB download (MiB)"] = down
-        return Section(members.kind, results, limits, refilled)
+        return Section(members.kind, results, limits, refilled, extra)
     finally:
         members.close()
 

@@ -4,6 +4,7 @@ HTTP (sha256, durable pair writes with stor's own code), and RSS under 1 GiB tra
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -46,15 +47,42 @@ def post_blobs(path: Path, count: int) -> Path:
     return path
 
 
-def lua_post(path: Path, blobs: Path, count: int) -> Path:
-    """POST each blob of `blobs` once: each of wrk's threads takes its share."""
+def lua_post(path: Path, blobs: Path, count: int, *, statuses: bool = False) -> Path:
+    """POST each blob of `blobs` once: each of wrk's threads takes its share. `statuses`: count
+    the answers by status and print them at the end (`statuses {...}`; see `wrk_statuses`)."""
+    counting = (
+        """
+threads = {}
+function setup(thread)
+  thread:set("id", counter); counter = counter + 1
+  table.insert(threads, thread)
+end
+function response(status, headers, body)
+  seen[status] = (seen[status] or 0) + 1
+end
+function done(summary, latency, requests)
+  local out = {}
+  for _, thread in ipairs(threads) do
+    for status, n in pairs(thread:get("seen")) do out[status] = (out[status] or 0) + n end
+  end
+  local parts = {}
+  for status, n in pairs(out) do table.insert(parts, '"' .. status .. '": ' .. n) end
+  io.write("statuses {" .. table.concat(parts, ", ") .. "}\\n")
+end
+"""
+        if statuses
+        else """
+function setup(thread) thread:set("id", counter); counter = counter + 1 end
+"""
+    )
     path.write_text(
         f"""
 local counter = 0
-function setup(thread) thread:set("id", counter); counter = counter + 1 end
+{counting}
 function init(args)
   local f = io.open("{blobs}", "rb"); blob = f:read("*a"); f:close()
   shas = {{}}
+  seen = {{}}
   for line in io.lines("{blobs}.sha") do table.insert(shas, line) end
   n = id
 end
@@ -80,6 +108,8 @@ class Result:
     rss_mib: float = 0.0
     cpu_seconds: float = 0.0
     """The server's CPU time during the measured run (both workers)."""
+    statuses: dict[int, int] | None = None
+    """The answers by status, when the script counted them (`lua_post(statuses=True)`)."""
 
     @property
     def cpu_per_gib(self) -> float | None:
@@ -117,6 +147,7 @@ def wrk(
     p50 = re.search(r"^\s+50%\s+(\S+)", out, re.MULTILINE)
     p99 = re.search(r"^\s+99%\s+(\S+)", out, re.MULTILINE)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    counted = re.search(r"^statuses (\{.*\})$", out, re.MULTILINE)
     return Result(
         label,
         rps,
@@ -126,6 +157,7 @@ def wrk(
         int(errors.group(1)) if errors else 0,
         rss(pids) if pids else 0.0,
         cpu,
+        {int(k): v for k, v in json.loads(counted.group(1)).items()} if counted else None,
     )
 
 

@@ -1,0 +1,176 @@
+"""The "hostile neighbours" workload (issue 25): hundreds of slow uploaders, each declaring a
+large body and sending a few bytes a second, reconnecting whenever it is cut, while the usual
+GET 4 KiB and POST 4 KiB loads run. Run as `python -m bench.hostile HOST PORT COUNT` (a process
+of its own, so its event loop does not share the bench's); it prints what it saw when stopped
+with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import hashlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.servers import Stor
+from bench.settings import AUTH
+from bench.workloads import wrk
+
+DECLARED = 1 << 30
+"""What each slow uploader promises to send: a GiB."""
+TRICKLE = b"abc"
+"""What it sends each second: 3 bytes/s, far under the default floor of 500."""
+
+
+async def slow_uploader(host: str, port: int, seen: collections.Counter[str], stop: asyncio.Event) -> None:
+    """One client, forever: a POST that declares a GiB and trickles; when the server answers or
+    closes, count how and start again."""
+    token = base64.b64encode(f"{AUTH[0]}:{AUTH[1]}".encode()).decode()
+    while not stop.is_set():
+        sha = hashlib.sha256(os.urandom(16)).hexdigest()
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            seen["connect failed"] += 1
+            await asyncio.sleep(0.5)
+            continue
+        seen["connections"] += 1
+        head = (
+            f"POST /{sha} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Basic {token}\r\n"
+            f"Content-Length: {DECLARED}\r\n\r\n"
+        )
+        writer.write(head.encode())
+        answer = asyncio.ensure_future(reader.readline())
+        try:
+            while not stop.is_set() and not answer.done():
+                writer.write(TRICKLE)
+                await writer.drain()
+                await asyncio.wait([answer], timeout=1.0)
+            if answer.done():
+                status = answer.result().split(b" ")[1:2]
+                seen[status[0].decode() if status else "closed"] += 1
+        except (OSError, IndexError):
+            seen["reset"] += 1
+        finally:
+            answer.cancel()
+            writer.close()
+        await asyncio.sleep(0.1)
+
+
+async def run(host: str, port: int, count: int) -> collections.Counter[str]:
+    seen: collections.Counter[str] = collections.Counter()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    clients = [asyncio.create_task(slow_uploader(host, port, seen, stop)) for _ in range(count)]
+    await stop.wait()
+    await asyncio.wait(clients, timeout=3)
+    return seen
+
+
+def main() -> None:
+    host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    seen = asyncio.run(run(host, port, count))
+    print(json.dumps(dict(seen)), flush=True)
+
+
+@contextmanager
+def slow_uploaders(url: str, count: int, settle: float = 3.0) -> Iterator[dict[str, int]]:
+    """`count` slow uploaders against `url` for the block (after `settle` seconds, so they are
+    all connected and judged); yields a dict filled, after the block, with what they saw."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.hostile", host, port, str(count)], stdout=subprocess.PIPE, text=True
+    )
+    seen: dict[str, int] = {}
+    try:
+        time.sleep(settle)
+        yield seen
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=30)
+        seen.update(json.loads(out.strip().splitlines()[-1]) if out.strip() else {})
+
+
+@dataclass
+class Neighbours:
+    """The hostile-neighbours row: each round's rates without and with the slow uploaders."""
+
+    count: int
+    get_quiet: list[float] = field(default_factory=list)
+    get_hostile: list[float] = field(default_factory=list)
+    post_quiet: list[float] = field(default_factory=list)
+    post_hostile: list[float] = field(default_factory=list)
+    post_statuses: collections.Counter[int] = field(default_factory=collections.Counter)
+    rss_quiet: list[float] = field(default_factory=list)
+    rss_hostile: list[float] = field(default_factory=list)
+    seen: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def markdown(self) -> str:
+        def ratios(quiet: list[float], hostile: list[float]) -> str:
+            each = [h / q for q, h in zip(quiet, hostile, strict=True)]
+            return f"**{statistics.median(each):.2f}x** (rounds: {', '.join(f'{r:.2f}' for r in each)})"
+
+        def rates(values: list[float]) -> str:
+            return f"{statistics.median(values):,.0f}/s (spread {min(values):,.0f}-{max(values):,.0f})"
+
+        statuses = ", ".join(f"{n:,} x {code}" for code, n in sorted(self.post_statuses.items()))
+        seen = ", ".join(f"{n:,} {what}" for what, n in sorted(self.seen.items()))
+        return f"""### Hostile neighbours: {self.count} slow uploaders
+
+{self.count} clients each POST a body declared as 1 GiB and send {len(TRICKLE)} bytes a second, reconnecting when
+cut (`bench/hostile.py`), while wrk runs the usual loads; {len(self.get_quiet)} rounds, each measuring both loads
+without and then with them. stor's defaults: `max_uploads_in_flight` 128 and `min_upload_rate` 500 bytes/s per
+worker (uploads below the floor after 1 s are *stalled* and do not hold a place).
+
+| load | without | with the slow uploaders | with / without, median |
+|---|---|---|---|
+| GET 4k | {rates(self.get_quiet)} | {rates(self.get_hostile)} | {ratios(self.get_quiet, self.get_hostile)} |
+| POST 4k | {rates(self.post_quiet)} | {rates(self.post_hostile)} | {ratios(self.post_quiet, self.post_hostile)} |
+
+POST answers with the slow uploaders: {statuses or "none counted"} (a 507 there would be a false "disks full").
+RSS of stor's processes after the run: {statistics.median(self.rss_quiet):.0f} MiB without,
+{statistics.median(self.rss_hostile):.0f} MiB with them. What the slow uploaders saw: {seen or "nothing"}.
+"""
+
+
+def neighbours(
+    stor: Stor, get_script: Path, post_script: Callable[[str, bool], Path], count: int = 500, rounds: int = 3
+) -> Neighbours:
+    """GET 4k and POST 4k without and with `count` slow uploaders, `rounds` times."""
+    row = Neighbours(count)
+    for n in range(rounds):
+        quiet_get = wrk(stor.url, get_script, "GET 4k", stor.pids())
+        quiet_post = wrk(stor.url, post_script(f"hq{n}", True), "POST 4k", stor.pids(), post_script(f"hqw{n}", False))
+        row.get_quiet.append(quiet_get.rps)
+        row.post_quiet.append(quiet_post.rps)
+        row.rss_quiet.append(quiet_post.rss_mib)
+        warm_posts = post_script(f"hhw{n}", False)
+        with slow_uploaders(stor.url, count) as seen:
+            hostile_get = wrk(stor.url, get_script, "GET 4k", stor.pids())
+            hostile_post = wrk(stor.url, post_script(f"hh{n}", True), "POST 4k", stor.pids(), warm_posts)
+        row.get_hostile.append(hostile_get.rps)
+        row.post_hostile.append(hostile_post.rps)
+        row.rss_hostile.append(hostile_post.rss_mib)
+        row.post_statuses.update(hostile_post.statuses or {})
+        row.seen.update(seen)
+        print(
+            f"  hostile round {n + 1}: GET {quiet_get.rps:,.0f} -> {hostile_get.rps:,.0f}/s, "
+            f"POST {quiet_post.rps:,.0f} -> {hostile_post.rps:,.0f}/s {hostile_post.statuses}, slow: {seen}",
+            flush=True,
+        )
+    return row
+
+
+if __name__ == "__main__":
+    main()
