@@ -100,3 +100,4 @@ class StatusReport:
     uptime: float = 0.0
     reserved_bytes: dict[int, int] = field(default_factory=dict)
     group_commit: dict[str, CommitStats] = field(default_factory=dict)
+    scrub_running: list[dict[str, object]] = field(default_factory=list)  # progress and time left

@@ -285,3 +285,44 @@ def test_a_blank_member_is_refilled_in_batches(storage: Storage, monkeypatch: py
         assert os.getxattr(copy, "user.stor.xxh3") == os.getxattr(source, "user.stor.xxh3")
     assert storage.temps() == []
     assert scrub(config)[0] == 0
+
+
+def test_a_refill_reports_its_progress_and_time_left(storage: Storage, start_stor: Any) -> None:
+    """While `stor scrub --repair` refills a blank member, `/status`, `/metrics` and stderr say
+    how far it is and when the pair will hold both copies again; nothing once it is done."""
+    config = storage.write_config()
+    import_blobs(storage, config, 60, size=20_000)
+    member, _ = storage.pairs[0]
+    shutil.rmtree(member)
+    member.mkdir()  # a new disk
+    server: StorProcess = start_stor("--config", str(config))
+    # 1.2 MB to hash at 0.1 MB/s: about 12 s, progress written every second
+    args = ["scrub", "--config", str(config), "--pair", "0", "--repair", "--rate", "0.1", "--progress-every", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stor", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (running := httpx.get(f"{server.url}/status?format=json").json()["scrub_running"]):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        [progress] = running
+        assert progress["pair"] == 0 and progress["repairing"] is True and progress["pid"] == proc.pid
+        assert 0 < progress["fraction"] < 1 and progress["copies"] > 0
+        assert progress["eta_seconds"] > 0 and progress["full_redundancy_eta_seconds"] == progress["eta_seconds"]
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert 'stor_pair_full_redundancy_eta_seconds{pair="0"}' in metrics
+        assert 'stor_scrub_progress_ratio{pair="0"}' in metrics
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    lines = [line for line in err.splitlines() if line.startswith("stor: scrub of pair 0:")]
+    assert lines and "of the sha space" in lines[0] and "left" in lines[0]
+    assert json.loads(out)["damage_left"] == 0
+    assert not (member / ".stor-scrub" / "running.json").exists()
+    deadline = time.monotonic() + 15
+    while httpx.get(f"{server.url}/status?format=json").json()["scrub_running"]:
+        assert time.monotonic() < deadline  # gone once the scrub is over
+        time.sleep(0.2)
+    assert "stor_pair_full_redundancy_eta_seconds{" not in httpx.get(f"{server.url}/metrics").text

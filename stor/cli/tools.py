@@ -29,6 +29,7 @@ from stor.service.offload import one_piece
 from stor.service.portal import Portal
 from stor.tools.evacuate import Evacuation
 from stor.tools.scrub import Repair, Scrubber
+from stor.tools.scrubprogress import describe
 from stor.tools.scrubreport import ScrubReport
 from stor.wiring.build import build_service
 
@@ -40,8 +41,21 @@ from stor.wiring.build import build_service
 @click.option("--rate", type=click.FloatRange(min=0.1), help="Hash at most this many MB/s.")
 @click.option("--pair", "pair_index", type=int, help="Scrub only this pair (its index in storage_pairs).")
 @click.option("--restart", is_flag=True, help="Ignore the checkpoint of an interrupted scrub.")
+@click.option(
+    "--progress-every",
+    type=click.FloatRange(min=0.5),
+    default=10.0,
+    show_default=True,
+    help="Seconds between progress lines on stderr when it is not a terminal (a terminal gets a bar).",
+)
 def scrub(
-    config_path: str, repair: bool, as_json: bool, rate: float | None, pair_index: int | None, restart: bool
+    config_path: str,
+    repair: bool,
+    as_json: bool,
+    rate: float | None,
+    pair_index: int | None,
+    restart: bool,
+    progress_every: float,
 ) -> None:
     """Re-hash every copy, compare pair members, and (with --repair) fix what is damaged.
 
@@ -72,6 +86,14 @@ def scrub(
             bar.update(size)
             bar.set_postfix(files=files, refresh=False)
 
+        said = [time.monotonic()]
+
+        def standing(progress: dict[str, object]) -> None:
+            """Without a terminal (a unit's journal, a pipe): a line every `progress_every` s."""
+            if not show and time.monotonic() - said[0] >= progress_every:
+                said[0] = time.monotonic()
+                click.echo(describe(progress), err=True)
+
         report = Scrubber(
             pairs,
             s3_source=service.s3_source,
@@ -81,6 +103,7 @@ def scrub(
             rate=rate * 1e6 if rate else None,
             progress=progress,
             restart=restart,
+            standing=standing,
         ).run()
     service.close()
     click.echo(json.dumps(report.as_dict(), indent=2))  # machine-readable: stdout

@@ -55,10 +55,14 @@ class _BuildInfo(Collector):
 
 class _DiskCollector(Collector):
     def __init__(
-        self, disks: Callable[[], Iterable[DiskGauge]], scrubs: Callable[[], Iterable[dict[str, object]]]
+        self,
+        disks: Callable[[], Iterable[DiskGauge]],
+        scrubs: Callable[[], Iterable[dict[str, object]]],
+        running: Callable[[], Iterable[dict[str, object]]],
     ) -> None:
         self._disks = disks
         self._scrubs = scrubs
+        self._running = running
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("stor_disk_up", "1 if the disk passed its last health probe", labels=["disk"])
@@ -76,6 +80,31 @@ class _DiskCollector(Collector):
             finished.add_metric([pair], float(run.get("finished") or 0))  # type: ignore[arg-type]
             left.add_metric([pair], float(run.get("damage_left") or 0))  # type: ignore[arg-type]
         yield from (finished, left)
+        yield from _running_gauges(self._running())
+
+
+_RUNNING_GAUGES = {
+    "fraction": ("stor_scrub_progress_ratio", "Share of the sha space a running scrub has walked"),
+    "eta_seconds": ("stor_scrub_eta_seconds", "A running scrub's estimate of the time it has left"),
+    "full_redundancy_eta_seconds": (
+        "stor_pair_full_redundancy_eta_seconds",
+        "A repairing scrub's estimate of the time until the pair holds both copies of everything",
+    ),
+    "missing": ("stor_scrub_missing_copies", "Copies a running scrub found missing so far"),
+    "repaired": ("stor_scrub_repaired_copies", "Copies a running scrub wrote back so far"),
+}
+
+
+def _running_gauges(running: Iterable[dict[str, object]]) -> Iterator[Metric]:
+    """The scrubs under way (`stor scrub` writes its progress; see `scrubstate`), one sample
+    per pair being scrubbed; none when no scrub runs."""
+    families = {key: GaugeMetricFamily(name, text, labels=["pair"]) for key, (name, text) in _RUNNING_GAUGES.items()}
+    for progress in running:
+        for key, family in families.items():
+            value = progress.get(key)
+            if isinstance(value, int | float):
+                family.add_metric([str(progress.get("pair", ""))], float(value))
+    yield from families.values()
 
 
 FLUSH_INTERVAL = 1.0
@@ -168,9 +197,10 @@ class PrometheusMetrics:
         self,
         disks: Callable[[], Iterable[DiskGauge]],
         scrubs: Callable[[], Iterable[dict[str, object]]] = list,
+        running: Callable[[], Iterable[dict[str, object]]] = list,
     ) -> None:
         self.registry = CollectorRegistry()
-        self._disk_collector = _DiskCollector(disks, scrubs)
+        self._disk_collector = _DiskCollector(disks, scrubs, running)
         self.registry.register(self._disk_collector)
         self.registry.register(_BuildInfo())
         self.registry.register(PROCESS_COLLECTOR)  # process_cpu_seconds_total, resident memory, open fds

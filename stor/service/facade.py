@@ -339,3 +339,7 @@ class BlobService:
     @property
     def scrub_runs(self) -> list[dict[str, object]]:
         return self.reporter.scrub_runs
+
+    @property
+    def scrubs_running(self) -> list[dict[str, object]]:
+        return self.reporter.scrubs_running

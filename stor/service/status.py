@@ -14,7 +14,7 @@ from dataclasses import KW_ONLY, dataclass
 from stor.backends.groupcommit import GroupCommits
 from stor.backends.locations import LocationCache
 from stor.backends.pairs import Pair, StoragePool
-from stor.backends.scrubstate import last_runs
+from stor.backends.scrubstate import last_runs, running_scrubs
 from stor.metrics import Metrics
 from stor.model import DiskHealth, PairState, StatusReport
 from stor.service.admission import Admission
@@ -44,6 +44,7 @@ class StatusReporter:
     def __post_init__(self) -> None:
         self.cache_reachable: bool | None = None
         self.scrub_runs: list[dict[str, object]] = []
+        self.scrubs_running: list[dict[str, object]] = []
         self._started = time.monotonic()
 
     async def report(self) -> StatusReport:
@@ -68,6 +69,7 @@ class StatusReporter:
             memcached={"configured": self.locations is not None, "reachable": self.cache_reachable},
             s3=self.s3.status(),
             scrub=self.scrub_runs,
+            scrub_running=self.scrubs_running,
             uptime=time.monotonic() - self._started,
             reserved_bytes={p.index: self.pool.reserved(p) for p in self.pool.pairs},
             group_commit=self.commits.stats(),
@@ -104,4 +106,7 @@ class StatusReporter:
             log.warning("memcached is reachable again")
 
     async def read_scrub_runs(self) -> None:
+        """The last complete scrub of each pair, and the progress of those under way (written
+        by `stor scrub`, another process)."""
         self.scrub_runs = await self.offload.run(last_runs, self.pool.pairs)
+        self.scrubs_running = await self.offload.run(running_scrubs, self.pool.pairs)

@@ -26,7 +26,7 @@ from stor.backends.disk import Disk
 from stor.backends.namestore import NameStore
 from stor.backends.owners import dead_owner_dirs
 from stor.backends.pairs import Pair, leaves
-from stor.backends.scrubstate import read_json, state_dir, write_json
+from stor.backends.scrubstate import RUNNING, read_json, state_dir, write_json
 from stor.backends.tombstones import Tombstone, TombstoneStore
 from stor.checksum import FastSum
 from stor.digest import Sha, sha_from_filename
@@ -35,6 +35,7 @@ from stor.model import HashedCopy
 from stor.service.integrity import quarantine_note
 from stor.tools.refills import REFILL_KEEP, Refills
 from stor.tools.scrubgone import remove_taken_down, scrub_takedowns
+from stor.tools.scrubprogress import PairProgress
 from stor.tools.scrubreport import Finding, ScrubReport
 
 S3Source = Callable[[Sha], tuple[Iterator[bytes], int, int] | None]
@@ -99,6 +100,7 @@ class Scrubber:
         progress: Callable[[int, int], None] | None = None,
         restart: bool = False,
         batch_refill: bool = True,
+        standing: Callable[[dict[str, object]], None] | None = None,
     ) -> None:
         self.pairs = pairs
         self.batch_refill = batch_refill and repair is not None
@@ -111,6 +113,7 @@ class Scrubber:
         self.rewrite = repair
         self.throttle = Throttle(rate)
         self.progress = progress or (lambda files, size: None)
+        self.standing = standing or (lambda progress: None)
         self.restart = restart
 
     def run(self) -> ScrubReport:
@@ -152,6 +155,8 @@ class Scrubber:
             report.resumed_after[str(pair.index)] = after
         self._stray_temps(pair, report)
         last_saved, safe = time.monotonic(), after  # safe: every leaf up to it is done, repairs too
+        progress = PairProgress(pair.index, self.rewrite is not None, after, report)
+        running = state_dir(pair) / RUNNING
         try:
             for leaf in leaves(pair, after):
                 self._scrub_leaf(pair, leaf, report)
@@ -160,12 +165,17 @@ class Scrubber:
                     self._settle(report, keep=0)
                     write_json(checkpoint, {"leaf": after, "at": time.time()})
                     last_saved, safe = time.monotonic(), after
+                    standing = progress.snapshot(after)
+                    write_json(running, standing)
+                    self.standing(standing)
             self._settle(report, keep=0)
         except KeyboardInterrupt:
             self._cancel_pending()
             if safe:
                 write_json(checkpoint, {"leaf": safe, "at": time.time()})
             raise
+        finally:
+            running.unlink(missing_ok=True)
         checkpoint.unlink(missing_ok=True)
 
     def _scrub_leaf(self, pair: Pair, leaf: str, report: ScrubReport) -> None:

@@ -32,6 +32,7 @@ from stor.config import (
     load_config,
 )
 from stor.errors import ConfigError
+from stor.http.accounting import close_sink
 from stor.http.app import create_app
 from stor.http.archives import ArchiveSettings
 from stor.http.auth import Authenticator, Role, lists_of
@@ -199,7 +200,9 @@ def preflight(config: Config) -> None:
 def build_app(config: Config, config_path: str | None = None) -> Starlette:
     """The app serving `config`; SIGHUP re-reads `config_path` (see `reload`)."""
     check_storage_dirs(config)
-    prometheus = PrometheusMetrics(lambda: _disk_gauges(service.monitor), lambda: service.scrub_runs)
+    prometheus = PrometheusMetrics(
+        lambda: _disk_gauges(service.monitor), lambda: service.scrub_runs, lambda: service.scrubs_running
+    )
     metrics: Metrics = prometheus
     if config.statsite is not None:
         metrics = FanoutMetrics(prometheus, StatsdMetrics(config.statsite, s3=config.s3_enabled))
@@ -224,6 +227,7 @@ def build_app(config: Config, config_path: str | None = None) -> Starlette:
         try:
             yield
         finally:
+            close_sink()  # the access lines held back: none is lost on a clean stop
             reloader.uninstall()
             authenticator.close()
             background.cancel()
