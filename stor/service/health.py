@@ -13,14 +13,19 @@ pairs are not queued behind it. `Disk.inflight` bounds the threads it can hold m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import replace
 
 from stor.backends.disk import Disk
 from stor.backends.pairs import Pair
 from stor.model import DiskHealth
+
+RECHECK_AFTER = 1.0
+"""`pair_healthy_now` probes a disk again only when its last probe started this long ago."""
 
 STALLED_AFTER = 10.0
 """A request's disk operation running this long marks the disk as not responding. Longer than
@@ -36,6 +41,7 @@ class HealthMonitor:
         self._inflight: dict[str, Future[DiskHealth]] = {}
         self._started: dict[str, float] = {}
         self._last: dict[str, DiskHealth] = {}
+        self._lock = threading.Lock()
 
     def add(self, disks: list[Disk]) -> None:
         """Disks added at run time (a config reload)."""
@@ -65,6 +71,21 @@ class HealthMonitor:
     def pair_healthy(self, pair: Pair) -> bool:
         return all(self.healthy(disk) for disk in pair.members)
 
+    def pair_healthy_now(self, pair: Pair) -> bool:
+        """Blocking: `pair_healthy`, with each member its last probe failed probed again first
+        (at most once per `RECHECK_AFTER`, within the deadline). A disk just put in place of a
+        dead one is then written to at once, not only after the next health check: the heal
+        of a blob whose partner survived waits for no probe, and puts no fresh pair of copies
+        on another pair."""
+        for disk in pair.members:
+            if self.healthy(disk) or not self.responsive(disk):
+                continue
+            if time.monotonic() - self._started.get(disk.root, 0.0) < RECHECK_AFTER:
+                continue
+            with contextlib.suppress(TimeoutError, CancelledError, OSError):
+                self._probe(disk).result(timeout=self.timeout)
+        return self.pair_healthy(pair)
+
     def last(self, disk: Disk) -> DiskHealth | None:
         return self._last.get(disk.root)
 
@@ -76,14 +97,17 @@ class HealthMonitor:
             self._inflight.clear()
 
     def _probe(self, disk: Disk) -> Future[DiskHealth]:
-        running = self._inflight.get(disk.root)
-        if running is not None and not running.done():
-            return running
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=max(8, len(self.disks)), thread_name_prefix="stor-health")
-        future = self._executor.submit(disk.probe_health)
-        self._inflight[disk.root] = future
-        self._started[disk.root] = time.monotonic()
+        with self._lock:  # the loop's health checks, and `pair_healthy_now` in worker threads
+            running = self._inflight.get(disk.root)
+            if running is not None and not running.done():
+                return running
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    max_workers=max(8, len(self.disks)), thread_name_prefix="stor-health"
+                )
+            future = self._executor.submit(disk.probe_health)
+            self._inflight[disk.root] = future
+            self._started[disk.root] = time.monotonic()
         future.add_done_callback(functools.partial(self._record, disk.root))
         return future
 

@@ -256,7 +256,7 @@ class Uploads:
             if copies.complete:
                 paths = [copies.present[d.root].path for d in copies.pair.members]
                 return Plan(copies.pair, [], None, paths, queue_s3, restoring)  # (restoring: lifted all the same)
-            if copies.pair.writable and self.monitor.pair_healthy(copies.pair):
+            if copies.pair.writable and self.monitor.pair_healthy_now(copies.pair):
                 missing = [d for d in copies.pair.members if d.root not in copies.present]
                 mtime = min(st.mtime_ns for st in copies.present.values())
                 kept = [st.path for st in copies.present.values()]

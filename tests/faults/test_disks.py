@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 
+from stor.service.health import RECHECK_AFTER
 from tests.conftest import Storage
 from tests.faults.conftest import Mounts, Servers, fault_config, post, reads_back, run, status, writes_land_on
 from tests.faults.invariants import Ledger
@@ -210,3 +212,35 @@ def test_a_disk_that_goes_away_is_let_go_of_so_it_can_be_unmounted(
     reads_back(server, blobs)  # from the partner
     run("mount", "-o", "loop", str(image), str(first))  # back, for the invariant checker
     assert wait_for(lambda: status(server).status_code == 200)
+
+
+def test_a_blank_disk_in_place_of_a_dead_one_is_healed_onto_before_its_next_probe(
+    mounts: Mounts, servers: Servers, build: Callable[[list[list[Path]]], Storage], ledger: Ledger
+) -> None:
+    """A member's last probe failed (its disk died: here, read-only and emptied) and a blank,
+    healthy disk is now in its place; before the health check runs again, a read of a blob
+    whose copy survived on the partner heals it onto the new disk, not onto a fresh pair of
+    copies on another pair."""
+    a1, a2, b1, b2 = (mounts.tmpfs(name) for name in ("a1", "a2", "b1", "b2"))
+    storage = build([[a1, a2], [b1, b2]])
+    server = servers.start(fault_config(storage, health_check_interval=3600))  # probes: at start, on /status
+    on_a: list[bytes] = []
+    while len(on_a) < 3:
+        data = os.urandom(4096)
+        assert post(server, data, ledger).status_code == 201
+        if layout_path(a1, sha256(data)).exists():
+            on_a.append(data)
+    for data in on_a:
+        layout_path(a1, sha256(data)).unlink()  # the new disk holds none of them
+    mounts.remount(a1, "ro")
+    assert status(server).status_code == 503  # the probe saw the member fail
+    time.sleep(RECHECK_AFTER)  # replacing a disk takes longer than this
+    mounts.remount(a1, "rw")  # the new disk, healthy: no probe since
+    for data in on_a:
+        got = httpx.get(f"{server.url}/{sha256(data)}", timeout=10)
+        assert got.status_code == 200 and got.content == data  # from the partner
+    for data in on_a:
+        sha = sha256(data)
+        assert wait_for(lambda sha=sha: layout_path(a1, sha).exists()), "not healed onto the new disk"
+        assert layout_path(a1, sha).read_bytes() == data
+        assert not layout_path(b1, sha).exists() and not layout_path(b2, sha).exists()
