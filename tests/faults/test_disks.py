@@ -240,7 +240,8 @@ def test_a_blank_disk_in_place_of_a_dead_one_is_healed_onto_before_its_next_prob
         got = httpx.get(f"{server.url}/{sha256(data)}", timeout=10)
         assert got.status_code == 200 and got.content == data  # from the partner
     for data in on_a:
+        healed = layout_path(a1, sha256(data))
+        assert wait_for(healed.exists), "not healed onto the new disk"
+        assert healed.read_bytes() == data
         sha = sha256(data)
-        assert wait_for(lambda sha=sha: layout_path(a1, sha).exists()), "not healed onto the new disk"
-        assert layout_path(a1, sha).read_bytes() == data
         assert not layout_path(b1, sha).exists() and not layout_path(b2, sha).exists()
