@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import socket
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,10 +19,14 @@ import pytest
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
+from stor.backends.clearmark import MARK_NAME
+from stor.backends.disk import Disk
+from stor.backends.tombstones import Tombstone, TombstoneStore
+from stor.digest import Sha
 from stor.errors import ConfigError
 from stor.http.protocol import GuardedHttpToolsProtocol, check_uvicorn
 from tests.conftest import Storage, StorProcess, app_client
-from tests.helpers import AUTH, sha256
+from tests.helpers import AUTH, layout_path, sha256, wait_for
 from tests.test_openfiles import nowait_storage  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.integration
@@ -164,6 +171,49 @@ def test_a_blob_absent_a_moment_ago_is_found_once_stored(uvicorn_server: StorPro
     assert [httpx.get(url).status_code for _ in range(3)] == [404, 404, 404]
     assert httpx.post(url, content=data, auth=AUTH).status_code == 201
     assert httpx.get(url).content == data and httpx.head(url).status_code == 200
+
+
+def test_a_404_answered_on_the_loop_hears_at_once_what_another_process_did(
+    uvicorn_server: StorProcess,
+    nowait_storage: Storage,  # noqa: F811
+) -> None:
+    """The loop proves a 404 from the kernel's caches and the disks' clear marks: a takedown
+    record, a quarantined copy or a bare mountpoint, from another process (this one), count
+    from the next request on, not from a refresh later."""
+    names_pair = [Disk(str(root), require_mount=False) for root in nowait_storage.pairs[0]]
+    for disk in names_pair:
+        disk.prepare()
+    try:
+        gone, lost = sha256(b"taken down"), sha256(b"rotted")
+        for sha in (gone, lost):
+            assert [httpx.get(f"{uvicorn_server.url}/{sha}").status_code for _ in range(3)] == [404] * 3
+
+        def marks_back() -> bool:  # the server's (this process never made its own)
+            ours = {Path(disk.clear.path).parent for disk in names_pair}
+            owners = [d for disk in names_pair for d in Path(disk.tmp_root).iterdir() if d not in ours]
+            return all((owner / MARK_NAME).exists() for owner in owners)
+
+        assert marks_back()
+        TombstoneStore(tuple(names_pair)).put(Tombstone(Sha(gone), time.time(), "admin", "elsewhere"))
+        assert not marks_back()
+        assert httpx.get(f"{uvicorn_server.url}/{gone}").status_code == 410
+
+        assert wait_for(marks_back)  # so the loop would answer a 404 again, were it not told
+        for disk in names_pair:  # copies that another process found corrupt, and moved aside
+            copy = layout_path(Path(disk.root), lost)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_bytes(b"rotten")
+            assert disk.quarantine.move(Sha(lost), {"reason": "test"}) is not None
+            assert not copy.exists()  # (and the kernel caches its absence again)
+        assert httpx.get(f"{uvicorn_server.url}/{lost}").status_code == 500
+
+        missing = sha256(b"never stored anywhere")
+        assert [httpx.get(f"{uvicorn_server.url}/{missing}").status_code for _ in range(3)] == [404] * 3
+        shutil.rmtree(nowait_storage.pairs[1][0] / ".stor-tmp")  # a bare mountpoint now
+        assert httpx.get(f"{uvicorn_server.url}/{missing}").status_code == 503
+    finally:
+        for disk in names_pair:
+            disk.close()
 
 
 def test_pipelined_and_kept_alive_requests_are_answered_in_order(uvicorn_server: StorProcess) -> None:

@@ -11,7 +11,8 @@ Contract:
   keeps user xattrs; a copy without one is still a valid copy.
 - `<root>/.stor-tmp` doubles as a mount sentinel: stor creates it only on a verified root, so
   a bare mountpoint (disk unmounted) lacks it and every use of that disk fails instead of
-  writing onto the wrong filesystem or answering a false "absent".
+  writing onto the wrong filesystem or answering a false "absent". The event loop proves a
+  miss with the disk's clear mark (`clearmark`), which lives there.
 - A temp on a filesystem whose `syncfs` is real (`TempFile.groupable`) may instead be made
   durable and linked by a `GroupCommit` (one `syncfs` for many uploads), in the same order.
 - Every method is safe to call from several threads at once, and blocks: call them from a
@@ -28,6 +29,7 @@ import threading
 import time
 
 from stor.backends import nowait, syscalls, xattrs
+from stor.backends.clearmark import ClearMark
 from stor.backends.inflight import InflightOps, guarded
 from stor.backends.opencopy import OpenCopy
 from stor.backends.owners import OwnedDir, dead_owner_dirs
@@ -59,6 +61,7 @@ class Disk:
         self._claiming = threading.RLock()  # a claim and `close` never interleave
         self._closed = False
         self._counter = itertools.count()
+        self.clear = ClearMark(self.tmp_root, self._owner.path)
         self.quarantine = Quarantine(self)
         self.takes_nowait = False
         """Its filesystem answers RWF_NOWAIT reads (see `nowait`); learned by health probes."""
@@ -119,6 +122,7 @@ class Disk:
                 os.makedirs(self.tmp_root, exist_ok=True)
                 removed = self.sweep_temps() if sweep else 0
                 self._owner.claim()
+                self.clear.forget()  # what was listed before the disk went away proves nothing now
             except OSError as exc:
                 raise disk_error(self, "preparing the temp directory", exc) from exc
             return removed
@@ -201,7 +205,7 @@ class Disk:
     def open_cached(self, sha: Sha) -> OpenCopy[Disk] | None:
         """`open` from the kernel's caches alone (see `nowait`), safe on the event loop: None
         when that would wait or fails. FileNotFoundError when the dentry cache knows the copy
-        is absent (which proves nothing unless the disk is proved mounted: `cached_here`)."""
+        is absent (which proves nothing unless the disk is proved mounted: `clear`)."""
         path = self.blob_path(sha)
         fd = nowait.open_cached(path)
         if fd is None:
@@ -218,11 +222,6 @@ class Disk:
         wait. FileNotFoundError when the dentry cache knows it is absent."""
         st = nowait.stat_cached(self.blob_path(sha))
         return None if st is None else st.st_size
-
-    def cached_here(self) -> bool:
-        """Whether the kernel's caches prove this disk mounted (its `.stor-tmp` is in the
-        dentry cache): on a bare mountpoint every blob is absent, which is no proof of absence."""
-        return nowait.exists_cached(self.tmp_root) is True
 
     @guarded
     def read_at(self, fd: int, offset: int, size: int) -> bytes:
@@ -357,12 +356,14 @@ class Disk:
             self._write_probe()
             writable = True
             self._remove_orphans()
+            self.clear.revalidate()
         except StorageUnavailable as exc:
             error = str(exc)
         except OSError as exc:
             error = f"{exc.strerror or exc}"
         if not readable:
             self._owner.release()  # a disk that went away is let go of: nothing of ours keeps it busy
+            self.clear.forget()
         return DiskHealth(self.root, error is None, mounted, writable, free, total, error, self.io_errors, readable)
 
     def _recover_temp_dir(self) -> None:

@@ -2,9 +2,10 @@
 with a JSON note beside it, and the question "was a copy of this blob quarantined here?".
 
 Contract: nothing is ever deleted (but by `purge`, for a takedown); a move is durable (note fsynced, both directories
-fsynced) before `move` returns. Failures are `StorageUnavailable` (or `InsufficientStorage`)
-through `disk_error`. `holds` costs one `stat` of the directory: its listing is read again only
-when the directory changed; `known_clear` asks only the kernel's caches. Blocking (but `known_clear`);
+fsynced) before `move` returns, and made inside the disk's `ClearMark.adding` (which watches
+the directory: the event loop proves a blob is not here with it). Failures are
+`StorageUnavailable` (or `InsufficientStorage`) through `disk_error`. `holds` costs one `stat` of
+the directory: its listing is read again only when the directory changed. Blocking;
 thread-safe.
 """
 
@@ -15,7 +16,6 @@ import os
 import threading
 import time
 
-from stor.backends import nowait
 from stor.backends.inflight import guarded
 from stor.backends.temps import Home, disk_error, fsync_dir
 from stor.digest import Sha
@@ -30,6 +30,7 @@ class Quarantine:
         self.root = os.path.join(disk.root, QUARANTINE_DIR)
         self._listing: tuple[int, frozenset[str]] = (-1, frozenset())  # (dir mtime, SHAs)
         self._lock = threading.Lock()
+        disk.clear.watch(self.root)
 
     @guarded
     def holds(self, sha: Sha) -> bool:
@@ -49,30 +50,18 @@ class Quarantine:
                 self._listing = (mtime, frozenset(name.split(".", 1)[0] for name in names if name.endswith(".dat")))
             return self._listing[1]
 
-    def known_clear(self, sha: Sha) -> bool:
-        """Whether the kernel's caches and the listing last read prove that `sha` is not in
-        the quarantine, without I/O (for the event loop): the directory is absent, or its mtime
-        (from the dentry cache) is the one the listing was read at and `sha` is not in it."""
-        try:
-            st = nowait.stat_cached(self.root)
-        except FileNotFoundError:
-            return True  # no quarantine on this disk at all
-        if st is None:
-            return False
-        with self._lock:
-            return self._listing[0] == st.st_mtime_ns and sha.upper() not in self._listing[1]
-
     def move(self, sha: Sha, note: dict[str, object]) -> str | None:
         """Move the copy of `sha` out of the layout into the quarantine, with `note` (and where
         it came from) beside it. Returns the new path, or None if the copy was already gone."""
         source = self.disk.blob_path(sha)
         stem = os.path.join(self.root, f"{sha.upper()}.{time.time_ns()}")
         try:
-            os.makedirs(self.root, exist_ok=True)
-            try:
-                os.rename(source, stem + ".dat")
-            except FileNotFoundError:
-                return None
+            with self.disk.clear.adding():
+                os.makedirs(self.root, exist_ok=True)
+                try:
+                    os.rename(source, stem + ".dat")
+                except FileNotFoundError:
+                    return None
             fd = os.open(stem + ".json", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 json.dump({**note, "disk": self.disk.root, "path": source, "quarantined_at": time.time()}, handle)

@@ -13,6 +13,7 @@ import time
 from typing import Protocol
 
 from stor.backends import syscalls, xattrs
+from stor.backends.clearmark import ClearMark
 from stor.backends.inflight import InflightOps, guarded
 from stor.checksum import FastSum
 from stor.digest import Sha
@@ -24,6 +25,7 @@ class Home(Protocol):
 
     root: str
     inflight: InflightOps
+    clear: ClearMark
 
     def blob_path(self, sha: Sha) -> str: ...
 

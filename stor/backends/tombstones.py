@@ -12,8 +12,9 @@ Contract:
   `StorageUnavailable` when none could be written.
 - `get` answers from the first member that answers; a member that fails is skipped;
   `StorageUnavailable` only when none could be asked.
-- `cached` answers from the kernel's caches alone (safe on the event loop): a tombstone, None
-  when the dentry cache proves there is none on a member, or `UNKNOWN`.
+- `cached` answers from the kernel's caches alone (safe on the event loop): None when every
+  member's clear mark (`clearmark`, which watches the directory: records are added inside its
+  `adding`) proves there is none, else `UNKNOWN`.
 - `all` is every tombstone of every member, re-read only when a member's directory changed.
 Blocking (but `cached`) and thread-safe.
 """
@@ -27,7 +28,6 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import Final
 
-from stor.backends import nowait
 from stor.backends.disk import Disk, now_ns
 from stor.backends.temps import fsync_dir
 from stor.digest import Sha, parse_sha
@@ -59,6 +59,8 @@ class TombstoneStore:
         self.members = members
         self._listings: dict[str, tuple[int, dict[Sha, Tombstone]]] = {}  # root -> (dir mtime, tombstones)
         self._lock = threading.Lock()
+        for disk in members:
+            disk.clear.watch(self._dir(disk))
 
     def _dir(self, disk: Disk) -> str:
         return os.path.join(disk.root, TOMBSTONES_DIR)
@@ -98,17 +100,11 @@ class TombstoneStore:
         return None
 
     def cached(self, sha: Sha) -> Tombstone | _Unknown | None:
-        """`get` from the kernel's caches alone: the dentry cache must prove the record absent
-        on every member; a record it shows is read by `get` (rare: a taken-down blob)."""
-        for disk in self.members:
-            try:
-                st = nowait.stat_cached(self._path(disk, sha))
-            except FileNotFoundError:
-                continue
-            if st is None:
-                return UNKNOWN
-            return UNKNOWN  # present: read it with `get`, off the loop
-        return None
+        """`get` from the kernel's caches alone: every member's clear mark must prove the
+        record absent; else `get` reads it (or finds it absent), off the loop."""
+        if all(disk.clear.proves_absent(sha) for disk in self.members):
+            return None
+        return UNKNOWN
 
     def all(self, members: list[Disk] | None = None) -> dict[Sha, Tombstone]:
         """Every tombstone on `members` (default all) that answer (merged; the oldest wins)."""
@@ -174,7 +170,8 @@ class TombstoneStore:
         try:
             temp.write(data)
             temp.sync(now_ns())
-            temp.replace(self._path(disk, sha))
+            with disk.clear.adding():
+                temp.replace(self._path(disk, sha))
         finally:
             temp.discard()
 

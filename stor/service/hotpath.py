@@ -118,13 +118,21 @@ class HotPath:
 
     def absent_everywhere(self, sha: Sha) -> bool:
         """After every disk's dentry cache said "no such file": whether that is the whole
-        truth, so a 404 needs no thread. Not with S3 (it must be asked); only when each disk
-        is proved mounted by the kernel's caches (on a bare mountpoint every blob is absent:
-        that is a 503, which the thread path finds); and only when no disk's quarantine may
-        hold the blob (then it is lost: a 500)."""
+        truth, so a 404 needs no thread. Not with S3 (it must be asked); only when each disk's
+        clear mark (`ClearMark`, one call from the dentry cache) proves the disk mounted (on a
+        bare mountpoint every blob is absent: that is a 503, which the thread path finds) and
+        that neither its quarantine (then the blob is lost: a 500) nor its takedown records
+        (the names pair's members are the first pair's: then a 410) hold the blob. A mark not
+        in place is put back by a thread, in the background."""
         if self.s3_may_hold:
             return False
-        return all(disk.cached_here() and disk.quarantine.known_clear(sha) for disk in self.pool.disks)
+        for disk in self.pool.disks:
+            proof = disk.clear.proves_absent(sha)
+            if proof is None:
+                self.background.start_once(f"renew {disk.root}", disk.clear.renew)
+            if not proof:
+                return False
+        return True
 
     def partners_agree(self, disk: Disk, sha: Sha, size: int) -> bool:
         """`Lookup.check_partners` and the size check of `Lookup.stat_checked`, for a copy
@@ -197,6 +205,8 @@ class LoopMode:
         return WouldBlock()
 
     def absent(self, sha: Sha) -> None:
-        if not self.hot.absent_everywhere(sha) or not self.hot.lookup.takedowns.proven_absent(sha):
-            raise WouldBlock  # (a tombstone the memory missed makes it a 410: a thread reads it)
+        # `refuse` asked this process's memory of the tombstones; the clear marks vouch for the
+        # records on the disks (a tombstone the memory missed makes it a 410: a thread reads it)
+        if not self.hot.absent_everywhere(sha):
+            raise WouldBlock
         self.hot.near.forget(sha)
