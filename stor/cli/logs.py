@@ -1,5 +1,6 @@
 """Logging as `stor serve` configures it, the same in every worker: access lines (`stor.access`)
-to stdout, everything else to stderr, as plain text or one JSON object per line.
+to stdout, in batches (`cli.accesslog`), everything else to stderr, as plain text or one JSON
+object per line.
 
 The HTTP servers' own loggers are shown under names that say what they are: uvicorn's
 `uvicorn.error` (which carries its INFO lines too) and granian's `_granian` become
@@ -12,6 +13,8 @@ import json
 import logging
 import time
 from typing import Any
+
+from stor.cli.accesslog import access_sink
 
 FORMATS = ("text", "json")
 ACCESS_FIELDS = ("method", "path", "status", "bytes", "duration_ms", "remote")
@@ -71,7 +74,8 @@ def logging_config(level: str, log_format: str = "text") -> dict[str, Any]:
                 "stream": "ext://sys.stderr",
                 "filters": ["renamed"],
             },
-            "stdout": {"class": "logging.StreamHandler", "formatter": "access", "stream": "ext://sys.stdout"},
+            # written in batches (`cli.accesslog`): a line per write would cost a hot GET's time
+            "stdout": {"()": access_sink, "formatter": "access", "fd": 1, "json_lines": log_format == "json"},
         },
         "loggers": {
             "stor": {"handlers": ["stderr"], "level": level, "propagate": False},

@@ -4,6 +4,10 @@ once on `stor.access` (at INFO) with `method`, `path`, `status`, `bytes`, `durat
 
 `RequestMetrics` wraps the ordinary ASGI stack; the blob routes (`http.blobs`), in front of it,
 count theirs with the same `SendCounter.report`, whichever way they were answered.
+
+A LogRecord per request costs a hot GET a good part of its time, so the application (the CLI, in
+each worker) may install an `AccessSink` that takes the line's fields directly and writes lines
+in batches; without one, the line is an ordinary `logging` call.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from typing import Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -19,6 +24,40 @@ from stor.metrics import Metrics
 
 _SHA_PATH = re.compile(r"/[0-9a-fA-F]{64}")
 ACCESS = logging.getLogger("stor.access")
+ACCESS_MESSAGE = '%s "%s %s" %d %d %.1fms'
+"""An access line's message, from (remote, method, path, status, bytes, duration_ms)."""
+
+
+class AccessSink(Protocol):
+    """Where access lines go instead of a `logging` call. `line` is called once per request,
+    on the event loop, and must not wait on I/O; `close` writes whatever is held back."""
+
+    def line(self, remote: str, method: str, path: str, status: int, sent: int, duration_ms: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
+_sink: AccessSink | None = None
+
+
+def install_sink(sink: AccessSink) -> None:
+    """Send this process's access lines to `sink`. It still only gets the lines `stor.access`
+    enables at INFO."""
+    global _sink  # noqa: PLW0603  # one per process, as the logger it stands in for
+    _sink = sink
+
+
+def remove_sink(sink: AccessSink) -> None:
+    """Back to `logging`, if `sink` is the one installed."""
+    global _sink  # noqa: PLW0603
+    if _sink is sink:
+        _sink = None
+
+
+def close_sink() -> None:
+    """At the app's end: write the access lines held back, so a clean stop loses none."""
+    if _sink is not None:
+        _sink.close()
 
 
 def access(method: str, path: str, status: int, sent: int, seconds: float, client: tuple[str, int] | None) -> None:
@@ -26,9 +65,12 @@ def access(method: str, path: str, status: int, sent: int, seconds: float, clien
     if ACCESS.isEnabledFor(logging.INFO):
         remote = f"{client[0]}:{client[1]}" if client else "-"  # the peer: no proxy headers here
         duration_ms = round(seconds * 1000, 3)
+        if _sink is not None:
+            _sink.line(remote, method, path, status, sent, duration_ms)
+            return
         fields = {"method": method, "path": path, "status": status, "bytes": sent, "duration_ms": duration_ms}
         ACCESS.info(
-            '%s "%s %s" %d %d %.1fms',
+            ACCESS_MESSAGE,
             remote,
             method,
             path,
