@@ -267,3 +267,32 @@ def test_the_installed_uvicorn_is_one_the_protocol_was_tested_on() -> None:
 def test_an_untested_uvicorn_is_refused_with_a_clear_message() -> None:
     with pytest.raises(ConfigError, match=r"uvicorn 0\.99\.1 .*--server granian"):
         check_uvicorn("0.99.1")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        "X-Odd: a\x00b\r\n",  # a NUL in a value: the parser refuses it
+        "Bad Name: x\r\n",  # a space in a name
+        "X-Folded: a\r\n b\r\n",  # obsolete line folding
+        ": no name\r\n",
+        "Upgrade: websocket\r\nConnection: upgrade\r\n",
+        "Expect: 100-continue\r\n",
+        "x-lower: ok\r\nACCEPT:  */*  \r\n",  # odd case and spaces are fine
+    ],
+)
+def test_a_head_read_whole_is_judged_as_the_parser_judges_it(uvicorn_server: StorProcess, headers: str) -> None:
+    """A head that arrives whole is answered without the parser only when the parser would
+    take it as it is; else the parser judges it, as it judges the same head on the ordinary
+    path (a %-escaped path)."""
+
+    def status(path: str) -> int:
+        raw = f"GET {path} HTTP/1.1\r\nHost: stor\r\n{headers}\r\n".encode()
+        with socket.create_connection(("127.0.0.1", uvicorn_server.port), timeout=10) as sock:
+            sock.sendall(raw)
+            head = b""
+            while b"\r\n" not in head and (chunk := sock.recv(65536)):
+                head += chunk
+        return int(head.split(b" ")[1])
+
+    assert status(f"/{SHA}") == status(f"/%{ord(SHA[0]):02x}{SHA[1:]}")
