@@ -41,6 +41,7 @@ CHUNK = 1024 * 1024
 class _Staged:
     sha: Sha
     temp: TempFile
+    size: int
 
 
 class Refill:
@@ -73,7 +74,7 @@ class Refill:
         except BaseException:
             temp.discard()
             raise
-        self._staged.append(_Staged(sha, temp))
+        self._staged.append(_Staged(sha, temp, written))
         self._bytes += written
         if len(self._staged) >= self.batch_files or self._bytes >= self.batch_bytes:
             return self.flush()
@@ -119,6 +120,13 @@ class Refill:
             for item in staged:
                 item.temp.discard()
         return [item.sha for item in staged]
+
+    def drop(self, sha: Sha) -> None:
+        """Unstage the copy of `sha` (its temp removed): it must not be linked after all."""
+        for item in [item for item in self._staged if item.sha == sha]:
+            self._staged.remove(item)
+            self._bytes -= item.size
+            item.temp.discard()
 
     def abort(self) -> None:
         staged, self._staged, self._bytes = self._staged, [], 0

@@ -27,7 +27,8 @@ from stor.service import BlobService
 from stor.service.namedfiles import NamedFiles
 from stor.service.offload import one_piece
 from stor.service.portal import Portal
-from stor.tools.evacuate import Evacuation
+from stor.service.relocation import Landed
+from stor.tools.evacuate import Evacuation, Movers
 from stor.tools.scrub import Repair, Scrubber
 from stor.tools.scrubprogress import describe
 from stor.tools.scrubreport import ScrubReport
@@ -241,7 +242,11 @@ def evacuate(config_path: str, pair_index: int) -> None:
         def relocate(sha: Sha, away: Pair, chunks: Iterator[bytes], size: int, mtime: int) -> PutResult:
             return portal.call(service.relocate(sha, away, service.body_from(chunks), size, mtime))
 
-        report = Evacuation(pair, relocate, progress=lambda count, size: bar.update(size)).run()
+        def relocated(landed: list[Landed]) -> dict[Sha, Exception]:
+            return portal.call(service.relocated(landed))
+
+        movers = Movers(service.relocation(pair), relocated, relocate)
+        report = Evacuation(pair, movers, progress=lambda count, size: bar.update(size)).run()
     service.close()
     click.echo(json.dumps(report.as_dict(), indent=2))
     click.echo(

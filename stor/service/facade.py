@@ -22,6 +22,7 @@ from stor.backends.groupcommit import GroupCommits
 from stor.backends.locations import LocationCache
 from stor.backends.openfiles import OpenFiles
 from stor.backends.pairs import Pair, StoragePool
+from stor.backends.refill import BATCH_BYTES, BATCH_FILES
 from stor.backends.tombstones import TombstoneStore
 from stor.digest import Sha
 from stor.errors import BlobGone, BlobLost, BlobNotFound, StorageUnavailable
@@ -35,6 +36,7 @@ from stor.service.hotpath import HotPath
 from stor.service.integrity import Integrity
 from stor.service.lookup import Lookup, ThreadMode
 from stor.service.offload import Background, Offload, blocking_chunks
+from stor.service.relocation import Landed, Relocation, relocated
 from stor.service.s3tier import S3Part
 from stor.service.status import StatusReporter
 from stor.service.stream import OpenBlob
@@ -300,6 +302,16 @@ class BlobService:
     async def relocate(self, sha: Sha, away: Pair, body: AsyncIterator[bytes], size: int, mtime: int) -> PutResult:
         """Store `sha` on a writable pair other than `away` (see `Uploads.relocate`)."""
         return await self.uploads.relocate(sha, away, body, size, mtime)
+
+    def relocation(self, away: Pair, *, batch_files: int = BATCH_FILES, batch_bytes: int = BATCH_BYTES) -> Relocation:
+        """Batched `relocate` for `stor evacuate`: verified copies written onto other pairs a
+        batch at a time (see `relocation`); each batch then goes through `relocated`."""
+        return Relocation(self.uploads, away, batch_files=batch_files, batch_bytes=batch_bytes)
+
+    async def relocated(self, landed: list[Landed]) -> dict[Sha, Exception]:
+        """A batch of a `relocation` is durable: remember, check and mirror it (see
+        `relocation.relocated`); what failed, by sha (`BlobGone`: taken down meanwhile)."""
+        return await relocated(self.uploads, landed)
 
     @property
     def tombstones(self) -> TombstoneStore:

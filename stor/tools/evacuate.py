@@ -1,13 +1,19 @@
 """`stor evacuate --pair N`: empty a pair that takes no writes, so its disks can be retired.
 
-Each blob on pair N goes through the upload pipeline onto the writable pairs (verified, both
-copies durable, queued for S3, its location remembered in memcached), keeping its mtime; only
-then is it removed from pair N. Copies are moved in batches, and a batch is removed from pair
-N only `grace` seconds after its last copy landed elsewhere, so that a lookup that began
-before a blob moved (and probed its new pair first) finds it on pair N still: reads never
-fail meanwhile. Interrupted, it leaves nothing half-done (a blob is on pair N until it is
-durable elsewhere); run again, it carries on with what is left. When no writable pair has
-room, it stops cleanly and says how many blobs are left.
+The blobs of pair N are read in directory order, each copy verified (SHA-256 of the bytes read;
+a corrupt or unreadable copy gives way to its partner's; both bad: failed, left in place), and
+written in batches onto both members of writable pairs (`service.relocation`: one `syncfs` per
+batch and disk, not a commit per blob), keeping their mtime. Only once a batch is durable on
+both members, its S3 markers durable and its locations remembered does it count as moved; and
+it is removed from pair N `grace` seconds later (`evacremoval`), so that a lookup that began
+before a blob moved (and probed its new pair first) finds it on pair N still: reads never fail
+meanwhile. A blob complete elsewhere already is not copied; a blob taken down is removed and
+never moved; a blob partly on a writable pair is completed by the upload pipeline.
+
+Interrupted, it leaves nothing half-done (a blob is on pair N until it is durable elsewhere;
+staged copies are dropped, and a killed run's temps swept at the next start); run again, it
+carries on with what is left. When no writable pair has room, it stops cleanly and says how
+many blobs are left.
 
 The name records live on pair 0 (the names pair): evacuating it is refused.
 """
@@ -23,14 +29,15 @@ from dataclasses import asdict, dataclass, field
 from stor.backends.pairs import Pair, leaves
 from stor.digest import Sha, sha_from_filename
 from stor.errors import BlobGone, DigestMismatch, InsufficientStorage, StorageUnavailable
-from stor.model import PutResult
+from stor.model import BlobStat, PutResult
+from stor.service.relocation import Batch, Landed, Relocation
+from stor.service.upload import Plan
+from stor.tools.evacremoval import GRACE, Removals
 
 log = logging.getLogger(__name__)
 
-GRACE = 2.0
-"""Seconds between a batch landing on its new pairs and its removal from the old one: far
-longer than a lookup takes (a hung disk is skipped, not waited for)."""
-BATCH = 256
+KEEP = 1024 * 1024
+"""Copies up to this size keep the bytes they were verified from: read once, not twice."""
 
 Relocate = Callable[[Sha, Pair, Iterator[bytes], int, int], PutResult]
 """Store a blob on another pair than the given one: (sha, pair, chunks, size, mtime_ns)."""
@@ -55,25 +62,34 @@ class EvacuationReport:
         return asdict(self)
 
 
+@dataclass
+class Movers:
+    """What an evacuation writes with (the CLI wires them to a `BlobService`)."""
+
+    batches: Relocation
+    """Verified copies staged onto other pairs, a batch at a time."""
+    relocated: Callable[[list[Landed]], dict[Sha, Exception]]
+    """A durable batch remembered, checked and mirrored: what failed, by sha."""
+    relocate: Relocate
+    """The upload pipeline, for a blob partly stored on a writable pair already."""
+
+
 class Evacuation:
     def __init__(
         self,
         pair: Pair,
-        relocate: Relocate,
+        movers: Movers,
         *,
         progress: Callable[[int, int], None] | None = None,
         grace: float = GRACE,
-        batch: int = BATCH,
     ) -> None:
         self.pair = pair
-        self.relocate = relocate
+        self.movers = movers
         self.progress = progress or (lambda blobs, size: None)
-        self.grace = grace
-        self.batch = batch
+        self.removals = Removals(pair, grace)
 
     def run(self) -> EvacuationReport:
         report = EvacuationReport(self.pair.index)
-        landed: list[Sha] = []
         try:
             for sha in self._blobs():
                 try:
@@ -83,14 +99,15 @@ class Evacuation:
                     break
                 except (StorageUnavailable, DigestMismatch, OSError) as exc:
                     report.failed.append(f"{sha}: {exc}")
-                    continue
-                landed.append(sha)
-                if len(landed) >= self.batch:
-                    self._remove(landed, report)
+                if self.movers.batches.full:
+                    self._land(self.movers.batches.flush(), report)
+                report.removed += self.removals.remove_due(report.failed)
+            self._land(self.movers.batches.flush(), report)
         except KeyboardInterrupt:
             report.interrupted = True
         finally:
-            self._remove(landed, report)
+            self.movers.batches.abort()
+            report.removed += self.removals.finish(report.failed)
         report.left = sum(1 for _ in self._blobs())
         report.finished = time.time()
         return report
@@ -110,44 +127,101 @@ class Evacuation:
                     yield sha
 
     def _move(self, sha: Sha, report: EvacuationReport) -> None:
-        """Store `sha` elsewhere from the first copy on the pair that passes the pipeline's
-        hash check (a corrupt copy fails it; the partner's is tried next)."""
+        """Stage `sha` for the next batch, or note why it needs no copy."""
+        found = self._stat(sha)
+        try:
+            plan = self.movers.batches.plan(sha, found.size)
+        except BlobGone:
+            report.taken_down += 1  # nowhere to move it: it is removed with the others
+            self.removals.ready(sha)
+            return
+        if plan.done:
+            report.already_elsewhere += 1
+            self.removals.ready(sha)
+            self.progress(1, found.size)
+        elif plan.kept:
+            self._complete(sha, report)
+        else:
+            self._stage(sha, plan)
+
+    def _stat(self, sha: Sha) -> BlobStat:
         errors: list[str] = []
         for disk in self.pair.members:
             try:
-                st = disk.stat(sha)
-                if st is None:
+                found = disk.stat(sha)
+            except StorageUnavailable as exc:
+                errors.append(str(exc))
+                continue
+            if found is not None:
+                return found
+        raise StorageUnavailable("; ".join(errors) or "no copy left to move")
+
+    def _stage(self, sha: Sha, plan: Plan) -> None:
+        """Stage a copy of the first copy on the pair that hashes to `sha` (a corrupt one gives
+        way to its partner's); it counts once its batch lands."""
+        errors: list[str] = []
+        for disk in self.pair.members:
+            try:
+                copy = disk.hash_copy(sha, keep=KEEP)
+                if copy is None:
                     continue
-                result = self.relocate(sha, self.pair, _read(disk.blob_path(sha)), st.size, st.mtime_ns)
+                if copy.sha != sha:
+                    errors.append(f"{disk.root}: the copy is corrupt (its sha256 is {copy.sha})")
+                    continue
+                source = disk.blob_path(sha)
+                size = copy.stat.size
+                self.movers.batches.add(plan, sha, size, source, copy.data, copy.stat.mtime_ns, copy.fast)
+            except StorageUnavailable as exc:
+                errors.append(str(exc))
+                continue
+            self.progress(1, size)
+            return
+        raise StorageUnavailable("; ".join(errors) or "no copy left to move")
+
+    def _complete(self, sha: Sha, report: EvacuationReport) -> None:
+        """A blob partly on a writable pair: the pipeline completes it there from the first
+        copy that passes its hash check (a corrupt copy fails it; the partner's is tried next)."""
+        errors: list[str] = []
+        for disk in self.pair.members:
+            try:
+                found = disk.stat(sha)
+                if found is None:
+                    continue
+                result = self.movers.relocate(sha, self.pair, _read(disk.blob_path(sha)), found.size, found.mtime_ns)
             except BlobGone:
-                report.taken_down += 1  # nowhere to move it: it is removed with the others
+                report.taken_down += 1
+                self.removals.ready(sha)
                 return
             except (DigestMismatch, StorageUnavailable, OSError) as exc:
                 errors.append(f"{disk.root}: {exc}")
                 continue
             if result.created:
                 report.moved += 1
-                report.bytes += st.size
+                report.bytes += found.size
             else:
                 report.already_elsewhere += 1
-            self.progress(1, st.size)
+            self.removals.ready(sha)
+            self.progress(1, found.size)
             return
         raise StorageUnavailable("; ".join(errors) or "no copy left to move")
 
-    def _remove(self, landed: list[Sha], report: EvacuationReport) -> None:
-        """Remove the blobs that landed elsewhere from the pair, after the grace period."""
-        if not landed:
-            return
-        time.sleep(self.grace)
-        for sha in landed:
-            removed = False
-            for disk in self.pair.members:
-                try:
-                    removed = disk.remove(sha) or removed
-                except StorageUnavailable as exc:
-                    report.failed.append(f"{sha}: {exc}")
-            report.removed += removed
-        landed.clear()
+    def _land(self, batch: Batch, report: EvacuationReport) -> None:
+        """A flushed batch: what landed is remembered, checked and mirrored, then counted and
+        due for removal after the grace period; what failed stays on the pair."""
+        report.failed.extend(f"{sha}: {error}" for sha, error in batch.failed)
+        failed = self.movers.relocated(batch.landed) if batch.landed else {}
+        for item in batch.landed:
+            error = failed.get(item.sha)
+            if isinstance(error, BlobGone):
+                report.taken_down += 1
+            elif error is not None:
+                report.failed.append(f"{item.sha}: {error}")
+                continue
+            else:
+                report.moved += 1
+                report.bytes += item.size
+            self.removals.ready(item.sha)
+        self.removals.landed()
 
 
 def _read(path: str) -> Iterator[bytes]:
