@@ -291,3 +291,81 @@ def test_a_read_on_the_event_loop_leaves_the_access_time_alone(nowait_dir: Path)
     finally:
         os.close(fd)
     assert path.stat().st_atime_ns == 1_000_000_000
+
+
+@pytest.mark.anyio
+async def test_a_copy_pushed_out_and_opened_again_needs_no_second_verification(
+    nowait_storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A working set larger than the cache: a copy pushed out is remembered without its fd, and
+    opened again it is checked with its fast checksum, not SHA-256, and its partner is not
+    asked again."""
+    from stor import digest  # noqa: PLC0415 - patched below
+    from stor.service import hotpath  # noqa: PLC0415
+
+    client = app_client(nowait_storage.config(open_file_cache_size=1))
+    other = os.urandom(300)
+    async with client as http:
+        for data in (DATA, other):
+            assert (await http.post(f"/{sha256(data)}", content=data, auth=AUTH)).status_code == 201
+        assert (await http.get(f"/{SHA}")).content == DATA
+        assert (await http.get(f"/{sha256(other)}")).content == other  # pushes DATA's copy out
+        hashed: list[bytes] = []
+        partners: list[str] = []
+        real_sha_of, real_agree = digest.sha_of, hotpath.HotPath.partners_agree
+
+        def sha_of(data: bytes) -> Sha:
+            hashed.append(data)
+            return real_sha_of(data)
+
+        monkeypatch.setattr(hotpath, "sha_of", sha_of)
+
+        def agree(self: hotpath.HotPath, disk: Disk, sha: Sha, size: int) -> bool:
+            partners.append(sha)
+            return real_agree(self, disk, sha, size)
+
+        monkeypatch.setattr(hotpath.HotPath, "partners_agree", agree)
+        hops = count_thread_hops(service_of(client))
+        response = await http.get(f"/{SHA}")
+        assert response.status_code == 200 and response.content == DATA
+        assert hops == [] and hashed == [] and partners == []  # opened on the loop, vouched for
+        assert (await http.get(f"/{sha256(other)}")).content == other
+        service_of(client).open_files.forget(Sha(sha256(other)))  # as for a corrupt copy: forgotten
+        assert (await http.get(f"/{SHA}")).content == DATA
+        assert (await http.get(f"/{sha256(other)}")).content == other
+        assert hashed == [other] and partners == [sha256(other)]  # checked in full once more
+
+
+@pytest.mark.anyio
+async def test_a_copy_pushed_out_and_damaged_since_is_never_served(nowait_storage: Storage) -> None:
+    client = app_client(nowait_storage.config(open_file_cache_size=1))
+    other = os.urandom(300)
+    async with client as http:
+        for data in (DATA, other):
+            assert (await http.post(f"/{sha256(data)}", content=data, auth=AUTH)).status_code == 201
+        assert (await http.get(f"/{SHA}")).content == DATA
+        entry = service_of(client).open_files.get(Sha(SHA))
+        assert entry is not None
+        first = Path(entry.stat.path)
+        assert (await http.get(f"/{sha256(other)}")).content == other  # pushes DATA's copy out
+        damaged = corrupt(first)  # in place: the same inode, opened again from the dentry cache
+        assert first.read_bytes() == damaged != DATA
+        response = await http.get(f"/{SHA}")
+        assert response.status_code == 200 and response.content == DATA  # from the partner
+        assert len(list((first.parents[3] / ".stor-quarantine").glob("*.dat"))) == 1
+
+
+def test_a_copy_pushed_out_is_closed_at_once_unless_its_file_is_gone(nowait_dir: Path) -> None:
+    files = OpenFiles(1, ttl=60)
+    first, first_fd = kept(nowait_dir, "a")
+    files.put(Sha("a" * 64), first)
+    second, second_fd = kept(nowait_dir, "b")
+    files._keep(Sha("b" * 64), second)  # (as the event loop keeps it: no `close_dropped` after)
+    assert not fd_is_open(first_fd)  # still linked: its close frees nothing, done on the spot
+    (nowait_dir / "b").unlink()
+    third, _ = kept(nowait_dir, "c")
+    files._keep(Sha("c" * 64), third)
+    assert fd_is_open(second_fd)  # unlinked: its last close would free it, left to a thread
+    files.close_dropped()
+    assert not fd_is_open(second_fd)
+    files.close()

@@ -47,12 +47,15 @@ D = TypeVar("D", bound=DiskReads)
 class OpenCopy(Generic[D]):
     """An open copy on a disk of type `D` (in practice `OpenCopy[disk.Disk]`)."""
 
-    __slots__ = ("_fd", "disk", "fast", "stat")
+    __slots__ = ("_fd", "disk", "fast", "stat", "vouched")
 
     def __init__(self, disk: D, fd: int, stat: BlobStat) -> None:
         self.disk = disk
         self.stat = stat
         self.fast: FastSum | None = None
+        self.vouched = False
+        """Opened again soon after this process verified the copy and checked its partner
+        (`fast` is then the checksum of the bytes verified: see `OpenFiles`)."""
         self._fd = fd
 
     def __repr__(self) -> str:

@@ -18,6 +18,12 @@ seconds, and are dropped when a copy is found corrupt or its disk stops answerin
 closed off the event loop (the last close of a file can do I/O): by the
 next `put`, or by `close_dropped` when `closing_due` says enough have piled up.
 
+A copy pushed out of a full cache is remembered without its fd (`vouched`, a few times as many
+as are kept open, ~100 bytes each): the fast checksum of the bytes verified and that its
+partner was checked. Opened again on the loop before its entry would have expired, it needs
+neither SHA-256 nor the partner's check again: a working set larger than the cache costs an
+open, not a verification.
+
 Thread-safe; one instance per worker process. `capacity` is bounded by the process's open
 file limit (see `fd_budget`).
 """
@@ -31,6 +37,7 @@ from collections import OrderedDict
 
 from stor.backends.disk import Disk
 from stor.backends.opencopy import OpenCopy
+from stor.checksum import FastSum
 from stor.digest import Sha
 
 READ_ON_LOOP_BYTES = 256 * 1024
@@ -38,6 +45,9 @@ READ_ON_LOOP_BYTES = 256 * 1024
 it is copied and hashed (bigger copies are still kept open: a HEAD needs only their stat)."""
 CLOSE_BATCH = 64
 """Dropped copies that may wait for a worker thread to close them."""
+VOUCHED_PER_KEPT = 8
+VOUCHED_MAX = 262_144
+"""Copies remembered without their fd: `VOUCHED_PER_KEPT` per copy kept open, at most this many."""
 
 
 class OpenFiles:
@@ -46,6 +56,8 @@ class OpenFiles:
         self.ttl = ttl
         self._entries: OrderedDict[Sha, tuple[OpenCopy[Disk], float]] = OrderedDict()  # and when it expires
         self._dropped: list[OpenCopy[Disk]] = []
+        self._vouched: OrderedDict[Sha, tuple[str, int, FastSum, float]] = OrderedDict()  # root, size, sum, expiry
+        self._vouched_max = min(capacity * VOUCHED_PER_KEPT, VOUCHED_MAX)
         self._lock = threading.Lock()
 
     def usable(self, disk: Disk) -> bool:
@@ -75,8 +87,19 @@ class OpenFiles:
             return None
         copy = disk.open_cached(sha)
         if copy is not None:
+            self._vouch(sha, copy)
             self._keep(sha, copy)
         return copy
+
+    def _vouch(self, sha: Sha, copy: OpenCopy[Disk]) -> None:
+        """Give a copy opened again what this process knew of it (see the module docstring)."""
+        with self._lock:
+            known = self._vouched.pop(sha, None)
+        if known is None:
+            return
+        root, size, fast, expires = known
+        if root == copy.disk.root and size == copy.stat.size and expires >= time.monotonic():
+            copy.fast, copy.vouched = fast, True
 
     def put(self, sha: Sha, copy: OpenCopy[Disk]) -> None:
         """Keep `copy`, opened by a worker thread (it is this cache's from now on, kept or
@@ -88,13 +111,33 @@ class OpenFiles:
         self.close_dropped()
 
     def _keep(self, sha: Sha, copy: OpenCopy[Disk]) -> None:
+        evicted: list[OpenCopy[Disk]] = []
         with self._lock:
             old = self._entries.pop(sha, None)
             if old is not None:
                 self._dropped.append(old[0])
             self._entries[sha] = (copy, time.monotonic() + self.ttl)
             while len(self._entries) > self.capacity:
-                self._dropped.append(self._entries.popitem(last=False)[1][0])
+                old_sha, (old_copy, expires) = self._entries.popitem(last=False)
+                evicted.append(old_copy)
+                if old_copy.fast is not None and self._vouched_max:
+                    self._vouched[old_sha] = (old_copy.disk.root, old_copy.stat.size, old_copy.fast, expires)
+                    if len(self._vouched) > self._vouched_max:
+                        self._vouched.popitem(last=False)
+        for old_copy in evicted:
+            self._close_or_drop(old_copy)
+
+    def _close_or_drop(self, copy: OpenCopy[Disk]) -> None:
+        """Close a copy pushed out of the cache at once when that cannot do I/O: its file is
+        still linked, so this close is not the last reference that frees it (and the disk's
+        filesystem is local: `usable`). Else leave it to a worker thread (`close_dropped`):
+        closing from one costs the event loop a GIL hand-over at each of its system calls
+        while the thread runs."""
+        if copy.current():
+            copy.close()
+        else:
+            with self._lock:
+                self._dropped.append(copy)
 
     def read(self, copy: OpenCopy[Disk]) -> bytes | None:
         """The whole copy from the page cache, or None when it is too big to read on the loop,
@@ -106,6 +149,7 @@ class OpenFiles:
     def forget(self, sha: Sha) -> None:
         """Drop the entry of `sha`: a copy was found corrupt."""
         with self._lock:
+            self._vouched.pop(sha, None)
             entry = self._entries.pop(sha, None)
             if entry is not None:
                 self._dropped.append(entry[0])
@@ -113,6 +157,9 @@ class OpenFiles:
     def forget_disk(self, root: str) -> None:
         """Drop every entry on a disk that stopped answering (or went away)."""
         with self._lock:
+            for sha, known in list(self._vouched.items()):
+                if known[0] == root:
+                    del self._vouched[sha]
             for sha, (copy, _) in list(self._entries.items()):
                 if copy.disk.root == root:
                     del self._entries[sha]

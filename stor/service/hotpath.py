@@ -194,7 +194,9 @@ class LoopMode:
         pass  # the near cache is corrected by the thread that finds the copy
 
     def located(self, sha: Sha, found: Found[OpenCopy[Disk]], missed: set[str]) -> None:
-        if found.how != "kept" and not self.hot.partners_agree(found.disk, sha, found.value.stat.size):
+        if found.how == "kept" or found.value.vouched:
+            return  # its partner was checked when it was opened before (see `OpenFiles`)
+        if not self.hot.partners_agree(found.disk, sha, found.value.stat.size):
             self.hot.open_files.forget(sha)  # the thread path settles it (`Lookup.stat_checked`)
             raise WouldBlock
 
