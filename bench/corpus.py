@@ -4,6 +4,7 @@ copies it stores, and the page cache warmed before each run."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -75,3 +76,12 @@ def warm(members: list[Path], shas: list[str]) -> None:
     for sha in shas:
         for disk in members:
             layout(disk, sha).read_bytes()
+
+
+def strip_sums(members: list[Path], shas: list[str]) -> None:
+    """Remove every copy's fast checksum, as Stor's disks arrive (stor then verifies each copy
+    with SHA-256 on its first read and records the checksum)."""
+    for sha in shas:
+        for disk in members:
+            with contextlib.suppress(OSError):  # already without one
+                os.removexattr(layout(disk, sha), ATTR)

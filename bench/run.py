@@ -20,9 +20,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.corpus import Members, build_corpus, can_mount_images, warm
+from bench.corpus import Members, build_corpus, can_mount_images, strip_sums, warm
+from bench.evacuation import EVACUATION_SIZES, evacuation
 from bench.hostile import neighbours
-from bench.report import RABBITMQ_ROW, READ_AUTH_ROW, Section, write_report
+from bench.report import (
+    ARRIVED_ROW,
+    BARE_ROW,
+    LOGGED_ROW,
+    RABBITMQ_ROW,
+    READ_AUTH_ROW,
+    UNCACHED_FILES,
+    UNCACHED_ROW,
+    Section,
+    write_report,
+)
 from bench.servers import Nginx, Stor, free_port, raise_fd_limit
 from bench.settings import AUTH, POST_BLOBS, wanted
 from bench.workloads import (
@@ -34,6 +45,7 @@ from bench.workloads import (
     lua_get,
     lua_post,
     pair_writes,
+    paired,
     post_blobs,
     refill,
     wrk,
@@ -79,39 +91,68 @@ def run_on(base: Path, *, images: bool, full: bool) -> Section:  # noqa: PLR0915
         stor = Stor(base, base_config)
         results: list[tuple[Result, Result | None]] = []
         extra: list[str] = []
+
+        def get_pair(label: str, name: str, server: Stor, ceiling: Nginx) -> tuple[Result, Result | None]:
+            script = lua_get(scripts / f"{name}.lua", shas[name])
+            upper = lua_get(scripts / f"{name}-up.lua", shas[name], upper=True)
+
+            def ours() -> Result:
+                warm(members.paths, shas[name])
+                return wrk(server.url, script, label, server.pids())
+
+            def theirs() -> Result:
+                warm(members.paths, shas[name])
+                return wrk(ceiling.url, upper, "nginx", ceiling.pids())
+
+            return report(paired(ours, theirs))
+
         try:
             for name in ("4k", "64k", "8m") if full else ("4k", "8m"):
-                if not wanted("get"):
-                    break
-                script = lua_get(scripts / f"{name}.lua", shas[name])
-                warm(members.paths, shas[name])
-                ours = wrk(stor.url, script, f"GET {name}", stor.pids())
-                warm(members.paths, shas[name])
-                upper = lua_get(scripts / f"{name}-up.lua", shas[name], upper=True)
-                theirs = wrk(nginx.url, upper, "nginx", nginx.pids())
-                if theirs.errors:
-                    print(f"  warning: nginx answered {theirs.errors} errors for {name}", flush=True)
-                results.append((ours, theirs))
-                print(f"  {ours.workload}: stor {ours.rps:,.0f}/s vs nginx {theirs.rps:,.0f}/s", flush=True)
+                if wanted("get"):
+                    results.append(get_pair(f"GET {name}", name, stor, nginx))
             for name in ("4k", "64k", "8m") if wanted("hey") and full else ():
                 sha = shas[name][0]
                 for method in ("HEAD", "GET"):
                     ours = hey(f"{stor.url}/{sha}", method, f"{method} {name}, one blob (hey)", stor.pids())
                     theirs = hey(f"{nginx.url}/{sha.upper()}", method, "nginx")
-                    results.append((ours, theirs))
-                    print(f"  {ours.workload}: stor {ours.rps:,.0f}/s vs nginx {theirs.rps:,.0f}/s", flush=True)
+                    results.append(report((ours, theirs)))
             if wanted("404") and full:
-                missing = [hashlib.sha256(os.urandom(8)).hexdigest() for _ in range(1000)]
-                ours = wrk(stor.url, lua_get(scripts / "404.lua", missing), "GET 404", stor.pids())
-                theirs = wrk(nginx.url, lua_get(scripts / "404-up.lua", missing, upper=True), "nginx")
-                results.append((ours, theirs))
-                print(f"  GET 404: stor {ours.rps:,.0f}/s vs nginx {theirs.rps:,.0f}/s", flush=True)
+                missing = [hashlib.sha256(os.urandom(8)).hexdigest() for _ in range(20_000)]
+                absent, absent_up = (
+                    lua_get(scripts / "404.lua", missing),
+                    lua_get(scripts / "404-up.lua", missing, upper=True),
+                )
+                results.append(
+                    report(
+                        paired(
+                            lambda: wrk(stor.url, absent, "GET 404 (random absent shas)", stor.pids()),
+                            lambda: wrk(nginx.url, absent_up, "nginx"),
+                        )
+                    )
+                )
+                gone = missing[0]
+                results.append(
+                    report(
+                        paired(
+                            lambda: hey(f"{stor.url}/{gone}", "HEAD", "HEAD 404, one absent sha (hey)", stor.pids()),
+                            lambda: hey(f"{nginx.url}/{gone.upper()}", "HEAD", "nginx"),
+                        )
+                    )
+                )
             if wanted("post"):
                 label = "POST 4k (durable, both copies; group commit)"
-                warm_up = post_script("post-warm", 6000)
-                ours = wrk(stor.url, post_script("post", POST_BLOBS), label, stor.pids(), warm_up)
-                results.append((ours, None))
-                print(f"  {label}: {ours.rps:,.0f}/s", flush=True)
+                posts = iter(range(100))
+
+                def post_round() -> Result:
+                    n = next(posts)
+                    warm_up = post_script(f"post-warm-{n}", 6000)
+                    return wrk(stor.url, post_script(f"post-{n}", POST_BLOBS), label, stor.pids(), warm_up)
+
+                def bare_round() -> Result:
+                    subprocess.run(["sync"], check=True)
+                    return Result(BARE_ROW, bare_protocol(members.paths, 32), "-", "-", 0.0, 0)
+
+                results.append(report(paired(post_round, bare_round)))
             if wanted("hostile") and full:
                 hostile = neighbours(
                     stor, scripts / "4k.lua", lambda name, counted: post_script(name, 12_000, statuses=counted)
@@ -120,6 +161,17 @@ def run_on(base: Path, *, images: bool, full: bool) -> Section:  # noqa: PLR0915
             up, down = big_transfer_rss(stor) if wanted("rss") and full else (0.0, 0.0)
         finally:
             stor.stop()
+        if wanted("logs"):
+            results.append(logged_pair(base, base_config, members, scripts, shas["4k"]))
+        if wanted("arrived") and full:
+            results.append(arrived_pair(base, base_config, members, nginx, scripts, shas["4k"]))
+        if wanted("uncached") and full:
+            small_cache = {**base_config, "open_file_cache_size": UNCACHED_FILES}
+            uncached = Stor(base, small_cache)
+            try:
+                results.append(get_pair(UNCACHED_ROW, "4k", uncached, nginx))
+            finally:
+                uncached.stop()
         reader = base64.b64encode(b"reader:reader-pass").decode()
         read_auth = {**base_config, "read_auth": f"reader:{hash_password('reader-pass', 'bcrypt')}"}
         variants: list[tuple[str, dict[str, object], str | None, Path]] = [
@@ -198,6 +250,10 @@ def run_on(base: Path, *, images: bool, full: bool) -> Section:  # noqa: PLR0915
                 f"stor scrub --repair {refilled.mb / refilled.scrub_seconds:,.0f} MB/s",
                 flush=True,
             )
+        if wanted("evacuate") and full:
+            evacuated = evacuation(base / "evacuate", EVACUATION_SIZES)
+            print(f"  {evacuated.summary()}", flush=True)
+            extra.append(evacuated.markdown())
         limits: dict[str, float | None] = {}
         if wanted("limits"):
             limits = {
@@ -216,6 +272,59 @@ def run_on(base: Path, *, images: bool, full: bool) -> Section:  # noqa: PLR0915
         return Section(members.kind, results, limits, refilled, extra)
     finally:
         members.close()
+
+
+def report(pair: tuple[Result, Result | None]) -> tuple[Result, Result | None]:
+    ours, theirs = pair
+    versus = f" vs {theirs.workload} {theirs.rps:,.0f}/s ({theirs.spread})" if theirs else ""
+    print(f"  {ours.workload}: stor {ours.rps:,.0f}/s ({ours.spread}){versus}", flush=True)
+    return pair
+
+
+def logged_pair(
+    base: Path, config: dict[str, object], members: Members, scripts: Path, shas: list[str]
+) -> tuple[Result, Result | None]:
+    """GET 4k with access logs on for both, as production runs: stor's default access lines
+    (to a file), nginx's combined log through a 64 KiB buffer."""
+    stor = Stor(base, config, access_log=True)
+    nginx = Nginx(base, members.paths[0], access_log=True)
+    try:
+
+        def ours() -> Result:
+            warm(members.paths, shas)
+            return wrk(stor.url, scripts / "4k.lua", LOGGED_ROW, stor.pids())
+
+        def theirs() -> Result:
+            warm(members.paths, shas)
+            return wrk(nginx.url, scripts / "4k-up.lua", "nginx, access log buffer=64k", nginx.pids())
+
+        return report(paired(ours, theirs))
+    finally:
+        stor.stop()
+        nginx.stop()
+
+
+def arrived_pair(
+    base: Path, config: dict[str, object], members: Members, nginx: Nginx, scripts: Path, shas: list[str]
+) -> tuple[Result, Result | None]:
+    """GET 4k on copies without their fast checksum, as Stor's disks arrive: each round strips
+    them, starts a fresh stor and measures without a warm-up (stor verifies each copy with
+    SHA-256 on its first read and records the checksum, so a warm-up would measure what it left)."""
+
+    def ours() -> Result:
+        strip_sums(members.paths, shas)
+        warm(members.paths, shas)
+        stor = Stor(base, config)
+        try:
+            return wrk(stor.url, scripts / "4k.lua", ARRIVED_ROW, stor.pids(), warm_up=False)
+        finally:
+            stor.stop()
+
+    def theirs() -> Result:
+        warm(members.paths, shas)
+        return wrk(nginx.url, scripts / "4k-up.lua", "nginx", nginx.pids(), warm_up=False)
+
+    return report(paired(ours, theirs))
 
 
 def has_rabbitmq() -> bool:

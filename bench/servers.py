@@ -67,14 +67,25 @@ def tree(pid: int) -> list[int]:
 
 
 class Stor:
-    def __init__(self, work: Path, config: dict[str, object], workers: int = 2, server: str | None = None) -> None:
+    def __init__(
+        self,
+        work: Path,
+        config: dict[str, object],
+        workers: int = 2,
+        server: str | None = None,
+        *,
+        access_log: bool = False,
+    ) -> None:
+        """`access_log`: stor's default logging (an access line per request, to a file), else
+        warnings only."""
         self.port = free_port()
         path = work / f"config-{self.port}.json"
         path.write_text(json.dumps(config))
         self.log = (work / f"stor-{self.port}.log").open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "stor", "serve", "--config", str(path), "--port", str(self.port),
-             "--workers", str(workers), "--log-level", "warning", *(["--server", server] if server else [])],
+             "--workers", str(workers), "--log-level", "info" if access_log else "warning",
+             *(["--server", server] if server else [])],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         self.url = f"http://127.0.0.1:{self.port}"
@@ -97,17 +108,19 @@ class Stor:
 
 
 class Nginx:
-    def __init__(self, work: Path, root: Path) -> None:
+    def __init__(self, work: Path, root: Path, *, access_log: bool = False) -> None:
+        """`access_log`: nginx's combined log to a file through a 64 KiB buffer, as deployed."""
         self.port = free_port()
-        conf = work / "nginx.conf"
+        logged = f"{work}/nginx-access-{self.port}.log combined buffer=64k flush=1s" if access_log else "off"
+        conf = work / f"nginx-{self.port}.conf"
         conf.write_text(
             f"""
 worker_processes 2;
-pid {work}/nginx.pid;
+pid {work}/nginx-{self.port}.pid;
 error_log {work}/nginx-error.log;
 events {{ worker_connections 1024; }}
 http {{
-    access_log off;
+    access_log {logged};
     sendfile on;
     tcp_nopush on;
     client_body_temp_path {work}/nginx-tmp;

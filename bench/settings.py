@@ -11,13 +11,16 @@ FD_LIMIT = 131_072
 IMAGE_BYTES = 6 << 30
 POST_BLOBS = 40_000
 ONLY = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
-"""Groups to run (get, hey, 404, post, hostile, rss, variants, refill, limits, images): all when empty. With a choice,
+"""Groups to run (get, hey, 404, post, hostile, rss, logs, arrived, uncached, variants, refill, evacuate,
+limits, images): all when empty. With a choice,
 docs/benchmarks.md is left alone and the report only printed."""
 DURATION = int(os.environ.get("BENCH_SECONDS", "8"))
 WRK_THREADS = int(os.environ.get("BENCH_WRK_THREADS", "1"))
 """One client thread: on 2 cores a second one takes CPU the servers need (and each server gets
 the same client)."""
 AUTH = ("bench", "bench-pass")
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+"""How many times each headline workload runs (its median and spread are reported)."""
 
 
 def wanted(group: str) -> bool:

@@ -3,6 +3,7 @@ HTTP (sha256, durable pair writes with stor's own code), and RSS under 1 GiB tra
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -13,13 +14,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 from bench.servers import Stor, cpu_seconds, rss
-from bench.settings import AUTH, DURATION, WRK_THREADS
+from bench.settings import AUTH, DURATION, ROUNDS, WRK_THREADS
 from stor.backends.disk import Disk, now_ns
 from stor.backends.groupcommit import GroupCommits
 from stor.backends.pairs import PairWrite
@@ -110,12 +111,40 @@ class Result:
     """The server's CPU time during the measured run (both workers)."""
     statuses: dict[int, int] | None = None
     """The answers by status, when the script counted them (`lua_post(statuses=True)`)."""
+    rounds: list[float] = field(default_factory=list)
+    """Each round's rate, when the workload ran several times (`paired`); `rps` is their median."""
+
+    @property
+    def spread(self) -> str:
+        """The rounds' range, as the report shows it."""
+        return f"{min(self.rounds):,.0f}-{max(self.rounds):,.0f}" if len(self.rounds) > 1 else ""
 
     @property
     def cpu_per_gib(self) -> float | None:
         """CPU seconds per GiB of response bodies served."""
         gib = self.mbs * 1e6 * DURATION / 2**30
         return self.cpu_seconds / gib if gib > 0.1 else None
+
+
+def median_of(runs: list[Result]) -> Result:
+    """The run with the median rate, carrying every round's rate."""
+    ordered = sorted(runs, key=lambda run: run.rps)
+    middle = ordered[len(ordered) // 2]
+    return dataclasses.replace(middle, rounds=[run.rps for run in runs])
+
+
+def paired(
+    ours: Callable[[], Result], theirs: Callable[[], Result] | None, rounds: int = ROUNDS
+) -> tuple[Result, Result | None]:
+    """Each workload `rounds` times, stor's and its ceiling's runs alternating (this VM drifts
+    by more than 10% between runs a minute apart): the median runs, each with every round."""
+    mine: list[Result] = []
+    ceiling: list[Result] = []
+    for _ in range(rounds):
+        mine.append(ours())
+        if theirs is not None:
+            ceiling.append(theirs())
+    return median_of(mine), median_of(ceiling) if ceiling else None
 
 
 def wrk(
@@ -211,7 +240,7 @@ def bare_protocol(members: list[Path], threads: int = 32, seconds: float = 4.0) 
     directories. What POST is measured against."""
     roots = [member / f"bare-{threads}" for member in members]
     for root in roots:
-        (root / "tmp").mkdir(parents=True)
+        (root / "tmp").mkdir(parents=True, exist_ok=True)  # (run again: new names, same directories)
     subprocess.run(["sync"], check=True)  # nothing dirty left by what ran before
     done = [0] * threads
     stop = time.monotonic() + seconds
