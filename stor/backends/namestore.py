@@ -6,17 +6,19 @@ follows the name's own path: `a/b/c.txt` is the record file `rc.txt` in the dire
 `da/db/`. Each entry of a directory is one letter then the component: `r` a record, `d` a
 directory, and for a component over 240 bytes `h`/`g` and the sha256 of the component (a
 hashed directory's component is read from any record below it). So a prefix listing reads the
-directories under the prefix, in order, until its page is full: a page costs what it lists
-(plus the entries of the directories it passes through), not the number of names stored.
-Each directory's sorted entries are kept until its mtime changes (not trusted while that mtime
-is as recent as the filesystem's timestamp granularity, so a change in the same tick is seen).
+directories under the prefix, in order, until its page is full: a page costs what it lists,
+not the number of names stored nor the size of the directories it passes through. Each
+directory's entries are kept in memory in name order (`nameindex`), brought up to date from a
+journal that every writer of entries appends to, so a page finds its first entry by bisection.
 
 Either member alone serves reads and listings (they are merged); a record found on one member
 only, or older on one, is restored to the other, so a replaced disk fills in as names are read
 (and all at once with `reconcile`, which `stor scrub --repair` runs). Writes use the blob
 protocol (temp on the same filesystem, fsync, rename, directory fsync; new directories fsynced
 into their parents) on each member, under one of 256 striped `flock`s chosen by the name, so two
-writers of one name are serialised across processes and the members never disagree. Deleting a
+writers of one name are serialised across processes and the members never disagree; every entry
+a write creates or a delete removes is journaled in its directory (`nameindex`), which is what
+lets every process see the others' changes without reading a directory whole again. Deleting a
 name leaves its (possibly empty) directories: removing them would race a writer about to
 rename a record into one. Records of the flat layout of stor 0.2 (every record in
 `.stor-names/` itself) are moved into the tree by `prepare`. Blocking and thread-safe.
@@ -31,13 +33,14 @@ import json
 import logging
 import os
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
+from stor.backends import nameindex
 from stor.backends.disk import Disk, now_ns
-from stor.backends.temps import fsync_dir, make_parents
+from stor.backends.nameindex import DirectoryIndex, entry_filename
+from stor.backends.temps import fsync_dir
 from stor.digest import Sha, parse_sha
 from stor.errors import InvalidDigest, StorageUnavailable
 
@@ -46,12 +49,8 @@ log = logging.getLogger(__name__)
 NAMES_DIR = ".stor-names"
 TREE_DIR = ".tree"
 _LOCKS = 256
-_MAX_COMPONENT = 240
-_LISTINGS_KEPT = 4096
-"""Directory listings kept (the most recently used)."""
-_RACY_NS = 50_000_000
-"""A directory changed this recently may change again within the same mtime tick (ext4 stamps
-with the kernel's coarse clock): its entries are read again rather than kept."""
+_INDEXES_KEPT = 2048
+"""Directory indexes kept, the most recently used (each holds the entries of both members)."""
 
 
 @dataclass(frozen=True)
@@ -69,13 +68,9 @@ class NameConflict(Exception):
 def record_relpath(name: str) -> str:
     """Where the record of `name` lives below the tree root."""
     *parents, last = name.split("/")
-    return "/".join([*(_entry(part, directory=True) for part in parents), _entry(last, directory=False)])
-
-
-def _entry(component: str, *, directory: bool) -> str:
-    if len(component.encode()) <= _MAX_COMPONENT:
-        return ("d" if directory else "r") + component
-    return ("g" if directory else "h") + hashlib.sha256(component.encode()).hexdigest()
+    return "/".join(
+        [*(entry_filename(part, directory=True) for part in parents), entry_filename(last, directory=False)]
+    )
 
 
 @dataclass(frozen=True)
@@ -91,8 +86,8 @@ class _Entry:
 class NameStore:
     def __init__(self, members: tuple[Disk, ...]) -> None:
         self.members = members
-        self._listings: OrderedDict[str, tuple[int, list[str]]] = OrderedDict()  # directory → (mtime, filenames)
-        self._listings_lock = threading.Lock()
+        self._indexes: OrderedDict[str, DirectoryIndex] = OrderedDict()  # tree directory → its index
+        self._indexes_lock = threading.Lock()
 
     def _dir(self, disk: Disk) -> str:
         return os.path.join(disk.root, NAMES_DIR)
@@ -218,7 +213,7 @@ class NameStore:
         if limit <= 0:
             return []
         *parents, partial = prefix.split("/")
-        base = "/".join(_entry(part, directory=True) for part in parents)
+        base = "/".join(entry_filename(part, directory=True) for part in parents)
         within = "".join(part + "/" for part in parents)
         records: list[NameRecord] = []
         for record in self._walk(base, within, partial, after):
@@ -230,9 +225,16 @@ class NameStore:
     def _walk(self, relpath: str, within: str, start: str, after: str) -> Iterator[NameRecord]:
         """The records below the directory `relpath` (whose names start with `within`), in
         name order: those whose next component starts with `start`, named after `after`."""
-        for entry in self._entries(relpath):
+        lowest = start
+        if after.startswith(within):
+            rest = after[len(within) :]
+            slash = rest.find("/")  # the directory `after` is in sorts before it, and is walked
+            lowest = max(lowest, rest[: slash + 1] if slash >= 0 else rest)
+        elif after > within:
+            return  # every name here sorts before `after`
+        for entry in self._entries(relpath, lowest):
             if not entry.key.startswith(start):
-                continue
+                return
             child = f"{relpath}/{entry.filename}" if relpath else entry.filename
             named = within + entry.key
             if entry.directory:
@@ -246,38 +248,35 @@ class NameStore:
             if record is not None:
                 yield record
 
-    def _entries(self, relpath: str) -> list[_Entry]:
-        """The entries of one tree directory on any member, in name order (a hashed one's
-        component comes from a record below it)."""
-        filenames: set[str] = set()
+    def _entries(self, relpath: str, lowest: str) -> Iterator[_Entry]:
+        """The entries of one tree directory on any member, in name order from the first not
+        below `lowest` (a hashed one's component comes from a record below it)."""
+        index = self._index(relpath)
         errors = []
         answered = False
-        for disk in self.members:
-            try:
-                filenames.update(self._filenames(os.path.join(self._tree(disk), relpath)))
-                answered = True
-            except FileNotFoundError:
-                if os.path.isdir(disk.tmp_root):
-                    answered = True  # a blank disk, or no name under this directory here
-                else:
-                    errors.append(f"{self._tree(disk)} is missing")
-            except OSError as exc:
-                errors.append(f"{self._tree(disk)}: {exc.strerror}")
+        for disk, failure in zip(self.members, index.refresh(), strict=True):
+            if failure is None or (isinstance(failure, FileNotFoundError) and os.path.isdir(disk.tmp_root)):
+                answered = True  # (not found: a blank disk, or no name under this directory here)
+            elif isinstance(failure, FileNotFoundError):
+                errors.append(f"{self._tree(disk)} is missing")
+            else:
+                errors.append(f"{self._tree(disk)}: {failure.strerror}")
         if not answered:
             raise StorageUnavailable("name records unreadable: " + "; ".join(errors))
-        entries = []
-        for filename in filenames:
-            kind, rest = filename[0], filename[1:]
-            if kind == "r":
-                entries.append(_Entry(rest, filename))
-            elif kind == "d":
-                entries.append(_Entry(rest + "/", filename))
-            elif kind in "hg":
-                component = self._hashed_component(f"{relpath}/{filename}" if relpath else filename)
-                if component is not None:
-                    entries.append(_Entry(component + ("/" if kind == "g" else ""), filename))
-        entries.sort(key=lambda entry: entry.key)
-        return entries
+        for key, filename in index.entries(lowest):
+            yield _Entry(key, filename)
+
+    def _index(self, relpath: str) -> DirectoryIndex:
+        with self._indexes_lock:
+            index = self._indexes.get(relpath)
+            if index is None:
+                paths = [os.path.join(self._tree(disk), relpath) for disk in self.members]
+                index = DirectoryIndex(paths, lambda filename: self._hashed_component(os.path.join(relpath, filename)))
+                self._indexes[relpath] = index
+                while len(self._indexes) > _INDEXES_KEPT:
+                    self._indexes.popitem(last=False)
+            self._indexes.move_to_end(relpath)
+            return index
 
     def _hashed_component(self, relpath: str) -> str | None:
         """The component a hashed entry stands for, from the record at or below it."""
@@ -294,24 +293,9 @@ class NameStore:
             return
         for disk in self.members:
             with contextlib.suppress(OSError):
-                for filename in self._filenames(os.path.join(self._tree(disk), relpath)):
-                    yield from self._any_record(f"{relpath}/{filename}")
-
-    def _filenames(self, directory: str) -> list[str]:
-        """One member's directory listing, kept until the directory's mtime changes."""
-        mtime = os.stat(directory).st_mtime_ns
-        with self._listings_lock:
-            cached = self._listings.get(directory)
-            if cached is not None and cached[0] == mtime:
-                self._listings.move_to_end(directory)
-                return cached[1]
-        names = [name for name in os.listdir(directory) if name[:1] in ("r", "d", "h", "g")]
-        if time.time_ns() - mtime > _RACY_NS:
-            with self._listings_lock:
-                self._listings[directory] = (mtime, names)
-                while len(self._listings) > _LISTINGS_KEPT:
-                    self._listings.popitem(last=False)
-        return names
+                for filename in os.listdir(os.path.join(self._tree(disk), relpath)):
+                    if nameindex.is_entry(filename):
+                        yield from self._any_record(f"{relpath}/{filename}")
 
     def _first_record(self, relpath: str) -> NameRecord | None:
         for disk in self.members:
@@ -359,23 +343,28 @@ class NameStore:
                     continue
                 except OSError as exc:
                     raise StorageUnavailable(f"{disk.root}: cannot remove name record: {exc.strerror}") from exc
+                nameindex.after_removing(*os.path.split(path))
                 fsync_dir(os.path.dirname(path))
             return found
 
     def _write(self, disk: Disk, name: str, data: bytes) -> None:
+        """Write one record on `disk`, journaling each entry it creates (see `nameindex`)."""
         self._make_dirs(disk)
         final = os.path.join(self._tree(disk), record_relpath(name))
+        directory, filename = os.path.split(final)
         temp = disk.new_temp()
         try:
             temp.write(data)
             temp.sync(now_ns())
             try:
-                new_dirs = make_parents(self._tree(disk), os.path.dirname(final))
+                new_dirs = nameindex.make_parents(self._tree(disk), directory)
+                nameindex.before_creating(directory, filename)
             except OSError as exc:
-                raise StorageUnavailable(f"{disk.root}: cannot make name directories: {exc.strerror}") from exc
+                raise StorageUnavailable(f"{disk.root}: name directories not writable: {exc.strerror}") from exc
             temp.replace(final)
-            for directory in new_dirs:
-                fsync_dir(directory)
+            nameindex.after_creating(directory, filename)
+            for parent in new_dirs:
+                fsync_dir(parent)
         finally:
             temp.discard()
 
