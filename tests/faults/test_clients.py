@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from stor.backends.clearmark import MARK_NAME
 from tests.conftest import Storage, StorProcess
 from tests.faults.conftest import Servers, fault_config, post
 from tests.faults.invariants import Ledger
@@ -227,10 +228,10 @@ def test_hostile_requests_get_a_4xx_and_leave_no_file(
 
 def leftovers(storage: Storage) -> list[Path]:
     """Any file anywhere under the test's directory but the config, the logs, the temp-dir
-    locks and the health probe's own short-lived file."""
+    locks, the clear marks and the health probe's own short-lived file."""
     found = []
     for path in storage.base.rglob("*"):
-        if path.name == "owner.lock" or path.name.startswith("probe-") or path.suffix in (".json", ".log"):
+        if path.name in ("owner.lock", MARK_NAME) or path.name.startswith("probe-") or path.suffix in (".json", ".log"):
             continue
         if path.is_file():
             found.append(path)
