@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.settings import CORPUS, DURATION, FD_LIMIT, ONLY, ROOT, WRK_THREADS
+from bench.settings import CORPUS, DURATION, FD_LIMIT, ONLY, ROOT, ROUNDS, WRK_THREADS
 from bench.workloads import Refill, Result
 from stor.backends.openfiles import fd_budget
 
@@ -41,8 +41,11 @@ verified, group commit on) on one pair. nginx (2 workers, sendfile) serves the s
 wrk: {WRK_THREADS} thread(s) (one client thread takes less of the two cores the servers need), 64 connections,
 {DURATION} s after a 2 s warm-up, random shas from the corpus
 ({", ".join(f"{c:,} x {s // 1024} KiB" for s, c in CORPUS.values())}), every copy read into the page cache before each
-run, each copy with the fast checksum stor gives what it stores. The "one blob (hey)" rows ask for one blob over and
-over with `hey` (64 connections), because wrk cannot measure HEAD (it waits for a body that never comes). The client,
+run, each copy with the fast checksum stor gives what it stores (but in the row "without fast checksums"). Rows with
+a range ran {ROUNDS} rounds, stor and its ceiling (nginx, or the bare protocol for POST) alternating: the table gives
+stor's median, the range of its rounds, and the ratio of the medians with each round's ratio. The "one blob (hey)"
+rows ask for one blob over and over with `hey` (64 connections), because wrk cannot measure HEAD (it waits for a
+body that never comes). The client,
 stor and nginx share the 2 cores, so most figures are CPU-bound on this machine; compare ratios, not absolutes (two
 runs a minute apart differ by up to ±10% here). "CPU s/GiB" is the server's CPU time (all its processes) per GiB of
 bodies served. stor runs with an open-file limit of {_fd_limit():,} (the bench asks for {FD_LIMIT:,}, an operator's
@@ -67,24 +70,33 @@ xxh3-128 was chosen).
 From profiles of the worker under `wrk -t1` (`py-spy record`), `strace -T` and the machine's CPU accounting, on
 this machine:
 
-- **GET and HEAD of a hot blob** (4 and 64 KiB, under uvicorn) are answered as soon as the request head is parsed, on
-  the event loop, without an ASGI cycle (`stor/http/protocol.py`), from a kept-open copy checked against the fast
-  checksum of the bytes it held when they were verified. What is left per request is uvicorn's parser callbacks,
-  an `fstat`, the `preadv2` from the page cache, xxh3 (0.2 µs for 4 KiB) and the `write` (a sixth of the worker's
-  time: it runs loopback TCP for both ends). A copy a worker has not kept open yet costs an `openat2` from the dentry
-  cache, a check of its partner and one SHA-256. The open-file cache holds three quarters of the open-file limit:
-  {_fd_note()}
+- **GET and HEAD of a hot blob** (4 and 64 KiB, under uvicorn): a head that arrives whole in one read is answered
+  inside `data_received`, without httptools' callbacks, uvicorn's per-request state or an ASGI cycle
+  (`stor/http/protocol.py`), from a kept-open copy checked against the fast checksum of the bytes it held when they
+  were verified. Worker CPU per hot GET 4k: ~41 µs (it was ~54 µs with the parser's callbacks). What is left: about
+  half is the kernel (the `write` runs loopback TCP for both ends, the `fstat`, the `preadv2` from the page cache,
+  epoll), the rest Python: the lookup's bookkeeping, the response's headers, counting. nginx answers from C with
+  `sendfile`; with both servers and wrk on two cores every row here is CPU-bound.
+- **A copy not kept open** (the corpus larger than the open-file cache, which holds three quarters of the open-file
+  limit: {_fd_note()}) costs an `openat2` from the dentry cache and an `fstat`; the first time also a SHA-256 and its
+  partner's check; a copy pushed out of the cache is remembered without its fd (its verified checksum, its partner
+  checked), so opened again it needs neither (~85 µs of worker CPU per GET with 4 in 5 requests opening a copy,
+  against ~116 µs before). **Copies without fast checksums** (Stor's disks) are verified with SHA-256 the first time
+  each is read (4 KiB: ~10 µs), then served like the others.
 - **GET 8 MiB** (and anything over 1 MiB) is checked whole with xxh3 from the page cache (~0.6 ms) in a thread, then
   sent with `sendfile` from the event loop: the bytes never pass through Python. What is left is the check's read
   through a buffer and the thread hop. The row "checked while streaming" is the path for copies over
   `verify_on_read_max` (and every copy under granian): read, hashed and sent through Python, a MiB at a time.
 - **granian** has neither shortcut (it speaks ASGI only), so its rows take the ordinary ASGI path.
-- **GET 404** of a sha asked before is proven absent from the dentry cache on the event loop; a first miss takes a
-  thread (a lookup on every disk).
-- **POST** is neither disk- nor CPU-bound on plain directories: `syncfs` takes ~1 ms (p50; 2.4 ms p90) and the
-  machine is ~83% busy. Each worker's event loop, its plan-and-stage thread and its group-commit thread share one
-  GIL, and an upload waits for two commit cycles (data durable, then the links), each cycle mostly the Python of
-  linking and answering the uploads it carries. On the loop images the `syncfs` ends in a flush of the loop device.
+- **GET 404** of a sha asked before is proven absent on the event loop from the dentry cache and each disk's clear mark
+  (`backends/clearmark.py`: one `openat2` per disk vouches for its mount, its quarantine and its takedown records):
+  four `openat2` per 404 with one pair, no `close`. The rest is the same Python and TCP as a hit's, for an answer
+  nginx builds from a static page. A first miss takes a thread (a lookup on every disk).
+- **Access lines** are formatted without a LogRecord (~2.4 µs) and written in batches (64 KiB or 0.1 s, one `write`).
+- **POST** waits for two `syncfs` per upload (the data durable, then the links), run by one commit thread per
+  filesystem (here both members share one filesystem, so one thread); its `mkdir`s and temp creations wait for the
+  journal while a `syncfs` runs. Making the directories in the uploads' own threads instead did not help (measured).
+  On the loop images the `syncfs` ends in a flush of the loop device.
 
 ## How to run
 
