@@ -131,7 +131,8 @@ class Neighbours:
 {self.count} clients each POST a body declared as 1 GiB and send {len(TRICKLE)} bytes a second, reconnecting when
 cut (`bench/hostile.py`), while wrk runs the usual loads; {len(self.get_quiet)} rounds, each measuring both loads
 without and then with them. stor's defaults: `max_uploads_in_flight` 128 and `min_upload_rate` 500 bytes/s per
-worker (uploads below the floor after 1 s are *stalled* and do not hold a place).
+worker (uploads below the floor after half a second are *stalled* and do not hold a place; a new upload waits up
+to a second for a place among uploads too young to judge).
 
 | load | without | with the slow uploaders | with / without, median |
 |---|---|---|---|

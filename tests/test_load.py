@@ -108,7 +108,10 @@ async def test_a_crawling_upload_is_cut_and_leaves_nothing(storage: Storage, mon
         assert fast.status_code == 201
 
 
-async def test_uploads_beyond_the_bound_get_503_and_retry_after(storage: Storage) -> None:
+async def test_uploads_beyond_the_bound_get_503_and_retry_after(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(admission, "ADMIT_WAIT", 0.3)  # how long a new upload waits for a place: 1 s
     release = asyncio.Event()
     async with app_client(storage.config(max_uploads_in_flight=2, min_upload_rate=0)) as http:  # never stalled
         held = [
@@ -180,9 +183,10 @@ async def test_stalled_uploads_do_not_hold_places(storage: Storage, monkeypatch:
     async with app_client(storage.config(max_uploads_in_flight=2, min_upload_rate=1000)) as http:
         held = await hold(http, release, 2)
         data = os.urandom(4096)
+        started = time.monotonic()
         early = await http.post(f"/{sha256(data)}", content=data, auth=AUTH)
-        assert early.status_code == 503  # both places taken by uploads too young to judge
-        await asyncio.sleep(0.4)
+        # both places were taken by uploads too young to judge: it waited until they were judged stalled
+        assert early.status_code == 201 and time.monotonic() - started >= 0.25
         assert (await status(http))["stalled"] == 2
         for _ in range(3):  # the stalled ones do not count: fast uploads go through, again and again
             data = os.urandom(4096)
@@ -244,3 +248,35 @@ def test_a_thousand_idle_connections_starve_no_one(storage: Storage, start_stor:
     finally:
         for sock in idle:
             sock.close()
+
+
+async def test_a_burst_of_new_uploads_waits_for_places_instead_of_failing(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many uploads arriving at once, more than the places: those beyond wait (at most
+    `ADMIT_WAIT`) for the first to finish, and all succeed; none is refused."""
+    monkeypatch.setattr(admission, "ADMIT_WAIT", 5.0)
+    blobs = [os.urandom(4096) for _ in range(12)]
+    release = asyncio.Event()
+
+    async def slow_start(data: bytes) -> AsyncIterator[bytes]:
+        await release.wait()
+        yield data
+
+    async with app_client(storage.config(max_uploads_in_flight=2, min_upload_rate=0)) as http:
+        uploads = [
+            asyncio.create_task(
+                http.post(f"/{sha256(data)}", content=slow_start(data), auth=AUTH, headers={"Content-Length": "4096"})
+            )
+            for data in blobs
+        ]
+        for _ in range(200):
+            if (await status(http))["waiting"] == 10:
+                break
+            await asyncio.sleep(0.01)
+        uploads_now = await status(http)
+        assert uploads_now["in_flight"] == 2 and uploads_now["waiting"] == 10
+        release.set()
+        answers = await asyncio.gather(*uploads)
+        assert [answer.status_code for answer in answers] == [201] * len(blobs)
+        assert (await status(http))["shed"] == 0

@@ -6,26 +6,32 @@ An upload whose body crawls below `min_upload_rate` (on average, once `STALL_AGE
 is *stalled*: it holds almost nothing (at most the floor's rate times the 20 s grace before the
 floor cuts it: 10 KB at the default), so it does not count against the bound. Stalled uploads
 have a bound of their own, `STALLED_PER_PLACE` times as many; when that is reached too, the
-slowest stalled upload is cut (408) to make room. Beyond both bounds a new upload is refused
-before its body is read (`Overloaded`: 503 with `Retry-After`, which clients retry), and
-nothing is lost. So hundreds of slow or stalled clients never lock fast ones out.
-Event-loop only.
+slowest stalled upload is cut (408) to make room. A new upload that finds the places taken
+by uploads too young to judge waits for one (up to `ADMIT_WAIT`, longer than `STALL_AGE`: by
+then the stalled among them no longer count), at most `STALLED_PER_PLACE` times as many
+waiting as there are places; beyond that it is refused before its body is read (`Overloaded`:
+503 with `Retry-After`, which clients retry), and nothing is lost. So hundreds of slow or
+stalled clients, even arriving all at once, never lock fast ones out. Event-loop only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from stor.backends.pairs import StoragePool
 from stor.errors import Overloaded
 from stor.metrics import Metrics
 
-STALL_AGE = 1.0
+STALL_AGE = 0.5
 """An upload is judged stalled (below the rate floor on average) only after this many seconds:
 a new one has not had time to send anything yet."""
+
+ADMIT_WAIT = 1.0
+"""How long a new upload waits for a place among uploads too young to judge."""
+_POLL = 0.05
 
 STALLED_PER_PLACE = 8
 """How many stalled uploads a worker holds per place of `max_uploads_in_flight`."""
@@ -68,12 +74,13 @@ class Admission:
         self.shed = 0
         self.cut_for_rate = 0
         self.evicted = 0
+        self.waiting = 0  # new uploads waiting for a place
 
-    @contextmanager
-    def admitted(self) -> Iterator[Place]:
+    @asynccontextmanager
+    async def admitted(self) -> AsyncIterator[Place]:
         """One upload, for as long as the block runs; `Overloaded` when the worker is full."""
         if self.limit and len(self.places) >= self.limit:
-            self._make_room()
+            await self._wait_for_room()
         place = Place(self)
         self.places.add(place)
         try:
@@ -81,21 +88,39 @@ class Admission:
         finally:
             self.places.discard(place)
 
-    def _make_room(self) -> None:
-        """Admit one more upload if fewer than `limit` are moving, cutting the slowest stalled
-        one when the stalled have filled their own bound; else `Overloaded`."""
+    async def _wait_for_room(self) -> None:
+        """Until `_make_room` finds room, for up to `ADMIT_WAIT`, among at most as many waiting
+        as the stalled may be; else `Overloaded`."""
+        if self.waiting >= self.limit * STALLED_PER_PLACE:
+            self._shed()
+        self.waiting += 1
+        try:
+            deadline = time.monotonic() + ADMIT_WAIT
+            while not self._make_room():
+                if time.monotonic() >= deadline:
+                    self._shed()
+                await asyncio.sleep(_POLL)
+        finally:
+            self.waiting -= 1
+
+    def _make_room(self) -> bool:
+        """Whether one more upload may start: fewer than `limit` are moving (the slowest
+        stalled one is cut when the stalled have filled their own bound)."""
+        if len(self.places) < self.limit:
+            return True
         now = time.monotonic()
         stalled = [place for place in self.places if self._stalled(place, now)]
         if len(self.places) - len(stalled) >= self.limit:
-            self._shed()
+            return False
         if len(stalled) >= self.limit * STALLED_PER_PLACE:
-            waiting = [place for place in stalled if place.waiting is not None and not place.evicted]
-            if not waiting:
-                self._shed()
-            slowest = min(waiting, key=lambda place: place.rate(now))
+            idle = [place for place in stalled if place.waiting is not None and not place.evicted]
+            if not idle:
+                return False
+            slowest = min(idle, key=lambda place: place.rate(now))
             slowest.evict()
             self.places.discard(slowest)  # its place is the newcomer's now
             self.evicted += 1
+        return True
 
     def _stalled(self, place: Place, now: float) -> bool:
         age = now - place.started
@@ -115,6 +140,7 @@ class Admission:
         now = time.monotonic()
         return {
             "in_flight": len(self.places),
+            "waiting": self.waiting,
             "stalled": sum(1 for place in self.places if self._stalled(place, now)),
             "limit": self.limit,
             "promised_bytes": sum(self.pool.reserved(pair) for pair in self.pool.pairs),

@@ -13,7 +13,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import KW_ONLY, dataclass
 from typing import ParamSpec, TypeVar
 
@@ -278,7 +278,7 @@ class BlobService:
         upload restores a blob taken down."""
         return await self.uploads.put(sha, body, length, early_answer=early_answer, restore_by=restore_by)
 
-    def admitted(self) -> AbstractContextManager[Place]:
+    def admitted(self) -> AbstractAsyncContextManager[Place]:
         """Hold one of this worker's upload places for a block (`Overloaded` when none is
         free: see `admission`)."""
         return self.admission.admitted()
