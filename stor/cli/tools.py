@@ -133,9 +133,22 @@ def _repairer(service: BlobService, portal: Portal) -> Repair:
     return repair
 
 
+REPAIRS_SHOWN = 10
+"""Repaired findings printed on stderr one by one (a refill repairs every blob of a disk; the
+JSON report on stdout lists them, up to its cap)."""
+
+
 def _print_scrub(report: ScrubReport) -> None:
+    shown = 0
     for finding in report.findings:
+        if finding.action == "repaired":
+            shown += 1
+            if shown > REPAIRS_SHOWN:
+                continue
         click.echo(f"stor: {finding.problem:<11} {finding.sha}  {finding.disk}  {finding.action}", err=True)
+    if shown > REPAIRS_SHOWN:
+        more = max(report.repaired, shown) - REPAIRS_SHOWN
+        click.echo(f"stor: … and {more:,} more repaired (the JSON report lists the first findings)", err=True)
     seconds = (report.finished or time.time()) - report.started
     rate = report.bytes / seconds / 1e6 if seconds > 0 else 0.0
     click.echo(

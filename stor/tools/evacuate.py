@@ -99,10 +99,10 @@ class Evacuation:
                     break
                 except (StorageUnavailable, DigestMismatch, OSError) as exc:
                     report.failed.append(f"{sha}: {exc}")
-                if self.movers.batches.full:
-                    self._land(self.movers.batches.flush(), report)
+                if self.movers.batches.full and not self._flushed(report):
+                    break
                 report.removed += self.removals.remove_due(report.failed)
-            self._land(self.movers.batches.flush(), report)
+            self._flushed(report)
         except KeyboardInterrupt:
             report.interrupted = True
         finally:
@@ -111,6 +111,16 @@ class Evacuation:
         report.left = sum(1 for _ in self._blobs())
         report.finished = time.time()
         return report
+
+    def _flushed(self, report: EvacuationReport) -> bool:
+        """Make the staged batch durable and land it; False when the target ran out of room
+        (bytes or inodes) while it was written: the run stops there, as when no pair has room."""
+        try:
+            self._land(self.movers.batches.flush(), report)
+        except InsufficientStorage as exc:
+            report.stopped = f"no writable pair has room: {exc}"
+            return False
+        return True
 
     def _blobs(self) -> Iterator[Sha]:
         """Every blob with a copy on some member of the pair, leaf by leaf."""

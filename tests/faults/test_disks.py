@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -245,3 +247,40 @@ def test_a_blank_disk_in_place_of_a_dead_one_is_healed_onto_before_its_next_prob
         assert healed.read_bytes() == data
         sha = sha256(data)
         assert not layout_path(b1, sha).exists() and not layout_path(b2, sha).exists()
+
+
+def test_an_evacuation_whose_target_runs_out_of_inodes_stops_cleanly(
+    mounts: Mounts, build: Callable[[list[list[Path]]], Storage], tmp_path: Path
+) -> None:
+    """The writable pair's ext4 filesystems have room in bytes but few inodes: a batch made
+    durable there fails with ENOSPC. The evacuation stops with its JSON summary (exit 1,
+    `stopped`), and every blob is whole on one pair or the other, no temp left."""
+    targets = []
+    for name in ("t1", "t2"):
+        image, mountpoint = mounts.base / f"{name}.img", mounts.base / name
+        mountpoint.mkdir(parents=True)
+        with image.open("wb") as f:
+            f.truncate(64 * 1024 * 1024)
+        run("mkfs.ext4", "-q", "-F", "-N", "128", str(image))  # 128 inodes: a few dozen blobs with their directories
+        run("mount", "-o", "loop", str(image), str(mountpoint))
+        mounts.mounted.append(mountpoint)
+        targets.append(mountpoint)
+    sources = [tmp_path / "s1", tmp_path / "s2"]
+    blobs = [os.urandom(2048 + n) for n in range(300)]
+    for source in sources:
+        for data in blobs:
+            path = layout_path(source, sha256(data))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+    storage = build([targets, sources])
+    config = storage.write_config(check_mountpoints=False, writable_pairs_regex="/t[12]$")
+    result = run(sys.executable, "-m", "stor", "evacuate", "--pair", "1", "--config", str(config), check=False)
+    assert result.returncode == 1, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert "no writable pair has room" in (report["stopped"] or "") and report["left"] > 0
+    for data in blobs:  # each whole where it is
+        sha = sha256(data)
+        where = [p for p in (*targets, *sources) if layout_path(p, sha).exists()]
+        assert where, f"{sha} is nowhere"
+        assert all(layout_path(p, sha).read_bytes() == data for p in where)
+    assert storage.temps() == []
