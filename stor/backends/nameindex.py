@@ -62,6 +62,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+from stor.backends import temps
+
 log = logging.getLogger(__name__)
 
 JOURNAL = ".journal"
@@ -119,24 +121,8 @@ def after_removing(directory: str, filename: str) -> None:
 
 
 def make_parents(root: str, directory: str) -> list[str]:
-    """mkdir the missing levels of `directory` below `root`, each journaled in its parent; return
-    the parents whose entries changed, which must be fsynced for the new directories to last."""
-    missing: list[str] = []
-    current = directory
-    while current != root and not os.path.isdir(current):
-        missing.append(current)
-        current = os.path.dirname(current)
-    changed: list[str] = []
-    for path in reversed(missing):
-        parent, filename = os.path.split(path)
-        before_creating(parent, filename)
-        try:
-            os.mkdir(path)
-        except FileExistsError:
-            continue  # its maker writes the second line
-        after_creating(parent, filename)
-        changed.append(parent)
-    return changed
+    """`temps.make_parents`, each new directory journaled in its parent."""
+    return temps.make_parents(root, directory, before=before_creating, after=after_creating)
 
 
 def _line(op: str, filename: str) -> bytes:

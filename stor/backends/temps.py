@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from stor.backends import syscalls, xattrs
@@ -224,9 +225,17 @@ def _link_no_replace(temp: str, final: str) -> bool:
     return True
 
 
-def make_parents(root: str, directory: str) -> list[str]:
+def make_parents(
+    root: str,
+    directory: str,
+    *,
+    before: Callable[[str, str], None] | None = None,
+    after: Callable[[str, str], None] | None = None,
+) -> list[str]:
     """mkdir the missing levels of `directory` below `root`; return the parents whose entries
-    changed, which must be fsynced for the new directories to survive a crash."""
+    changed, which must be fsynced for the new directories to survive a crash. `before` and
+    `after` are told (parent, name) around each `mkdir` that this call makes (a journal of the
+    parent's entries: see `nameindex`)."""
     missing: list[str] = []
     current = directory
     while current != root and not os.path.isdir(current):
@@ -234,9 +243,14 @@ def make_parents(root: str, directory: str) -> list[str]:
         current = os.path.dirname(current)
     changed: list[str] = []
     for path in reversed(missing):
+        parent, name = os.path.split(path)
+        if before is not None:
+            before(parent, name)
         try:
             os.mkdir(path)
         except FileExistsError:
-            continue
-        changed.append(os.path.dirname(path))
+            continue  # (its maker tells `after`)
+        if after is not None:
+            after(parent, name)
+        changed.append(parent)
     return changed

@@ -204,20 +204,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if answer is None:
             self._asked = True  # the parser's path goes straight to a worker thread
             return False
-        status, answer_headers, body = answer
-        content = [STATUS_LINE[status]]
-        for name, value in [*self.server_state.default_headers, *answer_headers]:
-            content.extend([name, b": ", value, b"\r\n"])
-        if not keep_alive:
-            content.append(b"connection: close\r\n")
-        content.append(b"\r\n")
-        if method == "GET":
-            content.append(body)
-        self.transport.write(b"".join(content))
+        self._send_answer(answer, with_body=method == "GET", keep_alive=keep_alive)
         self._disarm()
-        if not keep_alive:
-            self.transport.close()
-        self.on_response_complete()  # counts it, resumes reading, re-arms the keep-alive timer
         return True
 
     def _answered_now(self) -> bool | None:
@@ -239,22 +227,26 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         answer = self._answer_now(method.decode("ascii"), path, self.headers, self.client)
         if answer is None:
             return None
-        status, headers, body = answer
         keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+        self._answered = True
+        self._send_answer(answer, with_body=method == b"GET", keep_alive=keep_alive)
+        return True
+
+    def _send_answer(self, answer: Answer, *, with_body: bool, keep_alive: bool) -> None:
+        """An answer the app gave at once, in one write, with the server's default headers."""
+        status, headers, body = answer
         content = [STATUS_LINE[status]]
         for name, value in [*self.server_state.default_headers, *headers]:
             content.extend([name, b": ", value, b"\r\n"])
         if not keep_alive:
             content.append(b"connection: close\r\n")
         content.append(b"\r\n")
-        if method == b"GET":
+        if with_body:
             content.append(body)
         self.transport.write(b"".join(content))
-        self._answered = True
         if not keep_alive:
             self.transport.close()
         self.on_response_complete()  # counts it, resumes reading, re-arms the keep-alive timer
-        return True
 
     def send_400_response(self, msg: str) -> None:
         if self._head_too_large:
