@@ -114,21 +114,7 @@ async def test_uploads_beyond_the_bound_get_503_and_retry_after(
     monkeypatch.setattr(admission, "ADMIT_WAIT", 0.3)  # how long a new upload waits for a place: 1 s
     release = asyncio.Event()
     async with app_client(storage.config(max_uploads_in_flight=2, min_upload_rate=0)) as http:  # never stalled
-        held = [
-            asyncio.create_task(
-                http.post(
-                    f"/{sha256(os.urandom(8))}",
-                    content=stalled_body(b"x", release),
-                    auth=AUTH,
-                    headers={"Content-Length": "100"},
-                )
-            )
-            for _ in range(2)
-        ]
-        for _ in range(100):
-            if (await status(http))["in_flight"] == 2:
-                break
-            await asyncio.sleep(0.02)
+        held = await hold(http, release, 2)
         read = False
 
         async def body() -> AsyncIterator[bytes]:
