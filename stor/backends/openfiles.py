@@ -14,8 +14,9 @@ here ever waits on a disk.
 A blob's bytes never change, so an open fd holds the right ones (and reads are still verified
 by the caller). Each use checks that the file is still linked and whole, so a copy
 removed or replaced by hand stops being served at once; entries also expire after `ttl`
-seconds, and are dropped when a copy is found corrupt or its disk stops answering. Dropped copies are
-closed off the event loop (the last close of a file can do I/O): by the
+seconds, and are dropped when a copy is found corrupt or its disk stops answering. A copy pushed
+out of a full cache whose file is still linked is closed on the spot (that close frees nothing);
+other dropped copies are closed off the event loop (the last close of a file can do I/O): by the
 next `put`, or by `close_dropped` when `closing_due` says enough have piled up.
 
 A copy pushed out of a full cache is remembered without its fd (`vouched`, a few times as many
