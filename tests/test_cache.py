@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -13,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from stor.backends.locations import CacheUnavailable, MemcachedLocations
 from stor.config import config_from_mapping
 from stor.wiring.build import build_service
 from tests.conftest import Storage, StorProcess, app_client
@@ -244,3 +247,64 @@ async def test_the_health_loop_stops_when_cancelled_as_the_cache_check_finishes(
         assert done and background.cancelled()
     finally:
         service.close()
+
+
+class HeldMemcached:
+    """A listener that speaks just enough memcached: each `get` waits for `answer()`, then
+    misses. It records every connection, and whether the client closed it."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.connections: list[socket.socket] = []
+        self.asked = threading.Event()
+        self.go = threading.Event()
+        self.closed_by_client = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = self.listener.accept()
+                self.connections.append(connection)
+                threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while connection.recv(4096):
+                self.asked.set()
+                self.go.wait()
+                connection.sendall(b"END\r\n")
+        self.closed_by_client.set()
+
+    def close(self) -> None:
+        self.listener.close()
+        for connection in self.connections:
+            connection.close()
+
+
+def test_close_waits_for_a_call_in_flight_and_leaves_no_connection_open() -> None:
+    server = HeldMemcached()
+    host, port = server.address.split(":")
+    cache = MemcachedLocations(((host, int(port)),), timeout=5.0, ttl=60, negative_ttl=0)
+    try:
+        call = threading.Thread(target=cache.get, args=(SHA,))
+        call.start()
+        assert server.asked.wait(5)
+        closing = threading.Thread(target=cache.close)
+        closing.start()
+        closing.join(0.3)
+        assert closing.is_alive()  # still waiting for the call, which holds a connection
+        server.go.set()
+        closing.join(5)
+        call.join(5)
+        assert not closing.is_alive() and not call.is_alive()
+        assert server.closed_by_client.wait(5)  # the call's connection was closed, not left to the GC
+        with pytest.raises(CacheUnavailable):
+            cache.get(SHA)
+        assert cache.reachable() is False
+        time.sleep(0.1)
+        assert len(server.connections) == 1  # a call after close opened no new connection
+    finally:
+        server.go.set()
+        server.close()

@@ -7,6 +7,9 @@ The only module that imports `pymemcache`. Contract:
   configured timeout. After `failures_to_open` failures in a row the breaker opens and every
   call raises at once for `cooldown` seconds, so a dead cache costs no timeout per request.
 - Safe to call from several threads (a pooled client; the breaker holds a lock).
+- `close` waits for the calls still running (each bounded by the timeout), then closes every
+  connection; calls after it raise `CacheUnavailable`. (A call still running when the pool is
+  cleared would reconnect, and its socket would be left to the garbage collector.)
 """
 
 from __future__ import annotations
@@ -97,9 +100,13 @@ class MemcachedLocations:
             ignore_exc=False,
             default_noreply=False,
         )
+        self.timeout = timeout
         self.ttl = ttl
         self.negative_ttl = negative_ttl
         self.breaker = Breaker(failures_to_open, cooldown)
+        self._running = 0
+        self._closed = False
+        self._quiet = threading.Condition()
 
     def get(self, sha: Sha) -> str | None:
         value = self._call(self._client.get, sha)
@@ -120,20 +127,25 @@ class MemcachedLocations:
         """Asks memcached even while the breaker is open (one call, bounded by the timeout),
         and closes the breaker when it answers: recovery is noticed at the next check."""
         try:
-            self._client.get("stor-status-probe")
+            self._running_call(self._client.get, "stor-status-probe")
         except Exception:  # see _call
             return False
         self.breaker.close()
         return True
 
     def close(self) -> None:
+        with self._quiet:
+            self._closed = True
+            self._quiet.wait_for(lambda: self._running == 0, timeout=self.timeout * 2 + 1)
         self._client.close()
 
     def _call(self, method: Callable[..., object], *args: object) -> object:
         if not self.breaker.allow():
             raise CacheUnavailable("memcached circuit breaker is open")
         try:
-            result = method(*args)
+            result = self._running_call(method, *args)
+        except CacheUnavailable:
+            raise
         except Exception as exc:
             # A dead server raises MemcacheError or OSError. HashClient's bookkeeping of dead
             # servers is not thread-safe either: two threads failing at once can raise
@@ -142,3 +154,16 @@ class MemcachedLocations:
             raise CacheUnavailable(f"memcached: {exc!r}") from exc
         self.breaker.success()
         return result
+
+    def _running_call(self, method: Callable[..., object], *args: object) -> object:
+        """`method(*args)`, counted so that `close` can wait for it."""
+        with self._quiet:
+            if self._closed:
+                raise CacheUnavailable("memcached client is closed")
+            self._running += 1
+        try:
+            return method(*args)
+        finally:
+            with self._quiet:
+                self._running -= 1
+                self._quiet.notify_all()
