@@ -17,6 +17,7 @@ import pytest
 
 from stor.backends.locations import CacheUnavailable, MemcachedLocations
 from stor.config import config_from_mapping
+from stor.digest import Sha
 from stor.wiring.build import build_service
 from tests.conftest import Storage, StorProcess, app_client
 from tests.helpers import AUTH, layout_path, sha256
@@ -288,7 +289,7 @@ def test_close_waits_for_a_call_in_flight_and_leaves_no_connection_open() -> Non
     host, port = server.address.split(":")
     cache = MemcachedLocations(((host, int(port)),), timeout=5.0, ttl=60, negative_ttl=0)
     try:
-        call = threading.Thread(target=cache.get, args=(SHA,))
+        call = threading.Thread(target=cache.get, args=(Sha(SHA),))
         call.start()
         assert server.asked.wait(5)
         closing = threading.Thread(target=cache.close)
@@ -301,7 +302,7 @@ def test_close_waits_for_a_call_in_flight_and_leaves_no_connection_open() -> Non
         assert not closing.is_alive() and not call.is_alive()
         assert server.closed_by_client.wait(5)  # the call's connection was closed, not left to the GC
         with pytest.raises(CacheUnavailable):
-            cache.get(SHA)
+            cache.get(Sha(SHA))
         assert cache.reachable() is False
         time.sleep(0.1)
         assert len(server.connections) == 1  # a call after close opened no new connection
