@@ -101,10 +101,12 @@ def test_evacuation_stops_cleanly_when_no_pair_has_room(storage: Storage) -> Non
     assert all(len(storage.copies(sha256(blob))) == 2 for blob in blobs)  # nothing lost
 
 
-def test_evacuation_refuses_a_writable_pair_and_the_names_pair(storage: Storage) -> None:
+def test_evacuation_refuses_a_writable_pair_and_the_records_home_with_nowhere_to_go(storage: Storage) -> None:
     writable = stor("evacuate", "--pair", "1", "--config", str(storage.write_config()))
     assert writable.returncode == 2 and "still takes writes" in writable.stderr
-    names = stor("evacuate", "--pair", "0", "--config", str(storage.write_config(writable_pairs_regex="/b")))
-    assert names.returncode == 2 and "name records" in names.stderr
+    nowhere = storage.write_config(writable_pairs_regex="^nothing$")  # the records stay home: pair 0
+    names = stor("evacuate", "--pair", "0", "--config", str(nowhere))
+    assert names.returncode == 2 and "holds the name and takedown records" in names.stderr
+    assert stor("evacuate", "--pair", "1", "--config", str(nowhere)).returncode == 0  # (empty) not the home
     unknown = stor("evacuate", "--pair", "9", "--config", str(storage.write_config()))
     assert unknown.returncode == 2

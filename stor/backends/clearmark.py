@@ -1,6 +1,6 @@
 """A disk's clear mark: proof, in one call from the kernel's caches, that the disk is mounted and
-that nothing was added to the directories the mark watches (the disk's quarantine, and on the
-names pair its takedown records) since this process last listed them.
+that nothing was added to the directories the mark watches (the disk's quarantine, and its
+takedown records) since this process last listed them.
 
 The mark is an empty file, `clear`, in this process's own temp directory
 (`<root>/.stor-tmp/<owner>/`). A writer that adds an entry to a watched directory does it
@@ -42,7 +42,9 @@ class ClearMark:
 
     def watch(self, directory: str) -> None:
         """Vouch for `directory` too: every writer of an entry in it writes inside `adding`.
-        Its entries are named `<SHA>.<anything>`."""
+        Its entries are named `<SHA>.<anything>`. Watching one twice changes nothing."""
+        if directory in self.watched:
+            return
         self.watched.append(directory)
         self.forget()
 

@@ -213,6 +213,10 @@ class DirectoryIndex:
         self._unresolved: set[str] = set()  # hashed file names held whose component no record gives yet
         self._lock = threading.Lock()
 
+    @property
+    def paths(self) -> list[str]:
+        return list(self._paths)
+
     def refresh(self) -> list[OSError | None]:
         """Bring every member up to date; per member, None or why it did not answer (its entries
         then count for nothing until it does)."""

@@ -1,7 +1,8 @@
 """Name → sha records for the path-named API, mirrored on one pair like blobs.
 
 Representation: one small JSON file per name, `{"path", "sha", "size", "mtime"}`, in a tree
-under `<root>/.stor-names/.tree/` on every member of the names pair (the first pair) that
+under `<root>/.stor-names/.tree/` on both members of the records' home pair (`recordplaces`:
+the first pair taking writes, read wherever they are, so they can be moved) that
 follows the name's own path: `a/b/c.txt` is the record file `rc.txt` in the directory
 `da/db/`. Each entry of a directory is one letter then the component: `r` a record, `d` a
 directory, and for a component over 240 bytes `h`/`g` and the sha256 of the component (a
@@ -11,9 +12,11 @@ not the number of names stored nor the size of the directories it passes through
 directory's entries are kept in memory in name order (`nameindex`), brought up to date from a
 journal that every writer of entries appends to, so a page finds its first entry by bisection.
 
-Either member alone serves reads and listings (they are merged); a record found on one member
-only, or older on one, is restored to the other, so a replaced disk fills in as names are read
-(and all at once with `reconcile`, which `stor scrub --repair` runs). Writes use the blob
+Either member alone serves reads and listings (they are merged, with the records any other pair
+still holds); a record a member of the home lacks, or holds older, is restored to it, so a
+replaced disk fills in as names are read, and records left on another pair come home (all at
+once with `reconcile`, which `stor scrub --repair` runs; `evacuate` then removes them from the
+old pair). Writes use the blob
 protocol (temp on the same filesystem, fsync, rename, directory fsync; new directories fsynced
 into their parents) on each member, under one of 256 striped `flock`s chosen by the name, so two
 writers of one name are serialised across processes and the members never disagree; every entry
@@ -40,6 +43,7 @@ from dataclasses import asdict, dataclass
 from stor.backends import nameindex
 from stor.backends.disk import Disk, now_ns
 from stor.backends.nameindex import DirectoryIndex, entry_filename
+from stor.backends.recordplaces import OnePair, RecordPlaces
 from stor.backends.temps import fsync_dir
 from stor.digest import Sha, parse_sha
 from stor.errors import InvalidDigest, StorageUnavailable
@@ -84,10 +88,15 @@ class _Entry:
 
 
 class NameStore:
-    def __init__(self, members: tuple[Disk, ...]) -> None:
-        self.members = members
+    def __init__(self, places: RecordPlaces | tuple[Disk, ...]) -> None:
+        self.places = OnePair(places) if isinstance(places, tuple) else places
         self._indexes: OrderedDict[str, DirectoryIndex] = OrderedDict()  # tree directory → its index
         self._indexes_lock = threading.Lock()
+
+    @property
+    def members(self) -> tuple[Disk, ...]:
+        """Every disk that may hold records, the home's members last."""
+        return self.places.readers()
 
     def _dir(self, disk: Disk) -> str:
         return os.path.join(disk.root, NAMES_DIR)
@@ -98,11 +107,12 @@ class NameStore:
     def prepare(self) -> None:
         """At start-up: the record directories, and records of the flat layout moved into
         the tree."""
-        for disk in self.members:
+        for disk in self.places.home():
             os.makedirs(os.path.join(self._dir(disk), ".locks"), exist_ok=True)
             os.makedirs(self._tree(disk), exist_ok=True)
         for disk in self.members:
-            self._migrate(disk)
+            if os.path.isdir(self._dir(disk)):
+                self._migrate(disk)
 
     def _make_dirs(self, disk: Disk) -> None:
         """The record directories, on a disk that was replaced since start-up; never on a
@@ -155,12 +165,14 @@ class NameStore:
         return found
 
     def _find(self, name: str) -> tuple[NameRecord | None, list[Disk]]:
-        """The newest record of `name` on the members that answer, and the members that lack
-        it or hold an older one. `StorageUnavailable` when no member answers."""
+        """The newest record of `name` on the disks that answer, and the members of the home
+        that lack it or hold an older one. `StorageUnavailable` when no member of the home
+        answers."""
         records: dict[str, NameRecord | None] = {}
         errors = []
         relpath = record_relpath(name)
-        for disk in self.members:
+        home = self.places.home()
+        for disk in self.places.readers():
             tree = self._tree(disk)
             try:
                 records[disk.root] = self._read(os.path.join(tree, relpath))
@@ -171,13 +183,13 @@ class NameStore:
                 records[disk.root] = None  # (a blank disk has the sentinel, not yet the tree)
             except (OSError, ValueError) as exc:
                 errors.append(f"{tree}: {exc}")
-        if not records:
+        if not any(disk.root in records for disk in home):
             raise StorageUnavailable("name records unreadable: " + "; ".join(errors))
         present = [record for record in records.values() if record is not None]
         if not present:
             return None, []
         newest = max(present, key=lambda record: record.mtime)
-        stale = [disk for disk in self.members if disk.root in records and records[disk.root] != newest]
+        stale = [disk for disk in home if disk.root in records and records[disk.root] != newest]
         return newest, stale
 
     def _restore(self, name: str) -> bool:
@@ -251,10 +263,14 @@ class NameStore:
     def _entries(self, relpath: str, lowest: str) -> Iterator[_Entry]:
         """The entries of one tree directory on any member, in name order from the first not
         below `lowest` (a hashed one's component comes from a record below it)."""
-        index = self._index(relpath)
+        readers = self.places.readers()
+        home = self.places.home()
+        index = self._index(relpath, readers)
         errors = []
         answered = False
-        for disk, failure in zip(self.members, index.refresh(), strict=True):
+        for disk, failure in zip(readers, index.refresh(), strict=True):
+            if disk not in home:
+                continue  # another pair: asked when it can be
             if failure is None or (isinstance(failure, FileNotFoundError) and os.path.isdir(disk.tmp_root)):
                 answered = True  # (not found: a blank disk, or no name under this directory here)
             elif isinstance(failure, FileNotFoundError):
@@ -266,11 +282,13 @@ class NameStore:
         for key, filename in index.entries(lowest):
             yield _Entry(key, filename)
 
-    def _index(self, relpath: str) -> DirectoryIndex:
+    def _index(self, relpath: str, readers: tuple[Disk, ...]) -> DirectoryIndex:
+        """The index of one tree directory over `readers` (made again when they change: a pair
+        was added, or the home moved)."""
+        paths = [os.path.join(self._tree(disk), relpath) for disk in readers]
         with self._indexes_lock:
             index = self._indexes.get(relpath)
-            if index is None:
-                paths = [os.path.join(self._tree(disk), relpath) for disk in self.members]
+            if index is None or index.paths != paths:
                 index = DirectoryIndex(paths, lambda filename: self._hashed_component(os.path.join(relpath, filename)))
                 self._indexes[relpath] = index
                 while len(self._indexes) > _INDEXES_KEPT:
@@ -298,10 +316,16 @@ class NameStore:
                         yield from self._any_record(f"{relpath}/{filename}")
 
     def _first_record(self, relpath: str) -> NameRecord | None:
+        """The record at `relpath`: the newest of the other pairs' (if any holds one) and the
+        first member of the home's that answers; the home is read last (see `recordplaces`)."""
+        home = self.places.home()
+        found: list[NameRecord] = []
         for disk in self.members:
             with contextlib.suppress(OSError, ValueError):  # absent here, or removed since the scan
-                return self._read(os.path.join(self._tree(disk), relpath))
-        return None
+                found.append(self._read(os.path.join(self._tree(disk), relpath)))
+                if disk in home:
+                    break
+        return max(found, key=lambda record: record.mtime, default=None)
 
     @staticmethod
     def _read(path: str) -> NameRecord:
@@ -327,25 +351,58 @@ class NameStore:
             if previous is not None and create_only:
                 raise NameConflict(record.path)
             data = json.dumps(asdict(record)).encode()
-            for disk in self.members:
+            for disk in self.places.home():
                 self._write(disk, record.path, data)
             return previous
 
     def delete(self, name: str) -> bool:
+        """Remove `name` from every disk that holds it; False if none did."""
         with self._locked(name):
-            found = False
-            for disk in self.members:
-                path = os.path.join(self._tree(disk), record_relpath(name))
-                try:
-                    os.unlink(path)
-                    found = True
-                except (FileNotFoundError, NotADirectoryError):
+            return bool(self._remove(name, self.members))
+
+    def _remove(self, name: str, disks: tuple[Disk, ...]) -> int:
+        """Unlink the record of `name` on `disks` (journaled, durable); how many held it."""
+        removed = 0
+        for disk in disks:
+            path = os.path.join(self._tree(disk), record_relpath(name))
+            try:
+                os.unlink(path)
+                removed += 1
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:
+                raise StorageUnavailable(f"{disk.root}: cannot remove name record: {exc.strerror}") from exc
+            nameindex.after_removing(*os.path.split(path))
+            fsync_dir(os.path.dirname(path))
+        return removed
+
+    def evacuate(self, members: tuple[Disk, ...]) -> int:
+        """Move every name record on `members` (a pair that is not the home) onto the home:
+        under the name's lock, the newest record of the name is made durable on the home's
+        members before it is removed from `members`, so a reader (which asks the home last)
+        never misses it. Returns how many names were moved."""
+        if set(members) & set(self.places.home()):
+            raise StorageUnavailable("the name records' home pair cannot be evacuated onto itself")
+        moved = 0
+        done: set[str] = set()
+        for disk in members:
+            for path in _record_files(self._tree(disk)):
+                record = self._read_optional(path)
+                if record is None or record.path in done:
                     continue
-                except OSError as exc:
-                    raise StorageUnavailable(f"{disk.root}: cannot remove name record: {exc.strerror}") from exc
-                nameindex.after_removing(*os.path.split(path))
-                fsync_dir(os.path.dirname(path))
-            return found
+                done.add(record.path)
+                with self._locked(record.path):
+                    found, stale = self._find(record.path)
+                    if found is not None:
+                        data = json.dumps(asdict(found)).encode()
+                        for target in stale:
+                            self._write(target, found.path, data)
+                    moved += bool(self._remove(record.path, members))
+        return moved
+
+    def held_by(self, members: tuple[Disk, ...]) -> int:
+        """How many record files `members` hold."""
+        return sum(1 for disk in members for _ in _record_files(self._tree(disk)))
 
     def _write(self, disk: Disk, name: str, data: bytes) -> None:
         """Write one record on `disk`, journaling each entry it creates (see `nameindex`)."""
@@ -371,9 +428,10 @@ class NameStore:
     @contextlib.contextmanager
     def _locked(self, name: str) -> Iterator[None]:
         stripe = hashlib.sha256(name.encode()).digest()[0] % _LOCKS
-        path = os.path.join(self._dir(self.members[0]), ".locks", f"{stripe:02x}")
+        first = self.places.home()[0]
+        path = os.path.join(self._dir(first), ".locks", f"{stripe:02x}")
         try:
-            self._make_dirs(self.members[0])
+            self._make_dirs(first)
             fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise StorageUnavailable(f"name records not writable: {exc.strerror}") from exc
@@ -382,3 +440,11 @@ class NameStore:
             yield
         finally:
             os.close(fd)
+
+
+def _record_files(tree: str) -> Iterator[str]:
+    """Every record file below `tree` (none when it is missing)."""
+    for directory, _, filenames in os.walk(tree):
+        for filename in filenames:
+            if nameindex.is_entry(filename) and filename[0] in "rh":
+                yield os.path.join(directory, filename)

@@ -1,21 +1,23 @@
 """Takedown records ("tombstones"): which blobs an admin took down, when, by whom and why.
 
 Representation: one small JSON file per blob, `{"sha", "time", "admin", "reason"}`, named
-`<SHA>.json` in `<root>/.stor-tombstones/` on every member of the names pair, written like a
+`<SHA>.json` in `<root>/.stor-tombstones/` on every member of the records' home pair
+(`recordplaces`: read wherever they are, so they can move with the name records), written like a
 name record (temp on the same filesystem, fsync, rename, directory fsync), so a tombstone is as
 durable and as mirrored as a blob and every process sharing the disks sees it. Takedowns are
 rare (hundreds, not millions), so the directory is flat and read whole when it changes.
 
 Contract:
-- `put` writes on every member that answers and succeeds if at least one did (a takedown
-  must work while a member is down; `reconcile` copies it over when the member returns);
-  `StorageUnavailable` when none could be written.
-- `get` answers from the first member that answers; a member that fails is skipped;
-  `StorageUnavailable` only when none could be asked.
+- `put` writes on every member of the home that answers and succeeds if at least one did (a
+  takedown must work while a member is down; `reconcile` copies it over when the member
+  returns); `StorageUnavailable` when none could be written.
+- `get` asks every disk that may hold one, the home's members last; a disk that fails is
+  skipped; `StorageUnavailable` when no member of the home could be asked.
 - `cached` answers from the kernel's caches alone (safe on the event loop): None when every
-  member's clear mark (`clearmark`, which watches the directory: records are added inside its
-  `adding`) proves there is none, else `UNKNOWN`.
-- `all` is every tombstone of every member, re-read only when a member's directory changed.
+  disk's clear mark (`clearmark`, which watches the directory on every disk that may hold one:
+  `watch`; records are added inside its `adding`) proves there is none, else `UNKNOWN`.
+- `all` is every tombstone of every disk, re-read only when a disk's directory changed.
+- `evacuate` moves the tombstones of a pair that is not the home onto the home.
 Blocking (but `cached`) and thread-safe.
 """
 
@@ -29,6 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Final
 
 from stor.backends.disk import Disk, now_ns
+from stor.backends.recordplaces import OnePair, RecordPlaces
 from stor.backends.temps import fsync_dir
 from stor.digest import Sha, parse_sha
 from stor.errors import InvalidDigest, StorageUnavailable
@@ -54,13 +57,24 @@ UNKNOWN: Final = _Unknown()
 """`cached` could not tell without waiting on a disk."""
 
 
+def watch(disk: Disk) -> None:
+    """Make `disk`'s clear mark vouch for its takedown records: before any can be written there
+    (every disk of every pair, as it is made: the home may move onto any of them)."""
+    disk.clear.watch(os.path.join(disk.root, TOMBSTONES_DIR))
+
+
 class TombstoneStore:
-    def __init__(self, members: tuple[Disk, ...]) -> None:
-        self.members = members
+    def __init__(self, places: RecordPlaces | tuple[Disk, ...]) -> None:
+        self.places = OnePair(places) if isinstance(places, tuple) else places
         self._listings: dict[str, tuple[int, dict[Sha, Tombstone]]] = {}  # root -> (dir mtime, tombstones)
         self._lock = threading.Lock()
-        for disk in members:
-            disk.clear.watch(self._dir(disk))
+        for disk in self.places.readers():
+            watch(disk)
+
+    @property
+    def members(self) -> tuple[Disk, ...]:
+        """Every disk that may hold tombstones, the home's members last."""
+        return self.places.readers()
 
     def _dir(self, disk: Disk) -> str:
         return os.path.join(disk.root, TOMBSTONES_DIR)
@@ -69,8 +83,8 @@ class TombstoneStore:
         return os.path.join(self._dir(disk), f"{sha.upper()}.json")
 
     def prepare(self) -> None:
-        """Blocking, at start-up: the directory on every member that answers."""
-        for disk in self.members:
+        """Blocking, at start-up: the directory on every member of the home that answers."""
+        for disk in self.places.home():
             with contextlib.suppress(OSError):
                 self._make_dir(disk)
 
@@ -83,20 +97,21 @@ class TombstoneStore:
     # -- reads -----------------------------------------------------------------------------
 
     def get(self, sha: Sha, members: list[Disk] | None = None) -> Tombstone | None:
-        """From `members` (the ones not hung: default all)."""
+        """From `members` (the ones not hung: default all), in `members`' order (the home last)."""
+        home = self.places.home()
         asked = 0
         for disk in self.members if members is None else members:
             try:
                 with disk.inflight.op():  # counted as the disk's operation: a hung one is seen as such
                     found = self._read(self._path(disk, sha))
             except FileNotFoundError:
-                asked += 1
+                asked += disk in home
                 continue
             except (OSError, ValueError):
                 continue  # this member cannot say; the other may
             return found
         if not asked:
-            raise StorageUnavailable("no member of the names pair could be asked for takedown records")
+            raise StorageUnavailable("no member of the records' home pair could be asked for takedown records")
         return None
 
     def cached(self, sha: Sha) -> Tombstone | _Unknown | None:
@@ -150,10 +165,10 @@ class TombstoneStore:
     # -- writes ----------------------------------------------------------------------------
 
     def put(self, tombstone: Tombstone) -> list[str]:
-        """Write `tombstone` on every member that answers; the roots written."""
+        """Write `tombstone` on every member of the home that answers; the roots written."""
         data = json.dumps(asdict(tombstone)).encode()
         written, errors = [], []
-        for disk in self.members:
+        for disk in self.places.home():
             try:
                 self._write(disk, tombstone.sha, data)
             except (OSError, StorageUnavailable) as exc:
@@ -192,12 +207,14 @@ class TombstoneStore:
         return lifted
 
     def reconcile(self, *, restore: bool) -> tuple[int, int]:
-        """(tombstones, how many were missing on a member): a member that was away during a
-        takedown lacks its record; with `restore` it is written there now."""
-        by_member = {disk.root: self._listing(disk) for disk in self.members}
+        """(tombstones, how many were missing on a member of the home): a member that was away
+        during a takedown lacks its record (and records on another pair are not yet on the
+        home); with `restore` it is written there now."""
+        home = self.places.home()
+        by_member = {disk.root: self._listing(disk) for disk in home}
         merged = self.all()
         missing = 0
-        for disk in self.members:
+        for disk in home:
             for sha, tombstone in merged.items():
                 if sha in by_member[disk.root]:
                     continue
@@ -205,6 +222,33 @@ class TombstoneStore:
                 if restore:
                     self._write(disk, sha, json.dumps(asdict(tombstone)).encode())
         return len(merged), missing
+
+    def evacuate(self, members: tuple[Disk, ...]) -> int:
+        """Move every tombstone on `members` (a pair that is not the home) onto the home: each
+        is durable on the home's members before it is removed from `members`, so a reader
+        (which asks the home last) never misses it. Returns how many were moved."""
+        home = self.places.home()
+        if set(members) & set(home):
+            raise StorageUnavailable("the takedown records' home pair cannot be evacuated onto itself")
+        on_home = {disk.root: set(self._listing(disk)) for disk in home}
+        moved: set[Sha] = set()
+        for disk in members:
+            listing = self._listing(disk)
+            for sha, tombstone in listing.items():
+                for target in home:
+                    if sha not in on_home[target.root]:
+                        self._write(target, sha, json.dumps(asdict(tombstone)).encode())
+                        on_home[target.root].add(sha)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._path(disk, sha))
+                    moved.add(sha)
+            if listing:
+                fsync_dir(self._dir(disk))
+        return len(moved)
+
+    def held_by(self, members: tuple[Disk, ...]) -> int:
+        """How many tombstones `members` hold."""
+        return sum(len(self._listing(disk)) for disk in members)
 
 
 def _sha_of(name: str) -> Sha | None:

@@ -98,7 +98,7 @@ def scrub(
         report = Scrubber(
             pairs,
             s3_source=service.s3_source,
-            names=NamedFiles(service).store if service.pairs[0] in pairs else None,
+            names=NamedFiles(service).store if service.record_places.home_pair() in pairs else None,
             tombstones=service.tombstones,
             repair=_repairer(service, portal) if repair else None,
             rate=rate * 1e6 if rate else None,
@@ -221,10 +221,11 @@ def import_(directory: Path, config_path: str, move: bool) -> None:
 @click.option("--pair", "pair_index", type=int, required=True, help="The pair to empty (its index in storage_pairs).")
 def evacuate(config_path: str, pair_index: int) -> None:
     """Move every blob of a pair that takes no writes onto the writable pairs, then remove it
-    from that pair, so its disks can be retired. Safe while the servers run; run it again
-    to resume. Prints a JSON summary.
+    from that pair, so its disks can be retired; name and takedown records it holds go first,
+    onto the first pair taking writes. Safe while the servers run; run it again to resume.
+    Prints a JSON summary.
 
-    Exit 0: the pair holds no blob; 1: blobs left (no room elsewhere, failures); 2: usage or
+    Exit 0: the pair holds no blob and no record; 1: blobs or records left (no room elsewhere, failures); 2: usage or
     config error; 130: interrupted."""
     config = validated(config_path)
     service = build_service(config)
@@ -232,13 +233,16 @@ def evacuate(config_path: str, pair_index: int) -> None:
     if not 0 <= pair_index < len(pairs):
         raise click.BadParameter(f"there are {len(pairs)} pairs (0..{len(pairs) - 1})", param_hint="--pair")
     pair = pairs[pair_index]
-    if pair_index == 0:
-        fail("pair 0 holds the name records of the named-file API; it cannot be evacuated")
-        sys.exit(2)
     if pair.writable:
         fail(
             f"pair {pair_index} still takes writes: make writable_pairs_regex leave out its directories "
             "(and reload the servers with SIGHUP) first"
+        )
+        sys.exit(2)
+    if service.record_places.home_pair() is pair:
+        fail(
+            f"pair {pair_index} holds the name and takedown records and no other pair takes writes "
+            "to move them to: make writable_pairs_regex match another pair first"
         )
         sys.exit(2)
     try:
@@ -258,13 +262,17 @@ def evacuate(config_path: str, pair_index: int) -> None:
         def relocated(landed: list[Landed]) -> dict[Sha, Exception]:
             return portal.call(service.relocated(landed))
 
-        movers = Movers(service.relocation(pair), relocated, relocate)
+        records = NamedFiles(service).store, service.tombstones
+        movers = Movers(service.relocation(pair), relocated, relocate, names=records[0], takedowns=records[1])
         report = Evacuation(pair, movers, progress=lambda count, size: bar.update(size)).run()
     service.close()
     click.echo(json.dumps(report.as_dict(), indent=2))
+    records_moved = report.names_moved or report.takedowns_moved
     click.echo(
         f"stor: pair {pair_index}: {report.moved} blobs moved ({report.bytes / 1e6:.1f} MB), "
         f"{report.already_elsewhere} already elsewhere, {report.removed} removed, {report.left} left"
+        + (f"; {report.names_moved} names and {report.takedowns_moved} takedowns moved" if records_moved else "")
+        + (f"; {report.records_left} records left" if report.records_left else "")
         + (f"; stopped: {report.stopped}" if report.stopped else "")
         + (f"; {len(report.failed)} failed" if report.failed else ""),
         err=True,
@@ -272,7 +280,7 @@ def evacuate(config_path: str, pair_index: int) -> None:
     if report.interrupted:
         fail("interrupted; run the same command again to continue")
         sys.exit(130)
-    sys.exit(0 if report.left == 0 else 1)
+    sys.exit(0 if report.left == 0 and report.records_left == 0 else 1)
 
 
 @click.command("hash-password")

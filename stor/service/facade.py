@@ -22,6 +22,7 @@ from stor.backends.groupcommit import GroupCommits
 from stor.backends.locations import LocationCache
 from stor.backends.openfiles import OpenFiles
 from stor.backends.pairs import Pair, StoragePool
+from stor.backends.recordplaces import PoolPlaces
 from stor.backends.refill import BATCH_BYTES, BATCH_FILES
 from stor.backends.tombstones import TombstoneStore
 from stor.digest import Sha
@@ -88,6 +89,11 @@ class BlobService:
         self.takedowns.store.prepare()
         self.events.prepare()
         return swept
+
+    @property
+    def record_places(self) -> PoolPlaces:
+        """Where name and takedown records are written and found (see `recordplaces`)."""
+        return PoolPlaces(self.pool)
 
     @property
     def pairs(self) -> list[Pair]:

@@ -122,7 +122,7 @@ class HotPath:
         clear mark (`ClearMark`, one call from the dentry cache) proves the disk mounted (on a
         bare mountpoint every blob is absent: that is a 503, which the thread path finds) and
         that neither its quarantine (then the blob is lost: a 500) nor its takedown records
-        (the names pair's members are the first pair's: then a 410) hold the blob. A mark not
+        (on any disk that may hold one: then a 410) hold the blob. A mark not
         in place is put back by a thread, in the background."""
         if self.s3_may_hold:
             return False

@@ -34,14 +34,14 @@ def check_name(name: str | None) -> str:
 
 
 class NamedFiles:
-    """Names on the blob service. The records live on the first pair (see `NameStore`)."""
+    """Names on the blob service. The records live on the records' home pair (see `NameStore`)."""
 
     def __init__(self, blobs: BlobService) -> None:
         self.blobs = blobs
-        self.store = NameStore(blobs.pairs[0].members)
+        self.store = NameStore(blobs.record_places)
 
     def prepare(self) -> None:
-        """Blocking, at start-up: the record directories on the names pair."""
+        """Blocking, at start-up: the record directories on the home pair."""
         self.store.prepare()
 
     async def write(self, name: str, body: AsyncIterator[bytes], length: int | None, *, create: bool) -> bool:

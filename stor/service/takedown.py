@@ -1,7 +1,7 @@
 """Taking a blob down for good, and the question every read and every write asks first: is it
 gone?
 
-A takedown writes a tombstone (`TombstoneStore`: durable, on both members of the names pair),
+A takedown writes a tombstone (`TombstoneStore`: durable, on both members of the records' home pair),
 then removes every copy and quarantined copy on every disk that answers, drops the blob from
 every cache this process holds, and queues the S3 object for deletion (the mirror deletes
 what it finds taken down). The order makes a racing upload lose: an upload checks again after
@@ -101,7 +101,7 @@ class Takedowns:
         return [disk for disk in self.store.members if self.monitor.responsive(disk)]
 
     def gone(self, sha: Sha) -> Tombstone | None:
-        """Blocking: from the tombstone files (memory, if no member of the names pair answers)."""
+        """Blocking: from the tombstone files (memory, if no member of the records' home pair answers)."""
         try:
             found = self.store.get(sha, self._answering())
         except StorageUnavailable:

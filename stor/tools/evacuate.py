@@ -15,7 +15,8 @@ staged copies are dropped, and a killed run's temps swept at the next start); ru
 carries on with what is left. When no writable pair has room, it stops cleanly and says how
 many blobs are left.
 
-The name records live on pair 0 (the names pair): evacuating it is refused.
+The pair that was the records' home (`recordplaces`: name and takedown records) has them moved
+first, each onto the new home before it is removed here; the blobs follow.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
+from stor.backends.disk import Disk
 from stor.backends.pairs import Pair, leaves
 from stor.digest import Sha, sha_from_filename
 from stor.errors import BlobGone, DigestMismatch, InsufficientStorage, StorageUnavailable
@@ -52,6 +55,9 @@ class EvacuationReport:
     already_elsewhere: int = 0  # complete on another pair before this run got to it
     removed: int = 0  # blobs removed from the evacuated pair
     taken_down: int = 0  # copies of blobs an admin took down: removed, never moved
+    names_moved: int = 0  # name records moved onto the records' home pair
+    takedowns_moved: int = 0  # takedown records moved onto the records' home pair
+    records_left: int = 0  # name and takedown records still on the evacuated pair
     bytes: int = 0
     left: int = 0  # blobs still on the evacuated pair
     failed: list[str] = field(default_factory=list)
@@ -60,6 +66,18 @@ class EvacuationReport:
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+class Records(Protocol):
+    """Small records kept on the records' home pair (`NameStore`, `TombstoneStore`)."""
+
+    def evacuate(self, members: tuple[Disk, ...]) -> int:
+        """Move the records on `members` onto the home; how many were moved."""
+        ...
+
+    def held_by(self, members: tuple[Disk, ...]) -> int:
+        """How many records `members` hold."""
+        ...
 
 
 @dataclass
@@ -72,6 +90,8 @@ class Movers:
     """A durable batch remembered, checked and mirrored: what failed, by sha."""
     relocate: Relocate
     """The upload pipeline, for a blob partly stored on a writable pair already."""
+    names: Records | None = None
+    takedowns: Records | None = None
 
 
 class Evacuation:
@@ -91,6 +111,7 @@ class Evacuation:
     def run(self) -> EvacuationReport:
         report = EvacuationReport(self.pair.index)
         try:
+            self._move_records(report)
             for sha in self._blobs():
                 try:
                     self._move(sha, report)
@@ -109,8 +130,26 @@ class Evacuation:
             self.movers.batches.abort()
             report.removed += self.removals.finish(report.failed)
         report.left = sum(1 for _ in self._blobs())
+        report.records_left = sum(records.held_by(self.pair.members) for records in self._records().values())
         report.finished = time.time()
         return report
+
+    def _records(self) -> dict[str, Records]:
+        kinds = {"names": self.movers.names, "takedowns": self.movers.takedowns}
+        return {kind: records for kind, records in kinds.items() if records is not None}
+
+    def _move_records(self, report: EvacuationReport) -> None:
+        """The name and takedown records on the pair, onto the records' home pair."""
+        for kind, records in self._records().items():
+            try:
+                moved = records.evacuate(self.pair.members)
+            except (StorageUnavailable, OSError) as exc:
+                report.failed.append(f"{kind} records: {exc}")
+                continue
+            if kind == "names":
+                report.names_moved = moved
+            else:
+                report.takedowns_moved = moved
 
     def _flushed(self, report: EvacuationReport) -> bool:
         """Make the staged batch durable and land it; False when the target ran out of room

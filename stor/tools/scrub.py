@@ -136,7 +136,8 @@ class Scrubber:
     # -- one pair ------------------------------------------------------------------------------
 
     def _scrub_names(self, names: NameStore, report: ScrubReport) -> None:
-        """Every name record on both members of the names pair (a replaced disk lacks them)."""
+        """Every name record on both members of the records' home pair (a replaced disk lacks
+        them; records left on another pair come home)."""
         try:
             report.names, report.names_stale = names.reconcile(restore=self.rewrite is not None)
         except StorageUnavailable as exc:

@@ -1,6 +1,7 @@
-"""What the scrub does about takedowns: the records themselves, on both members of the names
-pair (one away during a takedown lacks it), and copies of blobs taken down that a member held
-while it was away — removed with --repair, never hashed, never copied anywhere."""
+"""What the scrub does about takedowns: the records themselves, on both members of the records'
+home pair (one away during a takedown lacks it; records left on another pair come home), and
+copies of blobs taken down that a member held while it was away — removed with --repair, never
+hashed, never copied anywhere."""
 
 from __future__ import annotations
 

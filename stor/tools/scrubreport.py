@@ -35,12 +35,12 @@ class ScrubReport:
     stray_temps: int = 0
     vanished: int = 0
     names: int = 0
-    names_stale: int = 0  # name records some member of the names pair lacks (or holds older)
+    names_stale: int = 0  # name records some member of the home pair lacks (or holds older)
     names_restored: int = 0
     taken_down_copies: int = 0  # copies of blobs an admin took down (a member away during the takedown)
     taken_down_removed: int = 0  # of those, removed (with --repair)
     tombstones: int = 0
-    tombstones_stale: int = 0  # takedown records some member of the names pair lacks
+    tombstones_stale: int = 0  # takedown records some member of the home pair lacks
     tombstones_restored: int = 0
     checksums_missing: int = 0  # good copies without a fast checksum (Stor's, imported, no xattrs)
     checksums_wrong: int = 0  # good copies whose fast checksum disagrees with them (a damaged attribute)

@@ -20,9 +20,10 @@ from stor.backends.locations import LocationCache, MemcachedLocations
 from stor.backends.openfiles import OpenFiles, fd_budget
 from stor.backends.outbox import Outbox
 from stor.backends.pairs import Pair, StoragePool
+from stor.backends.recordplaces import PoolPlaces
 from stor.backends.s3 import S3Store
 from stor.backends.s3queue import S3Queue
-from stor.backends.tombstones import TombstoneStore
+from stor.backends.tombstones import TombstoneStore, watch
 from stor.config import (
     ENV_BASIC_AUTH,
     ENV_CONFIG_FILE,
@@ -90,7 +91,7 @@ def build_service(config: Config, metrics: Metrics | None = None) -> BlobService
     admission = Admission(config.max_uploads_in_flight, pool, metrics, config.min_upload_rate)
     s3 = _s3(config, pool, offload, metrics, integrity)
     takedowns = Takedowns(
-        TombstoneStore(pool.pairs[0].members),
+        TombstoneStore(PoolPlaces(pool)),
         pool,
         monitor,
         near=near,
@@ -161,6 +162,8 @@ def build_pair(config: Config, index: int, members: tuple[str, ...]) -> Pair:
         Disk(root, require_mount=require_mount, max_inflight=DISK_OPS_LIMIT, group_commit=config.group_commit)
         for root in members
     )
+    for disk in disks:
+        watch(disk)  # (before any takedown record can be written there: see `recordplaces`)
     return Pair(index, disks, config.pair_writable_by_regex(members))
 
 
