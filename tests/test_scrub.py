@@ -158,15 +158,19 @@ def test_interrupted_scrub_resumes(storage: Storage) -> None:
     import_blobs(storage, config, 60, size=20_000)
     # 2.4 MB at 0.1 MB/s: a checkpoint within a second, the end far off even on a loaded machine
     # (at 0.5 MB/s, a test process starved under load saw a checkpoint only as the scrub ended)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stor", "scrub", "--config", str(config), "--json", "--rate", "0.1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # Ctrl-C as at a terminal, even when the suite itself was started with SIGINT ignored (a
-        # shell's background job): Python then leaves it ignored, and the scrub ran to its end
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    # Ctrl-C as at a terminal, even when the suite itself was started with SIGINT ignored (a
+    # shell's background job): a child inherits "ignored", Python leaves it so, and the scrub
+    # ran to its end. A handler here (not "ignored") is the default again in the child.
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stor", "scrub", "--config", str(config), "--json", "--rate", "0.1"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     checkpoints = [pair[0] / ".stor-scrub" / "checkpoint.json" for pair in storage.pairs]
     deadline = time.monotonic() + 30
     while not any(c.exists() for c in checkpoints):
