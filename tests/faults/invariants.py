@@ -19,7 +19,7 @@ from stor.backends.disk import Disk
 from stor.backends.owners import LOCK_NAME
 
 LAYOUT = re.compile(r"^([0-9A-F]{2})/([0-9A-F]{2})/([0-9A-F]{2})/([0-9A-F]{64})\.dat$")
-STATE_DIRS = {".stor-quarantine", ".stor-names", ".stor-s3-queue", ".stor-scrub", "lost+found"}
+STATE_DIRS = {".stor-quarantine", ".stor-names", ".stor-s3-queue", ".stor-scrub", ".stor-tombstones", "lost+found"}
 
 
 @dataclass
