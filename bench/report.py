@@ -9,8 +9,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.refill import Refill
+from bench.refill import markdown as refill_markdown
 from bench.settings import CORPUS, DURATION, FD_LIMIT, ONLY, ROOT, ROUNDS, WRK_THREADS
-from bench.workloads import Refill, Result
+from bench.workloads import Result
 from stor.backends.openfiles import fd_budget
 
 
@@ -21,7 +23,7 @@ class Section:
     storage: str
     results: list[tuple[Result, Result | None]]
     limits: dict[str, float | None]
-    refilled: Refill | None
+    refilled: list[Refill]
     extra: list[str] = field(default_factory=list)
     """Workloads reported in a table of their own (markdown)."""
 
@@ -154,7 +156,7 @@ run starts after a `sync`, with nothing dirty.
 {limits}
 
 {versus}
-{_refill_section(section.refilled)}"""
+{refill_markdown(section.refilled)}"""
 
 
 _HEADER = (
@@ -205,32 +207,3 @@ def _ratio(ours: Result, theirs: Result | None) -> str:
 def _cpu(result: Result | None) -> str:
     per_gib = None if result is None else result.cpu_per_gib
     return "-" if per_gib is None else f"{per_gib:.2f}"
-
-
-def _refill_section(refilled: Refill | None) -> str:
-    if refilled is None:
-        return ""
-    cp = refilled.mb / refilled.cp_seconds
-    scrub = refilled.mb / refilled.scrub_seconds
-    cp_row = f"{refilled.cp_seconds:.1f} | {cp:,.0f} | {refilled.files / refilled.cp_seconds:,.0f}"
-    scrub_row = f"{refilled.scrub_seconds:.1f} | {scrub:,.0f} | {refilled.files / refilled.scrub_seconds:,.0f}"
-    return f"""## Refilling a replaced disk
-
-The first member of the pair wiped (a new, blank disk) and refilled from its partner: the
-corpus, {refilled.files:,} blobs, {refilled.mb:,.0f} MB, from a warm page cache.
-
-| how | seconds | MB/s | blobs/s |
-|---|---|---|---|
-| `cp -a` of the partner's blob directories, then `sync` | {cp_row} |
-| `stor scrub --pair 0 --repair` | {scrub_row} |
-
-`stor scrub --repair` runs at {scrub / cp:.2f}x the rate of `cp -a`. It also hashes every copy it reads (the
-partner's) with SHA-256, then writes the missing copies in batches (`backends/refill.py`): each to a temp
-file with its mtime and fast checksum (small ones from the bytes the hash pass read, large ones copied
-and checked against the partner's fast checksum), one `syncfs`, no-replace links into the new `AB/CD/EF`
-directories, one more `syncfs`. `cp -a` then one `sync` orders nothing and makes nothing durable until
-the end. A profile of the refill shows temp creation and `mkdir` on the wiped member's filesystem
-(ext4, right after the member's old files were deleted) ahead of the Python: ~400 us per temp file
-there, against ~25 us in a fresh tree.
-
-"""

@@ -23,6 +23,7 @@ from pathlib import Path
 from bench.corpus import Members, build_corpus, can_mount_images, strip_sums, warm
 from bench.evacuation import EVACUATION_SIZES, evacuation
 from bench.hostile import neighbours
+from bench.refill import Refill, refill, small_pair, warm_files
 from bench.report import (
     ARRIVED_ROW,
     BARE_ROW,
@@ -47,7 +48,6 @@ from bench.workloads import (
     pair_writes,
     paired,
     post_blobs,
-    refill,
     wrk,
 )
 from stor.http.auth import hash_password
@@ -238,18 +238,22 @@ def run_on(base: Path, *, images: bool, full: bool) -> Section:  # noqa: PLR0915
             if broker is not None:
                 broker.close()
             nginx.stop()
-        refilled = None
+        refilled: list[Refill] = []
         if wanted("refill") and full:
             config_path = base / "refill.json"
             config_path.write_text(json.dumps(base_config))
-            refilled = refill(
-                members.paths, config_path, lambda: warm(members.paths[1:], [s for v in shas.values() for s in v])
+            partner = members.paths[1:]
+            refilled.append(
+                refill("the bench's corpus (mixed)", members.paths, config_path, lambda: warm_files(partner), base)
             )
-            print(
-                f"  refill: cp -a {refilled.mb / refilled.cp_seconds:,.0f} MB/s, "
-                f"stor scrub --repair {refilled.mb / refilled.scrub_seconds:,.0f} MB/s",
-                flush=True,
+            print(f"  {refilled[-1].summary()}", flush=True)
+            small = small_pair(base / "refill-small")
+            small_config = base / "refill-small.json"
+            small_config.write_text(json.dumps({**base_config, "storage_pairs": [[str(p) for p in small]]}))
+            refilled.append(
+                refill("30,000 x 4 KiB", small, small_config, lambda: warm_files(small[1:]), base / "refill-small")
             )
+            print(f"  {refilled[-1].summary()}", flush=True)
         if wanted("evacuate") and full:
             evacuated = evacuation(base / "evacuate", EVACUATION_SIZES)
             print(f"  {evacuated.summary()}", flush=True)

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -359,43 +358,3 @@ def big_transfer_rss(stor: Stor) -> tuple[float, float]:
         watcher.join()
         results.append(peak[0] - base)
     return results[0], results[1]
-
-
-@dataclass
-class Refill:
-    files: int
-    mb: float
-    cp_seconds: float
-    scrub_seconds: float
-
-
-def refill(members: list[Path], config: Path, warm_all: Callable[[], None]) -> Refill:
-    """A blank member refilled from its partner: `cp -a` of the partner's blob directories
-    onto the blank member's filesystem (then `sync`, as the copies must be durable), against
-    `stor scrub --repair` (which also hashes every copy it reads and writes each through the
-    upload pipeline), both from a warm page cache."""
-    blank, partner = members
-    layout = sorted(p for p in partner.iterdir() if re.fullmatch(r"[0-9A-F]{2}", p.name))
-    files = sum(1 for d in layout for _ in d.rglob("*.dat"))
-    mb = sum(f.stat().st_size for d in layout for f in d.rglob("*.dat")) / 1e6
-    target = blank / ".cp-refill"
-    target.mkdir()
-    warm_all()
-    started = time.perf_counter()
-    subprocess.run(["cp", "-a", *map(str, layout), str(target)], check=True)
-    subprocess.run(["sync", "-f", str(target)], check=True)
-    cp_seconds = time.perf_counter() - started
-    subprocess.run(["rm", "-rf", str(target), *(str(blank / d.name) for d in layout)], check=True)
-    subprocess.run(["sync", "-f", str(blank)], check=True)
-    warm_all()
-    started = time.perf_counter()
-    scrub = subprocess.run(
-        [sys.executable, "-m", "stor", "scrub", "--config", str(config), "--pair", "0", "--repair", "--json"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    scrub_seconds = time.perf_counter() - started
-    if scrub.returncode != 0:
-        raise RuntimeError(f"stor scrub --repair failed ({scrub.returncode}): {scrub.stderr[-2000:]}")
-    return Refill(files, mb, cp_seconds, scrub_seconds)
