@@ -89,21 +89,22 @@ and makes nothing durable until the end. Its time includes the process's start (
 
 def refill(label: str, members: list[Path], config: Path, warm: Callable[[], None], work: Path) -> Refill:
     """`members[0]` refilled from `members[1]` under `config`, `ROUNDS` times each way."""
-    blank, partner = members
+    member, partner = members
     dirs = sorted(p for p in partner.iterdir() if LAYOUT.fullmatch(p.name))
     files = [f for d in dirs for f in d.rglob("*.dat")]
     mb = sum(f.stat().st_size for f in files) / 1e6
-    fresh = can_mount_images()
     cp_seconds: list[float] = []
     scrub_seconds: list[float] = []
+    fresh: list[bool] = []
     for _ in range(ROUNDS):
-        with _blank(blank, work, fresh=fresh):
+        with blank(member, work) as made:
+            fresh.append(made)
             warm()
             started = time.perf_counter()
-            subprocess.run(["cp", "-a", *map(str, dirs), str(blank)], check=True)
-            subprocess.run(["sync", "-f", str(blank)], check=True)
+            subprocess.run(["cp", "-a", *map(str, dirs), str(member)], check=True)
+            subprocess.run(["sync", "-f", str(member)], check=True)
             cp_seconds.append(time.perf_counter() - started)
-        with _blank(blank, work, fresh=fresh):
+        with blank(member, work):
             warm()
             started = time.perf_counter()
             scrub = subprocess.run(
@@ -115,31 +116,31 @@ def refill(label: str, members: list[Path], config: Path, warm: Callable[[], Non
             scrub_seconds.append(time.perf_counter() - started)
             if scrub.returncode != 0:
                 raise RuntimeError(f"stor scrub --repair failed ({scrub.returncode}): {scrub.stderr[-2000:]}")
-    return Refill(label, len(files), mb, cp_seconds, scrub_seconds, fresh)
+    return Refill(label, len(files), mb, cp_seconds, scrub_seconds, all(fresh))
 
 
 @contextlib.contextmanager
-def _blank(member: Path, work: Path, *, fresh: bool) -> Iterator[None]:
-    """`member` blank for one run: a new ext4 filesystem mounted over it (`fresh`), unmounted
-    after; else its blob directories removed."""
-    if not fresh:
+def blank(member: Path, work: Path, *, image: str = "blank.img") -> Iterator[bool]:
+    """`member` blank for one run: as root a new ext4 filesystem (`work/image`) mounted over it
+    and unmounted after (True); else its blob directories removed (False)."""
+    if not can_mount_images():
         subprocess.run(["rm", "-rf", *(str(p) for p in member.iterdir() if LAYOUT.fullmatch(p.name))], check=True)
         subprocess.run(["sync", "-f", str(member)], check=True)
-        yield
+        yield False
         return
-    image = work / "refill-blank.img"
-    image.unlink(missing_ok=True)
-    with image.open("wb") as handle:
+    path = work / image
+    path.unlink(missing_ok=True)
+    with path.open("wb") as handle:
         handle.truncate(IMAGE_BYTES)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
-    subprocess.run(["mount", "-o", "loop", str(image), str(member)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(path)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(path), str(member)], check=True)
     try:
         member.chmod(0o755)
         subprocess.run(["sync"], check=True)
-        yield
+        yield True
     finally:
         subprocess.run(["umount", str(member)], check=True)
-        image.unlink()
+        path.unlink()
 
 
 def small_pair(base: Path, count: int = SMALL) -> list[Path]:
