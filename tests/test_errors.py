@@ -6,8 +6,19 @@ import logging
 
 import pytest
 
-from stor.errors import BlobNotFound, ConfigError, CorruptCopy, NameNotFound, Unauthorized
-from stor.http.errors import error_response, status_of
+from stor.errors import (
+    BadRequest,
+    BlobGone,
+    BlobNotFound,
+    ConfigError,
+    CorruptCopy,
+    NameNotFound,
+    StorageUnavailable,
+    StorError,
+    Unauthorized,
+)
+from stor.http.errors import error_answer, error_response, status_of
+from stor.http.io import in_full
 
 
 def test_every_error_gets_its_nearest_status() -> None:
@@ -33,3 +44,23 @@ def test_a_known_5xx_is_a_warning_and_a_4xx_is_not_logged(caplog: pytest.LogCapt
         assert error_response(CorruptCopy("bad copy"), "GET", "/x", {}).status_code == 503
     [record] = caplog.records
     assert record.levelno == logging.WARNING and "bad copy" in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        BlobNotFound("ab" * 32),
+        BlobGone("ab" * 32, 0.0, "admin", "legal request"),
+        NameNotFound("a/b"),
+        BadRequest("odd"),
+    ],
+)
+def test_the_hot_paths_error_answer_is_the_responses_own(exc: StorError) -> None:
+    """The event loop's answer to a client error, built without a Response, is byte for byte
+    what the Response gives (status, headers, body)."""
+    assert error_answer(exc) == in_full(error_response(exc, "GET", "/x", {}))
+
+
+@pytest.mark.parametrize("exc", [Unauthorized("who?"), StorageUnavailable("down"), ConfigError("a bug")])
+def test_errors_with_headers_or_logs_have_no_hot_answer(exc: StorError) -> None:
+    assert error_answer(exc) is None  # (a 401's WWW-Authenticate, a 5xx's log line: the Response's)

@@ -21,7 +21,7 @@ from stor.errors import BadRequest, PayloadTooLarge, StorError
 from stor.http.accounting import SendCounter, is_sha_path
 from stor.http.archives import Archives
 from stor.http.auth import ADMINS, READERS, Authenticator
-from stor.http.errors import error_response
+from stor.http.errors import error_answer, error_response
 from stor.http.io import (
     HOT_TRIED,
     Answer,
@@ -84,7 +84,7 @@ class BlobRoutes:
             if answer is None:
                 answer = in_full(blob_response(Headers(raw=headers), sha, stat, blob))
         except StorError as exc:  # a 404 the kernel's caches could prove
-            answer = in_full(error_response(exc, method, path, {}))
+            answer = error_answer(exc) or in_full(error_response(exc, method, path, {}))
         if answer is None:
             return None
         self.service.requested(sha)

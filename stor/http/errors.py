@@ -57,6 +57,19 @@ def status_of(exc: StorError) -> int | None:
     return None
 
 
+_PLAIN = b"text/plain; charset=utf-8"
+
+
+def error_answer(exc: StorError) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+    """`error_response` without a Response object, for a client error that needs no header of
+    its own (a 404 or a 410 answered on the event loop); None for any other."""
+    code = status_of(exc)
+    if code is None or code >= 500 or isinstance(exc, Unauthorized):
+        return None
+    body = f"{exc}\n".encode()
+    return code, [(b"content-length", str(len(body)).encode()), (b"content-type", _PLAIN)], body
+
+
 def error_response(exc: StorError, method: str, path: str, headers: dict[str, str]) -> Response:
     """A domain error as a status and a one-line explanation."""
     code = status_of(exc)
