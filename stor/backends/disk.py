@@ -52,6 +52,7 @@ class Disk:
         self.require_mount = require_mount
         self.group_commit = group_commit
         """Its temps may be group-committed, where their filesystem allows (`TempFile.groupable`)."""
+        self._groupable_on: tuple[int, bool] | None = None  # (device, whether syncfs is real there)
         self.inflight = InflightOps(root, max_inflight)
         self._errors = 0
         self._orphans: set[str] = set()  # temps that could not be removed (disk read-only?)
@@ -325,8 +326,17 @@ class Disk:
             with contextlib.suppress(OSError):
                 os.unlink(path)
             raise disk_error(self, "fstat of a temp file", exc) from exc
-        groupable = self.group_commit and syscalls.fs_magic(fd) in GROUP_COMMIT_FILESYSTEMS
-        return TempFile(self, path, fd, device, groupable)
+        return TempFile(self, path, fd, device, self._groupable(fd, device))
+
+    def _groupable(self, fd: int, device: int) -> bool:
+        """Whether temps on `device` can wait for a `syncfs` (see `groupcommit`): asked of the
+        filesystem once per device (a disk replaced and mounted again is a new one)."""
+        if not self.group_commit:
+            return False
+        known = self._groupable_on
+        if known is None or known[0] != device:
+            known = self._groupable_on = (device, syscalls.fs_magic(fd) in GROUP_COMMIT_FILESYSTEMS)
+        return known[1]
 
     @guarded
     def free_bytes(self) -> int:

@@ -36,6 +36,7 @@ class InflightOps:
         self._lock = threading.Lock()
         self._freed = threading.Condition(self._lock)
         self._started: dict[int, float] = {}
+        self._waiting = 0  # operations waiting for a slot
         self._ids = itertools.count()
 
     @contextmanager
@@ -43,24 +44,38 @@ class InflightOps:
         """One operation, timed. When `limit` are running already it waits for one to end,
         and is refused once `busy_wait` has passed; not when not `bounded` (a thread of its
         own, such as a group commit's, holds no pool thread)."""
-        with self._lock:
-            if bounded and len(self._started) >= self.limit:
-                deadline = time.monotonic() + self.busy_wait
-                while len(self._started) >= self.limit:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise StorageUnavailable(
-                            f"{self.root}: {len(self._started)} operations running on this disk for "
-                            f"{self.busy_wait:g}s and more waiting (hung?)"
-                        )
-                    self._freed.wait(left)
-            key = next(self._ids)
-            self._started[key] = time.monotonic()
+        key = self.begin(bounded=bounded)
         try:
             yield
         finally:
-            with self._lock:
-                del self._started[key]
+            self.end(key)
+
+    def begin(self, *, bounded: bool = True) -> int:
+        """`op` without a context manager (for `guarded`, around every disk call): its key,
+        for `end`."""
+        with self._lock:
+            if bounded and len(self._started) >= self.limit:
+                deadline = time.monotonic() + self.busy_wait
+                self._waiting += 1
+                try:
+                    while len(self._started) >= self.limit:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise StorageUnavailable(
+                                f"{self.root}: {len(self._started)} operations running on this disk for "
+                                f"{self.busy_wait:g}s and more waiting (hung?)"
+                            )
+                        self._freed.wait(left)
+                finally:
+                    self._waiting -= 1
+            key = next(self._ids)
+            self._started[key] = time.monotonic()
+        return key
+
+    def end(self, key: int) -> None:
+        with self._lock:
+            del self._started[key]
+            if self._waiting:  # (a notify with nobody waiting still costs a check of the lock)
                 self._freed.notify()
 
     def oldest(self) -> float:
@@ -86,8 +101,12 @@ def guarded(method: Callable[Concatenate[H, P], T]) -> Callable[Concatenate[H, P
     """Count a blocking method of a disk (or of a file on it) as one operation in flight."""
 
     def wrapper(self: H, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        with self.inflight.op():
+        inflight = self.inflight
+        key = inflight.begin()
+        try:
             return method(self, *args, **kwargs)
+        finally:
+            inflight.end(key)
 
     wrapper.__name__, wrapper.__doc__ = method.__name__, method.__doc__
     return wrapper

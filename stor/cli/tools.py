@@ -84,8 +84,9 @@ def scrub(
         def progress(count: int, size: int) -> None:
             nonlocal files
             files += count
-            bar.update(size)
-            bar.set_postfix(files=files, refresh=False)
+            if show:  # (formatting it costs, even for a bar that is not shown)
+                bar.update(size)
+                bar.set_postfix(files=files, refresh=False)
 
         said = [time.monotonic()]
 

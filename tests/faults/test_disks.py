@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 
+from stor.backends.disk import Disk
 from stor.service.health import RECHECK_AFTER
 from tests.conftest import Storage
 from tests.faults.conftest import Mounts, Servers, fault_config, post, reads_back, run, status, writes_land_on
@@ -284,3 +285,26 @@ def test_an_evacuation_whose_target_runs_out_of_inodes_stops_cleanly(
         assert where, f"{sha} is nowhere"
         assert all(layout_path(p, sha).read_bytes() == data for p in where)
     assert storage.temps() == []
+
+
+def test_a_disk_replaced_by_another_filesystem_type_gets_temps_of_that_type(mounts: Mounts) -> None:
+    """Whether temps wait for a `syncfs` (real on ext4, not on tmpfs) is asked once per device,
+    so a member remounted with another filesystem is asked again."""
+    path = mounts.ext4("swap")
+    disk = Disk(str(path), require_mount=False)
+    disk.prepare()
+    first = disk.new_temp()
+    assert first.groupable
+    first.discard()
+    disk.close()
+    run("umount", str(path))
+    mounts.mounted.remove(path)
+    run("mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(path))
+    mounts.mounted.append(path)
+    disk.prepare()
+    second = disk.new_temp()
+    try:
+        assert not second.groupable  # tmpfs: each copy is committed on its own
+    finally:
+        second.discard()
+        disk.close()
