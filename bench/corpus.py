@@ -59,15 +59,19 @@ def build_corpus(members: list[Path]) -> dict[str, list[str]]:
     for name, (size, count) in CORPUS.items():
         shas[name] = []
         for _ in range(count):
-            data = os.urandom(size)
-            sha = hashlib.sha256(data).hexdigest()
-            for disk in members:
-                path = layout(disk, sha)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(data)
-                os.setxattr(path, ATTR, fast_sum(data))
-            shas[name].append(sha)
+            shas[name].append(store_copies(members, os.urandom(size)))
     return shas
+
+
+def store_copies(members: list[Path], data: bytes) -> str:
+    """`data` in Stor's layout on every member, with the fast checksum stor gives it; its sha."""
+    sha = hashlib.sha256(data).hexdigest()
+    for disk in members:
+        path = layout(disk, sha)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        os.setxattr(path, ATTR, fast_sum(data))
+    return sha
 
 
 def warm(members: list[Path], shas: list[str]) -> None:

@@ -15,12 +15,11 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.refill import blank
+from bench.refill import blank, timed_stor
 from bench.settings import ROUNDS
 
 LAYOUT = re.compile(r"[0-9A-F]{2}")
@@ -117,17 +116,9 @@ def evacuation(base: Path, sizes: list[int]) -> Evacuated:
         _fill([b1, b2], sizes)
         with blank(a1, base), blank(a2, base, image="evacuate-a2.img"):
             _warm([b1, b2])
-            started = time.perf_counter()
-            evacuate = subprocess.run(
-                [sys.executable, "-m", "stor", "evacuate", "--pair", "1", "--config", str(config)],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            evacuate_seconds.append(time.perf_counter() - started)
-            if evacuate.returncode != 0:
-                raise RuntimeError(f"stor evacuate failed ({evacuate.returncode}): {evacuate.stderr[-2000:]}")
-            report = {**json.loads(evacuate.stdout), "fresh": fresh}
+            seconds, out = timed_stor("evacuate", "--pair", "1", "--config", str(config))
+            evacuate_seconds.append(seconds)
+            report = {**json.loads(out), "fresh": fresh}
     return Evacuated(len(sizes), sum(sizes) / 1e6, cp_seconds, mv_seconds, evacuate_seconds, report)
 
 

@@ -12,7 +12,6 @@ Without root, the member's blob directories are removed and synced before each r
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import statistics
@@ -23,9 +22,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.corpus import can_mount_images, layout
+from bench.corpus import can_mount_images, store_copies
 from bench.settings import IMAGE_BYTES, ROUNDS
-from stor.checksum import ATTR, fast_sum
 
 LAYOUT = re.compile(r"[0-9A-F]{2}")
 SMALL = 30_000
@@ -106,16 +104,7 @@ def refill(label: str, members: list[Path], config: Path, warm: Callable[[], Non
             cp_seconds.append(time.perf_counter() - started)
         with blank(member, work):
             warm()
-            started = time.perf_counter()
-            scrub = subprocess.run(
-                [sys.executable, "-m", "stor", "scrub", "--config", str(config), "--pair", "0", "--repair", "--json"],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            scrub_seconds.append(time.perf_counter() - started)
-            if scrub.returncode != 0:
-                raise RuntimeError(f"stor scrub --repair failed ({scrub.returncode}): {scrub.stderr[-2000:]}")
+            scrub_seconds.append(timed_stor("scrub", "--config", str(config), "--pair", "0", "--repair", "--json")[0])
     return Refill(label, len(files), mb, cp_seconds, scrub_seconds, all(fresh))
 
 
@@ -143,19 +132,23 @@ def blank(member: Path, work: Path, *, image: str = "blank.img") -> Iterator[boo
         path.unlink()
 
 
+def timed_stor(*args: str) -> tuple[float, str]:
+    """`stor *args` run to its end: its seconds and its stdout (`RuntimeError` when it fails)."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "stor", *args], capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"stor {args[0]} failed ({done.returncode}): {done.stderr[-2000:]}")
+    return seconds, done.stdout
+
+
 def small_pair(base: Path, count: int = SMALL) -> list[Path]:
     """A pair under `base` whose members hold `count` random 4 KiB blobs, as stor writes them."""
     members = [base / "r1", base / "r2"]
     for member in members:
         member.mkdir(parents=True)
     for _ in range(count):
-        data = os.urandom(4096)
-        sha = hashlib.sha256(data).hexdigest()
-        for member in members:
-            path = layout(member, sha)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-            os.setxattr(path, ATTR, fast_sum(data))
+        store_copies(members, os.urandom(4096))
     return members
 
 
