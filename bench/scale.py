@@ -37,7 +37,8 @@ import httpx
 from bench.servers import free_port, raise_fd_limit, rss, tree
 from bench.settings import AUTH, ROOT
 from bench.workloads import lua_get, wrk
-from stor.backends.namestore import NAMES_DIR, TREE_DIR, record_relpath
+from stor.backends.namerecord import record_relpath
+from stor.backends.namestore import NAMES_DIR, TREE_DIR
 from stor.checksum import ATTR, fast_sum
 
 BLOBS = int(os.environ.get("BENCH_SCALE_BLOBS", "100000"))

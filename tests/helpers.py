@@ -10,7 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from stor.backends.disk import Disk
-from stor.backends.namestore import NAMES_DIR, TREE_DIR, record_relpath
+from stor.backends.namerecord import record_relpath
+from stor.backends.namestore import NAMES_DIR, TREE_DIR
 
 USER, PASSWORD = "writer", "s3cret-pass"
 AUTH = (USER, PASSWORD)

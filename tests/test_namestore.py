@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from stor.backends import nameindex
 from stor.backends.disk import Disk
-from stor.backends.namestore import NAMES_DIR, NameRecord, NameStore
+from stor.backends.namerecord import NameRecord
+from stor.backends.namestore import NAMES_DIR, NameStore
 from stor.digest import Sha
 from tests.helpers import name_record, prepared_disks, sha256
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import httpx
 
-from stor.backends.namestore import NAMES_DIR, NameRecord, NameStore
+from stor.backends.namerecord import NameRecord
+from stor.backends.namestore import NAMES_DIR, NameStore
 from stor.backends.pairs import Pair, StoragePool
 from stor.backends.recordplaces import OnePair, PoolPlaces
 from stor.backends.tombstones import TOMBSTONES_DIR

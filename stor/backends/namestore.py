@@ -32,21 +32,20 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from stor.backends import nameindex
 from stor.backends.disk import Disk, now_ns
 from stor.backends.nameindex import DirectoryIndex, entry_filename
+from stor.backends.namerecord import NameRecord, read_optional, read_record, record_files, record_relpath
 from stor.backends.recordplaces import OnePair, RecordPlaces
 from stor.backends.temps import fsync_dir
-from stor.digest import Sha, parse_sha
-from stor.errors import InvalidDigest, StorageUnavailable
+from stor.errors import StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -57,24 +56,8 @@ _INDEXES_KEPT = 2048
 """Directory indexes kept, the most recently used (each holds the entries of both members)."""
 
 
-@dataclass(frozen=True)
-class NameRecord:
-    path: str
-    sha: Sha
-    size: int
-    mtime: float
-
-
 class NameConflict(Exception):
     """`create` found the name taken."""
-
-
-def record_relpath(name: str) -> str:
-    """Where the record of `name` lives below the tree root."""
-    *parents, last = name.split("/")
-    return "/".join(
-        [*(entry_filename(part, directory=True) for part in parents), entry_filename(last, directory=False)]
-    )
 
 
 @dataclass(frozen=True)
@@ -134,7 +117,7 @@ class NameStore:
         for filename in flat:
             path = os.path.join(directory, filename)
             try:
-                record = self._read(path)
+                record = read_record(path)
             except FileNotFoundError:
                 continue  # another process moved it
             except ValueError:
@@ -143,9 +126,9 @@ class NameStore:
             with self._locked(record.path):
                 if not os.path.exists(path):
                     continue
-                current = self._read_optional(os.path.join(self._tree(disk), record_relpath(record.path)))
+                current = read_optional(os.path.join(self._tree(disk), record_relpath(record.path)))
                 if current is None or current.mtime < record.mtime:
-                    self._write(disk, record.path, json.dumps(asdict(record)).encode())
+                    self._write(disk, record.path, record.encoded())
                 os.unlink(path)
                 moved += 1
         fsync_dir(directory)
@@ -175,7 +158,7 @@ class NameStore:
         for disk in self.places.readers():
             tree = self._tree(disk)
             try:
-                records[disk.root] = self._read(os.path.join(tree, relpath))
+                records[disk.root] = read_record(os.path.join(tree, relpath))
             except (FileNotFoundError, NotADirectoryError):
                 if not os.path.isdir(tree) and not os.path.isdir(disk.tmp_root):
                     errors.append(f"{tree} is missing")  # an unmounted disk: the partner answers
@@ -199,7 +182,7 @@ class NameStore:
             found, stale = self._find(name)
             if found is None or not stale:
                 return False
-            data = json.dumps(asdict(found)).encode()
+            data = found.encoded()
             for disk in stale:
                 self._write(disk, name, data)
             log.info("name %r restored onto %s", name, ", ".join(d.root for d in stale))
@@ -322,24 +305,10 @@ class NameStore:
         found: list[NameRecord] = []
         for disk in self.members:
             with contextlib.suppress(OSError, ValueError):  # absent here, or removed since the scan
-                found.append(self._read(os.path.join(self._tree(disk), relpath)))
+                found.append(read_record(os.path.join(self._tree(disk), relpath)))
                 if disk in home:
                     break
         return max(found, key=lambda record: record.mtime, default=None)
-
-    @staticmethod
-    def _read(path: str) -> NameRecord:
-        with open(path, encoding="utf-8") as handle:
-            raw = json.load(handle)
-        try:
-            return NameRecord(str(raw["path"]), parse_sha(str(raw["sha"])), int(raw["size"]), float(raw["mtime"]))
-        except (KeyError, TypeError, InvalidDigest) as exc:
-            raise ValueError(f"bad name record {path}") from exc
-
-    def _read_optional(self, path: str) -> NameRecord | None:
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError, ValueError):
-            return self._read(path)
-        return None
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -350,7 +319,7 @@ class NameStore:
             previous, _ = self._find(record.path)
             if previous is not None and create_only:
                 raise NameConflict(record.path)
-            data = json.dumps(asdict(record)).encode()
+            data = record.encoded()
             for disk in self.places.home():
                 self._write(disk, record.path, data)
             return previous
@@ -386,15 +355,15 @@ class NameStore:
         moved = 0
         done: set[str] = set()
         for disk in members:
-            for path in _record_files(self._tree(disk)):
-                record = self._read_optional(path)
+            for path in record_files(self._tree(disk)):
+                record = read_optional(path)
                 if record is None or record.path in done:
                     continue
                 done.add(record.path)
                 with self._locked(record.path):
                     found, stale = self._find(record.path)
                     if found is not None:
-                        data = json.dumps(asdict(found)).encode()
+                        data = found.encoded()
                         for target in stale:
                             self._write(target, found.path, data)
                     moved += bool(self._remove(record.path, members))
@@ -402,7 +371,7 @@ class NameStore:
 
     def held_by(self, members: tuple[Disk, ...]) -> int:
         """How many record files `members` hold."""
-        return sum(1 for disk in members for _ in _record_files(self._tree(disk)))
+        return sum(1 for disk in members for _ in record_files(self._tree(disk)))
 
     def _write(self, disk: Disk, name: str, data: bytes) -> None:
         """Write one record on `disk`, journaling each entry it creates (see `nameindex`)."""
@@ -440,11 +409,3 @@ class NameStore:
             yield
         finally:
             os.close(fd)
-
-
-def _record_files(tree: str) -> Iterator[str]:
-    """Every record file below `tree` (none when it is missing)."""
-    for directory, _, filenames in os.walk(tree):
-        for filename in filenames:
-            if nameindex.is_entry(filename) and filename[0] in "rh":
-                yield os.path.join(directory, filename)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from stor.backends.namestore import NameConflict, NameRecord, NameStore
+from stor.backends.namerecord import NameRecord
+from stor.backends.namestore import NameConflict, NameStore
 from stor.errors import BadRequest, NameExists, NameNotFound
 from stor.service import BlobService
 

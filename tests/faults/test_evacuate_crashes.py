@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from stor.backends.disk import Disk
-from stor.backends.namestore import NameRecord, NameStore
+from stor.backends.namerecord import NameRecord
+from stor.backends.namestore import NameStore
 from stor.backends.pairs import Pair, StoragePool
 from stor.backends.recordplaces import PoolPlaces
 from stor.backends.tombstones import Tombstone, TombstoneStore
