@@ -9,8 +9,9 @@ directory, and for a component over 240 bytes `h`/`g` and the sha256 of the comp
 hashed directory's component is read from any record below it). So a prefix listing reads the
 directories under the prefix, in order, until its page is full: a page costs what it lists,
 not the number of names stored nor the size of the directories it passes through. Each
-directory's entries are kept in memory in name order (`nameindex`), brought up to date from a
-journal that every writer of entries appends to, so a page finds its first entry by bisection.
+directory's entries are kept in memory in name order (`nametree`, `nameindex`), brought up to
+date from a journal that every writer of entries appends to, so a page finds its first entry by
+bisection.
 
 Either member alone serves reads and listings (they are merged, with the records any other pair
 still holds); a record a member of the home lacks, or holds older, is restored to it, so a
@@ -34,15 +35,13 @@ import fcntl
 import hashlib
 import logging
 import os
-import threading
-from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from stor.backends import nameindex
 from stor.backends.disk import Disk, now_ns
-from stor.backends.nameindex import DirectoryIndex, entry_filename
+from stor.backends.nameindex import entry_filename
 from stor.backends.namerecord import NameRecord, read_optional, read_record, record_files, record_relpath
+from stor.backends.nametree import TreeWalk
 from stor.backends.recordplaces import OnePair, RecordPlaces
 from stor.backends.temps import fsync_dir
 from stor.errors import StorageUnavailable
@@ -52,29 +51,16 @@ log = logging.getLogger(__name__)
 NAMES_DIR = ".stor-names"
 TREE_DIR = ".tree"
 _LOCKS = 256
-_INDEXES_KEPT = 2048
-"""Directory indexes kept, the most recently used (each holds the entries of both members)."""
 
 
 class NameConflict(Exception):
     """`create` found the name taken."""
 
 
-@dataclass(frozen=True)
-class _Entry:
-    key: str  # the component, and "/" after it for a directory: the order names sort in
-    filename: str
-
-    @property
-    def directory(self) -> bool:
-        return self.filename[0] in "dg"
-
-
 class NameStore:
     def __init__(self, places: RecordPlaces | tuple[Disk, ...]) -> None:
         self.places = OnePair(places) if isinstance(places, tuple) else places
-        self._indexes: OrderedDict[str, DirectoryIndex] = OrderedDict()  # tree directory → its index
-        self._indexes_lock = threading.Lock()
+        self._tree_walk = TreeWalk(self.places, self._tree)
 
     @property
     def members(self) -> tuple[Disk, ...]:
@@ -193,7 +179,7 @@ class NameStore:
         (or holds an older record of); with `restore`, those are written back, so every
         member holds the newest record of every name. Returns (names, stale)."""
         names = stale = 0
-        for record in self._walk("", "", "", ""):
+        for record in self._tree_walk.walk("", "", "", ""):
             names += 1
             found, behind = self._find(record.path)
             if found is not None and behind:
@@ -211,104 +197,11 @@ class NameStore:
         base = "/".join(entry_filename(part, directory=True) for part in parents)
         within = "".join(part + "/" for part in parents)
         records: list[NameRecord] = []
-        for record in self._walk(base, within, partial, after):
+        for record in self._tree_walk.walk(base, within, partial, after):
             records.append(record)
             if len(records) >= limit:
                 break
         return records
-
-    def _walk(self, relpath: str, within: str, start: str, after: str) -> Iterator[NameRecord]:
-        """The records below the directory `relpath` (whose names start with `within`), in
-        name order: those whose next component starts with `start`, named after `after`."""
-        lowest = start
-        if after.startswith(within):
-            rest = after[len(within) :]
-            slash = rest.find("/")  # the directory `after` is in sorts before it, and is walked
-            lowest = max(lowest, rest[: slash + 1] if slash >= 0 else rest)
-        elif after > within:
-            return  # every name here sorts before `after`
-        for entry in self._entries(relpath, lowest):
-            if not entry.key.startswith(start):
-                return
-            child = f"{relpath}/{entry.filename}" if relpath else entry.filename
-            named = within + entry.key
-            if entry.directory:
-                if after >= named and not after.startswith(named):
-                    continue  # every name below sorts before `after`
-                yield from self._walk(child, named, "", after)
-                continue
-            if named <= after:
-                continue
-            record = self._first_record(child)
-            if record is not None:
-                yield record
-
-    def _entries(self, relpath: str, lowest: str) -> Iterator[_Entry]:
-        """The entries of one tree directory on any member, in name order from the first not
-        below `lowest` (a hashed one's component comes from a record below it)."""
-        readers = self.places.readers()
-        home = self.places.home()
-        index = self._index(relpath, readers)
-        errors = []
-        answered = False
-        for disk, failure in zip(readers, index.refresh(), strict=True):
-            if disk not in home:
-                continue  # another pair: asked when it can be
-            if failure is None or (isinstance(failure, FileNotFoundError) and os.path.isdir(disk.tmp_root)):
-                answered = True  # (not found: a blank disk, or no name under this directory here)
-            elif isinstance(failure, FileNotFoundError):
-                errors.append(f"{self._tree(disk)} is missing")
-            else:
-                errors.append(f"{self._tree(disk)}: {failure.strerror}")
-        if not answered:
-            raise StorageUnavailable("name records unreadable: " + "; ".join(errors))
-        for key, filename in index.entries(lowest):
-            yield _Entry(key, filename)
-
-    def _index(self, relpath: str, readers: tuple[Disk, ...]) -> DirectoryIndex:
-        """The index of one tree directory over `readers` (made again when they change: a pair
-        was added, or the home moved)."""
-        paths = [os.path.join(self._tree(disk), relpath) for disk in readers]
-        with self._indexes_lock:
-            index = self._indexes.get(relpath)
-            if index is None or index.paths != paths:
-                index = DirectoryIndex(paths, lambda filename: self._hashed_component(os.path.join(relpath, filename)))
-                self._indexes[relpath] = index
-                while len(self._indexes) > _INDEXES_KEPT:
-                    self._indexes.popitem(last=False)
-            self._indexes.move_to_end(relpath)
-            return index
-
-    def _hashed_component(self, relpath: str) -> str | None:
-        """The component a hashed entry stands for, from the record at or below it."""
-        depth = relpath.count("/")
-        for entry_relpath in self._any_record(relpath):
-            record = self._first_record(entry_relpath)
-            if record is not None:
-                return record.path.split("/")[depth]
-        return None
-
-    def _any_record(self, relpath: str) -> Iterator[str]:
-        if relpath.rsplit("/", 1)[-1][0] in "rh":
-            yield relpath
-            return
-        for disk in self.members:
-            with contextlib.suppress(OSError):
-                for filename in os.listdir(os.path.join(self._tree(disk), relpath)):
-                    if nameindex.is_entry(filename):
-                        yield from self._any_record(f"{relpath}/{filename}")
-
-    def _first_record(self, relpath: str) -> NameRecord | None:
-        """The record at `relpath`: the newest of the other pairs' (if any holds one) and the
-        first member of the home's that answers; the home is read last (see `recordplaces`)."""
-        home = self.places.home()
-        found: list[NameRecord] = []
-        for disk in self.members:
-            with contextlib.suppress(OSError, ValueError):  # absent here, or removed since the scan
-                found.append(read_record(os.path.join(self._tree(disk), relpath)))
-                if disk in home:
-                    break
-        return max(found, key=lambda record: record.mtime, default=None)
 
     # -- writes ------------------------------------------------------------------------------
 
