@@ -226,8 +226,8 @@ def evacuate(config_path: str, pair_index: int) -> None:
     onto the first pair taking writes. Safe while the servers run; run it again to resume.
     Prints a JSON summary.
 
-    Exit 0: the pair holds no blob and no record; 1: blobs or records left (no room elsewhere, failures); 2: usage or
-    config error; 130: interrupted."""
+    Exit 0: the pair holds no blob and no record; 1: blobs or records left (no room elsewhere,
+    failures); 2: usage or config error; 130: interrupted."""
     config = validated(config_path)
     service = build_service(config)
     pairs = service.pairs
@@ -263,8 +263,8 @@ def evacuate(config_path: str, pair_index: int) -> None:
         def relocated(landed: list[Landed]) -> dict[Sha, Exception]:
             return portal.call(service.relocated(landed))
 
-        records = NamedFiles(service).store, service.tombstones
-        movers = Movers(service.relocation(pair), relocated, relocate, names=records[0], takedowns=records[1])
+        names, takedowns = NamedFiles(service).store, service.tombstones
+        movers = Movers(service.relocation(pair), relocated, relocate, names=names, takedowns=takedowns)
         report = Evacuation(pair, movers, progress=lambda count, size: bar.update(size)).run()
     service.close()
     click.echo(json.dumps(report.as_dict(), indent=2))

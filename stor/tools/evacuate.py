@@ -130,26 +130,26 @@ class Evacuation:
             self.movers.batches.abort()
             report.removed += self.removals.finish(report.failed)
         report.left = sum(1 for _ in self._blobs())
-        report.records_left = sum(records.held_by(self.pair.members) for records in self._records().values())
+        report.records_left = sum(records.held_by(self.pair.members) for records in self._records())
         report.finished = time.time()
         return report
 
-    def _records(self) -> dict[str, Records]:
-        kinds = {"names": self.movers.names, "takedowns": self.movers.takedowns}
-        return {kind: records for kind, records in kinds.items() if records is not None}
+    def _records(self) -> list[Records]:
+        return [records for records in (self.movers.names, self.movers.takedowns) if records is not None]
 
     def _move_records(self, report: EvacuationReport) -> None:
         """The name and takedown records on the pair, onto the records' home pair."""
-        for kind, records in self._records().items():
-            try:
-                moved = records.evacuate(self.pair.members)
-            except (StorageUnavailable, OSError) as exc:
-                report.failed.append(f"{kind} records: {exc}")
-                continue
-            if kind == "names":
-                report.names_moved = moved
-            else:
-                report.takedowns_moved = moved
+        report.names_moved = self._moved("names", self.movers.names, report)
+        report.takedowns_moved = self._moved("takedowns", self.movers.takedowns, report)
+
+    def _moved(self, kind: str, records: Records | None, report: EvacuationReport) -> int:
+        if records is None:
+            return 0
+        try:
+            return records.evacuate(self.pair.members)
+        except (StorageUnavailable, OSError) as exc:
+            report.failed.append(f"{kind} records: {exc}")
+            return 0
 
     def _flushed(self, report: EvacuationReport) -> bool:
         """Make the staged batch durable and land it; False when the target ran out of room
