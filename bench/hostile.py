@@ -132,7 +132,9 @@ class Neighbours:
 cut (`bench/hostile.py`), while wrk runs the usual loads; {len(self.get_quiet)} rounds, each measuring both loads
 without and then with them. stor's defaults: `max_uploads_in_flight` 128 and `min_upload_rate` 500 bytes/s per
 worker (uploads below the floor after half a second are *stalled* and do not hold a place; a new upload waits up
-to a second for a place among uploads too young to judge).
+to a second for a place among uploads too young to judge; one declaring at most 64 KiB, as these POSTs, needs no
+place). The slow uploaders all start together, so the floor cuts them all at once ~20 s later, inside the POST run,
+and they all reconnect.
 
 | load | without | with the slow uploaders | with / without, median |
 |---|---|---|---|

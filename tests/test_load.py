@@ -21,6 +21,9 @@ from tests.helpers import AUTH, sha256
 
 pytestmark = pytest.mark.anyio
 
+LARGE = os.urandom(admission.SMALL_BODY + 1)
+"""A body large enough to need one of the worker's upload places."""
+
 
 async def stalled_body(first: bytes, release: asyncio.Event) -> AsyncIterator[bytes]:
     """Some bytes, then nothing until `release` is set (then the connection goes away)."""
@@ -120,12 +123,14 @@ async def test_uploads_beyond_the_bound_get_503_and_retry_after(
         async def body() -> AsyncIterator[bytes]:
             nonlocal read
             read = True
-            yield b"z" * 10
+            yield LARGE
 
-        shed = await http.post(f"/{sha256(b'z' * 10)}", content=body(), auth=AUTH, headers={"Content-Length": "10"})
+        shed = await http.post(
+            f"/{sha256(LARGE)}", content=body(), auth=AUTH, headers={"Content-Length": str(len(LARGE))}
+        )
         assert shed.status_code == 503 and int(shed.headers["retry-after"]) >= 1
         assert not read  # answered before its body was read
-        named = await http.put("/file", params={"path": "n"}, content=b"abc", auth=AUTH)
+        named = await http.put("/file", params={"path": "n"}, content=LARGE, auth=AUTH)
         assert named.status_code == 503  # named files count too
         assert (await http.get("/status")).status_code == 200  # reads and probes are not bounded
         release.set()
@@ -143,7 +148,7 @@ async def test_uploads_beyond_the_bound_get_503_and_retry_after(
 
 
 async def hold(http: httpx.AsyncClient, release: asyncio.Event, count: int) -> list[asyncio.Task[httpx.Response]]:
-    """`count` uploads that send one byte of the hundred they declare, then nothing until
+    """`count` uploads that send one byte of the MiB they declare, then nothing until
     `release`; returned once the worker holds them all."""
     held = [
         asyncio.create_task(
@@ -151,7 +156,7 @@ async def hold(http: httpx.AsyncClient, release: asyncio.Event, count: int) -> l
                 f"/{sha256(os.urandom(8))}",
                 content=stalled_body(b"x", release),
                 auth=AUTH,
-                headers={"Content-Length": "100"},
+                headers={"Content-Length": str(1 << 20)},
             )
         )
         for _ in range(count)
@@ -164,18 +169,18 @@ async def hold(http: httpx.AsyncClient, release: asyncio.Event, count: int) -> l
 
 
 async def test_stalled_uploads_do_not_hold_places(storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(admission, "STALL_AGE", 0.3)  # 1 s in production
+    monkeypatch.setattr(admission, "STALL_AGE", 0.3)  # 0.5 s in production
     release = asyncio.Event()
     async with app_client(storage.config(max_uploads_in_flight=2, min_upload_rate=1000)) as http:
         held = await hold(http, release, 2)
-        data = os.urandom(4096)
+        data = os.urandom(admission.SMALL_BODY + 1)  # large enough to need a place
         started = time.monotonic()
         early = await http.post(f"/{sha256(data)}", content=data, auth=AUTH)
         # both places were taken by uploads too young to judge: it waited until they were judged stalled
         assert early.status_code == 201 and time.monotonic() - started >= 0.25
         assert (await status(http))["stalled"] == 2
         for _ in range(3):  # the stalled ones do not count: fast uploads go through, again and again
-            data = os.urandom(4096)
+            data = os.urandom(admission.SMALL_BODY + 1)
             assert (await http.post(f"/{sha256(data)}", content=data, auth=AUTH)).status_code == 201
         uploads = await status(http)
         assert uploads["in_flight"] == 2 and uploads["cut_for_room"] == 0  # the stalled are still there
@@ -194,7 +199,7 @@ async def test_the_slowest_stalled_upload_is_cut_when_stalled_ones_fill_their_bo
     async with app_client(storage.config(max_uploads_in_flight=2, min_upload_rate=1000)) as http:
         held = await hold(http, release, 2)
         await asyncio.sleep(0.4)
-        data = os.urandom(4096)
+        data = os.urandom(admission.SMALL_BODY + 1)  # needs a place
         answer = await http.post(f"/{sha256(data)}", content=data, auth=AUTH)
         assert answer.status_code == 201  # one stalled upload made room
         done, pending = await asyncio.wait(held, timeout=5, return_when=asyncio.FIRST_COMPLETED)
@@ -242,7 +247,7 @@ async def test_a_burst_of_new_uploads_waits_for_places_instead_of_failing(
     """Many uploads arriving at once, more than the places: those beyond wait (at most
     `ADMIT_WAIT`) for the first to finish, and all succeed; none is refused."""
     monkeypatch.setattr(admission, "ADMIT_WAIT", 5.0)
-    blobs = [os.urandom(4096) for _ in range(12)]
+    blobs = [os.urandom(admission.SMALL_BODY + 1) for _ in range(12)]
     release = asyncio.Event()
 
     async def slow_start(data: bytes) -> AsyncIterator[bytes]:
@@ -252,7 +257,9 @@ async def test_a_burst_of_new_uploads_waits_for_places_instead_of_failing(
     async with app_client(storage.config(max_uploads_in_flight=2, min_upload_rate=0)) as http:
         uploads = [
             asyncio.create_task(
-                http.post(f"/{sha256(data)}", content=slow_start(data), auth=AUTH, headers={"Content-Length": "4096"})
+                http.post(
+                    f"/{sha256(data)}", content=slow_start(data), auth=AUTH, headers={"Content-Length": str(len(data))}
+                )
             )
             for data in blobs
         ]
@@ -266,3 +273,28 @@ async def test_a_burst_of_new_uploads_waits_for_places_instead_of_failing(
         answers = await asyncio.gather(*uploads)
         assert [answer.status_code for answer in answers] == [201] * len(blobs)
         assert (await status(http))["shed"] == 0
+
+
+async def test_small_uploads_never_wait_behind_uploads_too_young_to_judge(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slow uploaders reconnecting all at once take every place while too young to judge; a
+    small upload (at most what the server buffers for any connection) goes through at once,
+    a large one still waits for a place and is shed."""
+    monkeypatch.setattr(admission, "STALL_AGE", 60.0)  # never judged during the test
+    monkeypatch.setattr(admission, "ADMIT_WAIT", 0.3)
+    release = asyncio.Event()
+    async with app_client(storage.config(max_uploads_in_flight=2, min_upload_rate=1000)) as http:
+        held = await hold(http, release, 2)
+        small = os.urandom(admission.SMALL_BODY)
+        assert (await http.post(f"/{sha256(small)}", content=small, auth=AUTH)).status_code == 201
+        named = await http.put("/file", params={"path": "small"}, content=small[:4096], auth=AUTH)
+        assert named.status_code == 201
+        large = await http.post(f"/{sha256(LARGE)}", content=LARGE, auth=AUTH)
+        assert large.status_code == 503
+        uploads = await status(http)
+        assert uploads["in_flight"] == 2 and uploads["shed"] == 1
+        release.set()
+        for task in held:
+            with pytest.raises((httpx.HTTPError, ConnectionResetError)):
+                await task

@@ -136,7 +136,7 @@ class BlobRoutes:
         length = content_length(request)
         if length is not None and length > self.max_upload_size:
             raise PayloadTooLarge(self.max_upload_size, mid_stream=False)
-        async with self.service.admitted() as place:  # a place among this worker's uploads, or 503 before the body
+        async with self.service.admitted(length) as place:  # a place (or 503 before the body)
             limits = self.limits
             body = request_body(request, self.max_upload_size, limits.idle_timeout, limits.min_rate, place)
             early = "100-continue" in request.headers.get("expect", "").lower()  # such a client waits for our word

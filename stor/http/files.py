@@ -36,7 +36,7 @@ def named_routes(
         length = content_length(request)
         if length is not None and length > limit:
             raise PayloadTooLarge(max_named_file_size, mid_stream=False)
-        async with service.admitted() as place:  # a place among this worker's uploads, or 503 before the body
+        async with service.admitted(length) as place:  # a place among this worker's uploads, or 503 before the body
             body = request_body(request, limit, limits.idle_timeout, limits.min_rate, place)
             if multipart:
                 body = limited(form_field(body, content_type or "", "upload_file"), max_named_file_size)

@@ -36,6 +36,12 @@ _POLL = 0.05
 STALLED_PER_PLACE = 8
 """How many stalled uploads a worker holds per place of `max_uploads_in_flight`."""
 
+SMALL_BODY = 64 * 1024
+"""An upload declaring at most this many bytes takes no place: the HTTP server buffers this much
+of any connection's body before it stops reading (uvicorn's flow-control high-water mark), so
+bounding such uploads would bound no memory; and being in the bound, a burst of slow uploads
+too young to judge would hold them back for `STALL_AGE`."""
+
 
 class Place:
     """One upload's place: what its body reader tells the admission (bytes received, the wait it
@@ -70,23 +76,27 @@ class Admission:
         self.min_rate = min_rate
         self.pool = pool
         self.metrics = metrics
-        self.places: set[Place] = set()
+        self.places: set[Place] = set()  # the uploads bounded by `limit`
+        self.small: set[Place] = set()  # those declaring at most `SMALL_BODY`: not bounded
         self.shed = 0
         self.cut_for_rate = 0
         self.evicted = 0
         self.waiting = 0  # new uploads waiting for a place
 
     @asynccontextmanager
-    async def admitted(self) -> AsyncIterator[Place]:
-        """One upload, for as long as the block runs; `Overloaded` when the worker is full."""
-        if self.limit and len(self.places) >= self.limit:
+    async def admitted(self, declared: int | None = None) -> AsyncIterator[Place]:
+        """One upload (`declared`: its Content-Length, None when not given), for as long as the
+        block runs; `Overloaded` when the worker is full."""
+        small = declared is not None and declared <= SMALL_BODY
+        if not small and self.limit and len(self.places) >= self.limit:
             await self._wait_for_room()
         place = Place(self)
-        self.places.add(place)
+        held = self.small if small else self.places
+        held.add(place)
         try:
             yield place
         finally:
-            self.places.discard(place)
+            held.discard(place)
 
     async def _wait_for_room(self) -> None:
         """Until `_make_room` finds room, for up to `ADMIT_WAIT`, among at most as many waiting
@@ -139,9 +149,9 @@ class Admission:
     def status(self) -> dict[str, object]:
         now = time.monotonic()
         return {
-            "in_flight": len(self.places),
+            "in_flight": len(self.places) + len(self.small),
             "waiting": self.waiting,
-            "stalled": sum(1 for place in self.places if self._stalled(place, now)),
+            "stalled": sum(1 for place in (*self.places, *self.small) if self._stalled(place, now)),
             "limit": self.limit,
             "promised_bytes": sum(self.pool.reserved(pair) for pair in self.pool.pairs),
             "shed": self.shed,

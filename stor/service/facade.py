@@ -284,10 +284,10 @@ class BlobService:
         upload restores a blob taken down."""
         return await self.uploads.put(sha, body, length, early_answer=early_answer, restore_by=restore_by)
 
-    def admitted(self) -> AbstractAsyncContextManager[Place]:
-        """Hold one of this worker's upload places for a block (`Overloaded` when none is
-        free: see `admission`)."""
-        return self.admission.admitted()
+    def admitted(self, declared: int | None) -> AbstractAsyncContextManager[Place]:
+        """Hold one of this worker's upload places for a block, for an upload declaring
+        `declared` bytes (None: not said) (`Overloaded` when none is free: see `admission`)."""
+        return self.admission.admitted(declared)
 
     async def take_down(self, sha: Sha, admin: str, reason: str) -> TakedownReport:
         """Take `sha` down for good (see `takedown`): `BlobGone` if it was already,
