@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.servers import Stor
-from bench.settings import AUTH
-from bench.workloads import wrk
+from bench.settings import AUTH, DURATION
+from bench.workloads import Result, wrk
 
 DECLARED = 1 << 30
 """What each slow uploader promises to send: a GiB."""
@@ -115,6 +115,23 @@ class Neighbours:
     rss_quiet: list[float] = field(default_factory=list)
     rss_hostile: list[float] = field(default_factory=list)
     seen: collections.Counter[str] = field(default_factory=collections.Counter)
+    cpu: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
+    """The server's CPU µs per request, by load and whether the slow uploaders ran ("GET 4k
+    quiet", ...): what they cost stor, free of the machine's drift in rates."""
+
+    def add(self, quiet: tuple[Result, Result], hostile: tuple[Result, Result], seen: dict[str, int]) -> None:
+        """One round: (GET, POST) without and with the slow uploaders, and what those saw."""
+        self.get_quiet.append(quiet[0].rps)
+        self.post_quiet.append(quiet[1].rps)
+        self.rss_quiet.append(quiet[1].rss_mib)
+        self.get_hostile.append(hostile[0].rps)
+        self.post_hostile.append(hostile[1].rps)
+        self.rss_hostile.append(hostile[1].rss_mib)
+        self.post_statuses.update(hostile[1].statuses or {})
+        self.seen.update(seen)
+        for when, results in (("quiet", quiet), ("hostile", hostile)):
+            for load, result in zip(("GET 4k", "POST 4k"), results, strict=True):
+                self.cpu[f"{load} {when}"].append(1e6 * result.cpu_seconds / max(result.rps * DURATION, 1.0))
 
     def markdown(self) -> str:
         def ratios(quiet: list[float], hostile: list[float]) -> str:
@@ -124,22 +141,32 @@ class Neighbours:
         def rates(values: list[float]) -> str:
             return f"{statistics.median(values):,.0f}/s (spread {min(values):,.0f}-{max(values):,.0f})"
 
+        def cpu(load: str) -> str:
+            quiet, hostile = self.cpu[f"{load} quiet"], self.cpu[f"{load} hostile"]
+            return f"{statistics.median(quiet):,.0f} -> {statistics.median(hostile):,.0f} µs"
+
+        def line(load: str, quiet: list[float], hostile: list[float]) -> str:
+            return f"| {load} | {rates(quiet)} | {rates(hostile)} | {ratios(quiet, hostile)} | {cpu(load)} |"
+
         statuses = ", ".join(f"{n:,} x {code}" for code, n in sorted(self.post_statuses.items()))
         seen = ", ".join(f"{n:,} {what}" for what, n in sorted(self.seen.items()))
         return f"""### Hostile neighbours: {self.count} slow uploaders
 
 {self.count} clients each POST a body declared as 1 GiB and send {len(TRICKLE)} bytes a second, reconnecting when
 cut (`bench/hostile.py`), while wrk runs the usual loads; {len(self.get_quiet)} rounds, each measuring both loads
-without and then with them. stor's defaults: `max_uploads_in_flight` 128 and `min_upload_rate` 500 bytes/s per
-worker (uploads below the floor after half a second are *stalled* and do not hold a place; a new upload waits up
-to a second for a place among uploads too young to judge; one declaring at most 64 KiB, as these POSTs, needs no
-place). The slow uploaders all start together, so the floor cuts them all at once ~20 s later, inside the POST run,
-and they all reconnect.
+without and with them (which first alternates from round to round). stor's defaults: `max_uploads_in_flight` 128
+and `min_upload_rate` 500 bytes/s per worker (uploads below the floor after half a second are *stalled* and do
+not hold a place; a new upload waits up to a second for a place among uploads too young to judge; one declaring at
+most 64 KiB, as these POSTs, needs no place). The slow uploaders all start together, so the floor cuts them all at
+once ~20 s later, inside the POST run, and they all reconnect.
 
-| load | without | with the slow uploaders | with / without, median |
-|---|---|---|---|
-| GET 4k | {rates(self.get_quiet)} | {rates(self.get_hostile)} | {ratios(self.get_quiet, self.get_hostile)} |
-| POST 4k | {rates(self.post_quiet)} | {rates(self.post_hostile)} | {ratios(self.post_quiet, self.post_hostile)} |
+| load | without | with the slow uploaders | with / without, median | stor's CPU per request, without -> with |
+|---|---|---|---|---|
+{line("GET 4k", self.get_quiet, self.get_hostile)}
+{line("POST 4k", self.post_quiet, self.post_hostile)}
+
+The rates of this machine drift by more than ±20% from one run to the next; the CPU stor spends per request (all
+its processes, over the run) drifts far less, and says what the slow uploaders cost it.
 
 POST answers with the slow uploaders: {statuses or "none counted"} (a 507 there would be a false "disks full").
 RSS of stor's processes after the run: {statistics.median(self.rss_quiet):.0f} MiB without,
@@ -148,31 +175,36 @@ RSS of stor's processes after the run: {statistics.median(self.rss_quiet):.0f} M
 
 
 def neighbours(
-    stor: Stor, get_script: Path, post_script: Callable[[str, bool], Path], count: int = 500, rounds: int = 3
+    stor: Stor, get_script: Path, post_script: Callable[[str, bool], Path], count: int = 500, rounds: int = 5
 ) -> Neighbours:
-    """GET 4k and POST 4k without and with `count` slow uploaders, `rounds` times."""
+    """GET 4k and POST 4k without and with `count` slow uploaders, `rounds` times; the rounds
+    alternate which comes first, so a drift of the machine over a round does not read as an
+    effect of the slow uploaders."""
     row = Neighbours(count)
     for n in range(rounds):
-        quiet_get = wrk(stor.url, get_script, "GET 4k", stor.pids())
-        quiet_post = wrk(stor.url, post_script(f"hq{n}", True), "POST 4k", stor.pids(), post_script(f"hqw{n}", False))
-        row.get_quiet.append(quiet_get.rps)
-        row.post_quiet.append(quiet_post.rps)
-        row.rss_quiet.append(quiet_post.rss_mib)
-        warm_posts = post_script(f"hhw{n}", False)
-        with slow_uploaders(stor.url, count) as seen:
-            hostile_get = wrk(stor.url, get_script, "GET 4k", stor.pids())
-            hostile_post = wrk(stor.url, post_script(f"hh{n}", True), "POST 4k", stor.pids(), warm_posts)
-        row.get_hostile.append(hostile_get.rps)
-        row.post_hostile.append(hostile_post.rps)
-        row.rss_hostile.append(hostile_post.rss_mib)
-        row.post_statuses.update(hostile_post.statuses or {})
-        row.seen.update(seen)
+        if n % 2 == 0:
+            quiet_get, quiet_post = _loads(stor, get_script, post_script, f"q{n}")
+            with slow_uploaders(stor.url, count) as seen:
+                hostile_get, hostile_post = _loads(stor, get_script, post_script, f"h{n}")
+        else:
+            with slow_uploaders(stor.url, count) as seen:
+                hostile_get, hostile_post = _loads(stor, get_script, post_script, f"h{n}")
+            quiet_get, quiet_post = _loads(stor, get_script, post_script, f"q{n}")
+        row.add((quiet_get, quiet_post), (hostile_get, hostile_post), seen)
         print(
             f"  hostile round {n + 1}: GET {quiet_get.rps:,.0f} -> {hostile_get.rps:,.0f}/s, "
             f"POST {quiet_post.rps:,.0f} -> {hostile_post.rps:,.0f}/s {hostile_post.statuses}, slow: {seen}",
             flush=True,
         )
     return row
+
+
+def _loads(stor: Stor, get_script: Path, post_script: Callable[[str, bool], Path], tag: str) -> tuple[Result, Result]:
+    """One GET 4k run, then one POST 4k run (new blobs, counted by status, after a warm-up of
+    others)."""
+    warm_posts = post_script(f"h{tag}w", False)
+    get = wrk(stor.url, get_script, "GET 4k", stor.pids())
+    return get, wrk(stor.url, post_script(f"h{tag}", True), "POST 4k", stor.pids(), warm_posts)
 
 
 if __name__ == "__main__":
