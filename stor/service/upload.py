@@ -84,7 +84,7 @@ class Upload:
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if kind is not None:
+        if kind is not None and (self.writer.temps or self._event is not None):  # else nothing to undo
             await self.pipeline.offload.run(self.writer.abort)  # runs to the end even when cancelled
             await self.pipeline.offload.run(self._discard_event)
         self.close(failed=False)
