@@ -85,12 +85,12 @@ class Upload:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if kind is not None and (self.writer.temps or self._event is not None):  # else nothing to undo
-            await self.pipeline.offload.run(self.writer.abort)  # runs to the end even when cancelled
-            await self.pipeline.offload.run(self._discard_event)
+            await self.pipeline.offload.run(self._undo)  # one hop, run to the end even when cancelled
         self.close(failed=False)
 
-    def _discard_event(self) -> None:
-        """The upload failed: the event it staged must not be published."""
+    def _undo(self) -> None:
+        """Blocking: the upload failed: its temps removed, the event it staged not published."""
+        self.writer.abort()
         if self._event is not None and self._paths is None:
             self.pipeline.events.discard(self._event)
             self._event = None
@@ -98,8 +98,7 @@ class Upload:
     def close(self, *, failed: bool) -> None:
         """Blocking: abort (when `failed`) and release the reservation, once."""
         if failed:
-            self.writer.abort()
-            self._discard_event()
+            self._undo()
         if self._reserved:
             self._reserved = False
             self.pipeline.pool.release(self.plan.pair, self.size)
