@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from stor.http import io
-from stor.service import admission
+from stor.service import admission, upload
 from tests.conftest import Storage, StorProcess, app_client
 from tests.helpers import AUTH, sha256
 
@@ -54,7 +54,7 @@ async def test_promised_bytes_steer_but_never_refuse(tmp_path: Path) -> None:
                 asyncio.create_task(
                     http.post(
                         f"/{sha256(os.urandom(8))}",
-                        content=stalled_body(b"x" * 1024, release),
+                        content=stalled_body(b"x" * upload.SPOOL_BYTES, release),  # placed once a MiB came
                         auth=AUTH,
                         headers={"Content-Length": str(promised)},
                     )
@@ -109,6 +109,40 @@ async def test_a_crawling_upload_is_cut_and_leaves_nothing(storage: Storage, mon
         assert uploads["in_flight"] == 0 and uploads["promised_bytes"] == 0 and uploads["cut_for_rate"] == 1
         fast = await http.post(f"/{sha256(data)}", content=data, auth=AUTH)  # a fast one is fine
         assert fast.status_code == 201
+
+
+async def test_an_upload_is_placed_only_once_its_first_mib_came(storage: Storage) -> None:
+    """A client that sends its body without waiting for `100-continue` has its first MiB read
+    before the lookup and the placement: stalled before that, it holds a place but no
+    reservation and no temp. A blob taken down is refused all the same, with nothing left."""
+    release = asyncio.Event()
+    admin = ("admin", "admin-pass")
+    async with app_client(storage.config(admin_auth=f"{admin[0]}:{admin[1]}")) as http:
+        declared = str(upload.SPOOL_BYTES * 40)
+        held = asyncio.create_task(
+            http.post(
+                f"/{sha256(b'a')}",
+                content=stalled_body(LARGE, release),
+                auth=AUTH,
+                headers={"Content-Length": declared},
+            )
+        )
+        for _ in range(200):
+            if (uploads := await status(http))["in_flight"] == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert uploads["in_flight"] == 1 and uploads["promised_bytes"] == 0
+        assert storage.temps() == []
+        release.set()
+        with pytest.raises((httpx.HTTPError, ConnectionResetError)):
+            await held
+        data = os.urandom(3 << 20)
+        assert (await http.post(f"/{sha256(data)}", content=data, auth=AUTH)).status_code == 201
+        down = await http.delete(f"/{sha256(data)}", auth=admin, headers={"X-Stor-Reason": "test"})
+        assert down.status_code == 200, down.text
+        again = await http.post(f"/{sha256(data)}", content=data, auth=AUTH)
+        assert again.status_code == 410, again.text
+        assert storage.temps() == [] and storage.copies(sha256(data)) == []
 
 
 async def test_uploads_beyond_the_bound_get_503_and_retry_after(

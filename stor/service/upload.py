@@ -172,11 +172,14 @@ class Uploads:
         early_answer: bool = True,
         restore_by: str | None = None,
     ) -> PutResult:
-        """Store a client's body under `sha`. When every copy already exists the body is not
-        read, unless `early_answer` is off and `length` is small (up to `SPOOL_BYTES`): the body
-        is then read first (the client has sent it already: nothing is saved by leaving it), so
-        that the check, the placement and the writes take a single thread hop. A blob taken
-        down is refused (`BlobGone`), but to an admin (`restore_by`), whose upload lifts it."""
+        """Store a client's body under `sha`. A blob taken down is refused (`BlobGone`), but to
+        an admin (`restore_by`), whose upload lifts it. With `early_answer` (a client that waits
+        for our word before it sends the body) the blob is looked up and placed before the body
+        is read, and when every copy already exists it is not read at all. Without, the client
+        is sending already: its first `SPOOL_BYTES` are read before anything else is done, so a
+        small body is checked, placed and written in one thread hop, and an upload that never
+        sends that much (a stalled or crawling client, cut by the rate floor) costs no lookup,
+        no placement and no reservation."""
         async with self._sha_lock(sha):
             if restore_by is not None:
                 result = await self._store(
@@ -184,10 +187,13 @@ class Uploads:
                 )
                 await self.offload.run(self.takedowns.lift, sha, restore_by)
                 return result
-            if early_answer or length is None or length > SPOOL_BYTES:
+            if early_answer:
                 return await self._store(sha, body, length or 0, queue_s3=True, new_event="blob.stored")
-            data = b"".join([chunk async for chunk in body])
-            plan, upload = await self.offload.run(self._plan_and_stage, sha, data)
+            data, ended = await _first_spool(body)
+            if not ended:
+                rest = _prefixed(data, body)
+                return await self._store(sha, rest, length or 0, queue_s3=True, new_event="blob.stored")
+            plan, upload = await self.offload.run(self._plan_and_stage, sha, data, length or len(data))
             if upload is None:
                 return PutResult(False, plan.kept)
             async with upload:
@@ -289,12 +295,13 @@ class Uploads:
             await self.offload.run(upload.stage, sha, tail)
             return await upload.publish(sha)
 
-    def _plan_and_stage(self, sha: Sha, data: bytes) -> tuple[Plan, Upload | None]:
-        """Blocking: `plan`, then `stage` of the whole body, in one thread hop."""
-        plan = self.plan(sha, len(data), queue_s3=True, new_event="blob.stored")
+    def _plan_and_stage(self, sha: Sha, data: bytes, size: int) -> tuple[Plan, Upload | None]:
+        """Blocking: `plan` for `size` bytes (as declared), then `stage` of the whole body, in one
+        thread hop."""
+        plan = self.plan(sha, size, queue_s3=True, new_event="blob.stored")
         if plan.done:
             return plan, None
-        upload = Upload(self, plan, len(data))
+        upload = Upload(self, plan, size)
         try:
             upload.stage(sha, data)
         except BaseException:
@@ -326,3 +333,21 @@ class Uploads:
                 del self._sha_locks[sha]
             else:
                 self._sha_locks[sha] = (lock, users - 1)
+
+
+async def _first_spool(body: AsyncIterator[bytes]) -> tuple[bytes, bool]:
+    """The body's first `SPOOL_BYTES` (or all of it, if shorter), and whether that was all. The
+    rest stays unread in `body`."""
+    buffer = bytearray()
+    async for chunk in body:
+        buffer += chunk
+        if len(buffer) >= SPOOL_BYTES:
+            return bytes(buffer), False
+    return bytes(buffer), True
+
+
+async def _prefixed(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The body again, from its first bytes already read."""
+    yield first
+    async for chunk in rest:
+        yield chunk
