@@ -31,6 +31,8 @@ from stor.http import accounting
 
 MAX_BYTES = 64 * 1024
 DELAY = 0.1
+_TEXT_LINE = "%s " + accounting.ACCESS_MESSAGE + "\n"
+"""A text line: `%(asctime)s %(message)s` of `cli.logs`, from the time and the message's fields."""
 _JSON_LINE = (
     '{"time": "%s", "level": "info", "logger": "stor.access", "message": %s, "method": %s, "path": %s, '
     '"status": %d, "bytes": %d, "duration_ms": %r, "remote": %s}\n'
@@ -46,12 +48,17 @@ class Clock:
         self._msec_format = msec_format
         self._second = -1
         self._shown = ""
+        self._milli = -1
+        self._stamp = ""
 
     def __call__(self, now: float) -> str:
         second = int(now)
-        if second != self._second:
-            self._second, self._shown = second, time.strftime(self._datefmt, self._convert(now))
-        return self._msec_format % (self._shown, int((now - second) * 1000))
+        milli = int((now - second) * 1000)
+        if milli != self._milli or second != self._second:  # a busy worker logs many lines a millisecond
+            if second != self._second:
+                self._second, self._shown = second, time.strftime(self._datefmt, self._convert(now))
+            self._milli, self._stamp = milli, self._msec_format % (self._shown, milli)
+        return self._stamp
 
 
 class AccessSink(logging.Handler):
@@ -78,12 +85,12 @@ class AccessSink(logging.Handler):
 
     def line(self, remote: str, method: str, path: str, status: int, sent: int, duration_ms: float) -> None:
         now = time.time()
-        message = accounting.ACCESS_MESSAGE % (remote, method, path, status, sent, duration_ms)
         if self.json_lines:
+            message = accounting.ACCESS_MESSAGE % (remote, method, path, status, sent, duration_ms)
             fields = (_quoted(message), _quoted(method), _quoted(path), status, sent, duration_ms, _quoted(remote))
             self._add(_JSON_LINE % (self._json_time(now), *fields))
         else:
-            self._add(f"{self._text_time(now)} {message}\n")
+            self._add(_TEXT_LINE % (self._text_time(now), remote, method, path, status, sent, duration_ms))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
