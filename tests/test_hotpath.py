@@ -97,6 +97,37 @@ async def test_a_hot_get_is_answered_inside_data_received(nowait_storage: Storag
         protocol.connection_lost(None)
 
 
+@pytest.mark.anyio
+async def test_a_connection_answered_at_once_is_kept_alive_while_busy_and_closed_once_idle(
+    nowait_storage: Storage,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stor = app_client(nowait_storage.config())
+    async with stor as http:
+        assert (await http.post(f"/{SHA}", content=DATA, auth=AUTH)).status_code == 201
+        assert (await http.get(f"/{SHA}")).content == DATA  # kept open from here on
+        config = Config(app=stor.app, log_config=None)
+        config.load()
+        protocol = GuardedHttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
+        monkeypatch.setattr(protocol, "timeout_keep_alive", 0.3)  # (uvicorn's Config takes whole seconds)
+        transport = _Transport()
+        protocol.connection_made(transport)
+        request = f"GET /{SHA} HTTP/1.1\r\nHost: stor\r\n\r\n".encode()
+        protocol.data_received(request)
+        timer = protocol.timeout_keep_alive_task
+        assert timer is not None
+        protocol.data_received(request)
+        assert protocol.timeout_keep_alive_task is timer  # set once, not again for every answer
+        for _ in range(8):  # busy for 0.8 s, well past the keep-alive timeout
+            await asyncio.sleep(0.1)
+            protocol.data_received(request)
+            assert not transport.closed
+        assert transport.written.count(b"HTTP/1.1 200 OK") == 10
+        await asyncio.sleep(0.6)  # then idle for twice the timeout
+        assert transport.closed
+        protocol.connection_lost(None)
+
+
 @pytest.fixture
 def uvicorn_server(
     nowait_storage: Storage,  # noqa: F811

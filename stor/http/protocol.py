@@ -82,6 +82,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._answered = False
         self._between = True  # the parser is between requests (fed no part of one)
         self._asked = False  # `answer_now` was asked about the request being parsed, and could not
+        self._answered_at = float("-inf")  # when the last answer given at once went out (loop time)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -198,7 +199,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if name == b"connection" and b"close" in value.lower():
                 keep_alive = False
             headers.append((name, value))
-        self._unset_keepalive_if_required()
         method = request[0].decode("ascii")
         answer = self._answer_now(method, request[1].decode("ascii"), headers, self.client)
         if answer is None:
@@ -246,7 +246,32 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.write(b"".join(content))
         if not keep_alive:
             self.transport.close()
-        self.on_response_complete()  # counts it, resumes reading, re-arms the keep-alive timer
+        self._answer_complete()
+
+    def _answer_complete(self) -> None:
+        """uvicorn's `on_response_complete` for an answer given at once (so with nothing
+        pipelined behind it), but for the keep-alive timer: rather than cancelled and set again
+        for every answer (a good part of a hot GET's cost), it is set once and, when it fires,
+        set again for what is left if an answer was given meanwhile."""
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        self._answered_at = self.loop.time()
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+
+    def timeout_keep_alive_handler(self) -> None:
+        idle = self.loop.time() - self._answered_at
+        # answered at once since the timer was set: not idle that long yet
+        if idle < self.timeout_keep_alive and not self.transport.is_closing():
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive - idle, self.timeout_keep_alive_handler
+            )
+            return
+        super().timeout_keep_alive_handler()
 
     def send_400_response(self, msg: str) -> None:
         if self._head_too_large:
