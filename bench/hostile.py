@@ -154,11 +154,12 @@ class Neighbours:
 
 {self.count} clients each POST a body declared as 1 GiB and send {len(TRICKLE)} bytes a second, reconnecting when
 cut (`bench/hostile.py`), while wrk runs the usual loads; {len(self.get_quiet)} rounds, each measuring both loads
-without and with them (which first alternates from round to round). stor's defaults: `max_uploads_in_flight` 128
+without and with them, a load's two runs back to back (quiet, then the slow uploaders with both loads, then the other
+load quiet; which load goes first alternates). stor's defaults: `max_uploads_in_flight` 128
 and `min_upload_rate` 500 bytes/s per worker (uploads below the floor after half a second are *stalled* and do
 not hold a place; a new upload waits up to a second for a place among uploads too young to judge; one declaring at
 most 64 KiB, as these POSTs, needs no place). The slow uploaders all start together, so the floor cuts them all at
-once ~20 s later, inside the POST run, and they all reconnect.
+once ~20 s later, inside the second load's run, and they all reconnect.
 
 | load | without | with the slow uploaders | with / without, median | stor's CPU per request, without -> with |
 |---|---|---|---|---|
@@ -175,36 +176,37 @@ RSS of stor's processes after the run: {statistics.median(self.rss_quiet):.0f} M
 
 
 def neighbours(
-    stor: Stor, get_script: Path, post_script: Callable[[str, bool], Path], count: int = 500, rounds: int = 5
+    stor: Stor, get_script: Path, post_script: Callable[[str, bool], Path], count: int = 500, rounds: int = 9
 ) -> Neighbours:
-    """GET 4k and POST 4k without and with `count` slow uploaders, `rounds` times; the rounds
-    alternate which comes first, so a drift of the machine over a round does not read as an
-    effect of the slow uploaders."""
+    """GET 4k and POST 4k without and with `count` slow uploaders, `rounds` times. Each load's
+    two runs are back to back (the first load's quiet run, the slow uploaders' block with both
+    loads, the second load's quiet run), so a drift of the machine between them is small; which
+    load goes first alternates from round to round, and with it whether a load's quiet run
+    comes before or after its hostile one, and which load the floor's mass cut (~20 s after the
+    slow uploaders start) falls in."""
     row = Neighbours(count)
     for n in range(rounds):
-        if n % 2 == 0:
-            quiet_get, quiet_post = _loads(stor, get_script, post_script, f"q{n}")
-            with slow_uploaders(stor.url, count) as seen:
-                hostile_get, hostile_post = _loads(stor, get_script, post_script, f"h{n}")
-        else:
-            with slow_uploaders(stor.url, count) as seen:
-                hostile_get, hostile_post = _loads(stor, get_script, post_script, f"h{n}")
-            quiet_get, quiet_post = _loads(stor, get_script, post_script, f"q{n}")
-        row.add((quiet_get, quiet_post), (hostile_get, hostile_post), seen)
+        first, second = ("GET", "POST") if n % 2 == 0 else ("POST", "GET")
+        quiet = {first: _load(stor, first, get_script, post_script, f"q{n}")}
+        with slow_uploaders(stor.url, count) as seen:
+            hostile = {load: _load(stor, load, get_script, post_script, f"h{n}") for load in (first, second)}
+        quiet[second] = _load(stor, second, get_script, post_script, f"q{n}")
+        row.add((quiet["GET"], quiet["POST"]), (hostile["GET"], hostile["POST"]), seen)
         print(
-            f"  hostile round {n + 1}: GET {quiet_get.rps:,.0f} -> {hostile_get.rps:,.0f}/s, "
-            f"POST {quiet_post.rps:,.0f} -> {hostile_post.rps:,.0f}/s {hostile_post.statuses}, slow: {seen}",
+            f"  hostile round {n + 1} ({first} first): GET {quiet['GET'].rps:,.0f} -> {hostile['GET'].rps:,.0f}/s, "
+            f"POST {quiet['POST'].rps:,.0f} -> {hostile['POST'].rps:,.0f}/s {hostile['POST'].statuses}, slow: {seen}",
             flush=True,
         )
     return row
 
 
-def _loads(stor: Stor, get_script: Path, post_script: Callable[[str, bool], Path], tag: str) -> tuple[Result, Result]:
-    """One GET 4k run, then one POST 4k run (new blobs, counted by status, after a warm-up of
+def _load(stor: Stor, load: str, get_script: Path, post_script: Callable[[str, bool], Path], tag: str) -> Result:
+    """One GET 4k run, or one POST 4k run (new blobs, counted by status, after a warm-up of
     others)."""
+    if load == "GET":
+        return wrk(stor.url, get_script, "GET 4k", stor.pids())
     warm_posts = post_script(f"h{tag}w", False)
-    get = wrk(stor.url, get_script, "GET 4k", stor.pids())
-    return get, wrk(stor.url, post_script(f"h{tag}", True), "POST 4k", stor.pids(), warm_posts)
+    return wrk(stor.url, post_script(f"h{tag}", True), "POST 4k", stor.pids(), warm_posts)
 
 
 if __name__ == "__main__":

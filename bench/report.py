@@ -111,22 +111,24 @@ worker's CPU time from `/proc/<pid>/stat` per request, runs alternated):
 
 - **GET 4k at 0.5x nginx.** In a py-spy profile of a worker answering hot GETs, 47% of the samples sit in the
   response's one `write` (on loopback the sender's call also does the receiver's TCP work) and 10% in `epoll`; the
-  Python left is spread thin: the head's parse (~10%), the lookup and answer (~8%), counting (~5%), uvicorn's
-  keep-alive timer re-armed per answer (~5%, ~2 µs), no function above 5% of its own. A third less Python per
-  request would reach the goal; that is a hot path in C (the head parsed and the answer built in an extension), not
-  another trim.
-- **GET 4k with access lines at 0.45x.** The worker's CPU per hot GET rises from ~49 to ~64 µs with access lines on
-  (four runs each). py-spy puts ~9% of the samples (~6 µs) in the line itself (its time stamp, the client's address
-  and the `%` format, `cli/accesslog.py`); where the rest goes was not found in Python's samples (next: `perf` of
-  the kernel side of a worker that logs).
+  Python left is spread thin: the head's parse (~10%), the lookup and answer (~8%), counting (~5%), no function
+  above 5% of its own. uvicorn's keep-alive timer, cancelled and set again for every answer (~2 µs), is now set
+  once per connection and moved on when it fires (~0.1 µs). What is left to take is a hot path in C (the head
+  parsed and the answer built in an extension), not another trim.
+- **GET 4k with access lines at 0.45x.** A line costs ~2 µs of a hot GET's ~40-50 µs in-process (formatted in one
+  `%` with a time stamp made once a millisecond, held and written 64 KiB at a time, `cli/accesslog.py`): within the
+  goal's 10%, so the row follows GET 4k's.
 - **GET 8 MiB at 1.0x in every run.** The copy is checked whole before a byte is sent: read through a 1 MiB buffer
   and hashed with xxh3 in a thread, ~0.8-1.3 ms per 8 MiB here, work nginx does not do. Hashing a mapping of the
   file instead of reading it cost ~0.79 against ~1.05 ms in a microbenchmark, but a read error under a mapping is a
   SIGBUS that ends the worker where `pread` gives an EIO that fails over to the partner: not taken.
 - **POST at 1.5x the bare protocol.** Not the commit cycles (above). A `perf` profile of stor's pair writes at 32
   threads shows the machine ~45% idle, with the time in context switches and wake-ups rather than in any one
-  function (likely 32 threads handing the GIL and the journal to one another). Next to measure: fewer threads per upload
-  (the stage and the commit in one hop) and the directories made ahead.
+  function (likely 32 threads handing the GIL and the journal to one another). A py-spy profile of one worker under
+  POST 4k: `mkdir` of each new blob's `AB/CD/EF` directory ~9% of the samples (the bare protocol makes them too),
+  `syncfs` ~8%, the takedown checks ~8% (the record's path read on each member before the write, the clear marks
+  asked after it), new temps ~6%, the ASGI request ~10%: no single step to take away. Runs of the same code here
+  give 1.14x to 1.45x.
 - **GET 404 at 0.5x.** A 404 proven from the kernel's caches costs ~32 µs in-process against ~13 µs for a hit (four
   `openat2`: the blob's path and the clear mark on each disk; the probe's bookkeeping; two exceptions), on top of
   the ~30 µs of protocol and `write` every answer pays; half of nginx's 404 rate needs ~35 µs per 404 in all. It
