@@ -44,6 +44,7 @@ from stor.backends.temps import TempFile
 from stor.digest import Sha
 from stor.errors import StorageUnavailable, StorError
 from stor.model import CommitStats
+from stor.threads import start_thread
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,7 @@ class GroupCommit:
             if not self._closed:
                 self._queue.append(item)
                 if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name=f"stor-commit-{self.name}", daemon=True)
-                    self._thread.start()
+                    self._thread = start_thread(self._run, f"stor-commit-{self.name}")
                 self._ready.notify()
                 return
         item.finish(None, StorageUnavailable(f"{self.name}: shutting down"))

@@ -23,7 +23,6 @@ import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Final
 
 import bcrypt
@@ -32,6 +31,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from stor.config import Config, Credential
 from stor.errors import Unauthorized
+from stor.threads import thread_pool
 
 HASH_PREFIXES = ("$2a$", "$2b$", "$2y$", "$argon2")
 MAX_WAITING = 64
@@ -108,7 +108,7 @@ class Authenticator:
     def __init__(self, lists: Mapping[str, tuple[Credential, ...]]) -> None:
         """`lists`: the credentials of each role (see `lists_of`)."""
         self._key = secrets.token_bytes(32)
-        self._verifier = ThreadPoolExecutor(1, thread_name_prefix="stor-auth")
+        self._verifier = thread_pool(1, "stor-auth")
         self._waiting = 0
         self._lock = threading.Lock()
         self.replace(lists)

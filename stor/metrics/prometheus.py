@@ -32,6 +32,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from stor import __version__
+from stor.threads import start_thread
 
 ENV_MULTIPROC = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -269,8 +270,7 @@ class PrometheusMetrics:
         tally = self._tally
         tally.request(children, seconds, bytes_in, bytes_out)
         if self._flusher is None and isinstance(tally, _Tally):
-            self._flusher = threading.Thread(target=self._flush_every_second, name="stor-metrics", daemon=True)
-            self._flusher.start()
+            self._flusher = start_thread(self._flush_every_second, "stor-metrics")
 
     def _flush_every_second(self) -> None:
         while not self._closed.wait(FLUSH_INTERVAL):

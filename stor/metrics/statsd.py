@@ -17,6 +17,7 @@ import statsd
 
 from stor.config import StatsiteSettings
 from stor.errors import ConfigError
+from stor.threads import start_thread
 
 
 class StatsdMetrics:
@@ -144,8 +145,7 @@ class StatsdMetrics:
         with self._lock:
             if self._flusher is not None:
                 return
-            self._flusher = threading.Thread(target=self._flush_every_interval, name="stor-statsd", daemon=True)
-        self._flusher.start()
+            self._flusher = start_thread(self._flush_every_interval, "stor-statsd")
 
     def _flush_every_interval(self) -> None:
         while not self._closed.wait(self._interval):

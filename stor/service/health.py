@@ -23,6 +23,7 @@ from dataclasses import replace
 from stor.backends.disk import Disk
 from stor.backends.pairs import Pair
 from stor.model import DiskHealth
+from stor.threads import thread_pool
 
 RECHECK_AFTER = 1.0
 """`pair_healthy_now` probes a disk again only when its last probe started this long ago."""
@@ -102,9 +103,7 @@ class HealthMonitor:
             if running is not None and not running.done():
                 return running
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(
-                    max_workers=max(8, len(self.disks)), thread_name_prefix="stor-health"
-                )
+                self._executor = thread_pool(max(8, len(self.disks)), "stor-health")
             future = self._executor.submit(disk.probe_health)
             self._inflight[disk.root] = future
             self._started[disk.root] = time.monotonic()

@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
+from stor.threads import thread_pool
+
 log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
@@ -30,7 +32,7 @@ class Offload:
         if kwargs:
             raise TypeError("pass positional arguments only")
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="stor-io")
+            self._executor = thread_pool(self.threads, "stor-io")
         future = asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
         try:
             return await asyncio.shield(future)

@@ -8,11 +8,12 @@ commit, reservations, the S3 queue) instead of a write path of their own.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Coroutine
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, TypeVar
+
+from stor.threads import start_thread
 
 T = TypeVar("T")
 
@@ -23,8 +24,7 @@ CLOSE_TIMEOUT = 30.0
 class Portal:
     def __init__(self) -> None:
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="stor-portal", daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._loop.run_forever, "stor-portal")
 
     def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run `coroutine` on the portal's loop and wait for its result. When the wait is

@@ -4,23 +4,67 @@ within their timeouts, the S3 backlog drains after recovery, and no fd or thread
 from __future__ import annotations
 
 import os
+import platform
 import signal
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
+from stor.wiring.build import IO_THREADS
 from tests.conftest import Storage, StorProcess
 from tests.faults.conftest import Servers, fault_config, post, status
 from tests.faults.invariants import Ledger
 from tests.helpers import wait_for
 from tests.services import Memcached, MotoS3
 
+POOLS = {"stor-io": IO_THREADS, "stor-health": 8}
+"""stor's thread pools and their bounds (stor/threads.py names every thread for the OS). A pool grows
+towards its bound while calls wait (on a hung memcached, say) and keeps those threads: not a leak."""
 
-def resources(server: StorProcess) -> tuple[int, int]:
-    """(open fds, threads) of the server process."""
-    pid = server.proc.pid
-    return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+FUTEX = {"x86_64": 202, "aarch64": 98}.get(platform.machine())
+"""The syscall an idle pool thread waits in, for its next call."""
+
+
+def open_fds(server: StorProcess) -> int:
+    return len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+
+
+def threads(server: StorProcess) -> dict[int, str]:
+    """The server's threads by id, a pool's threads named by their pool."""
+    named = {}
+    for tid in os.listdir(f"/proc/{server.proc.pid}/task"):
+        try:
+            name = Path(f"/proc/{server.proc.pid}/task/{tid}/comm").read_text().strip()
+        except FileNotFoundError:  # it ended meanwhile
+            continue
+        named[int(tid)] = name.rsplit("_", 1)[0] if name.rsplit("_", 1)[0] in POOLS else name
+    return named
+
+
+def idle(server: StorProcess, tid: int) -> bool:
+    """Whether a thread waits for work (a futex), not in a call that may never return."""
+    try:
+        call = Path(f"/proc/{server.proc.pid}/task/{tid}/syscall").read_text().split()[0]
+    except FileNotFoundError:
+        return True
+    return call == str(FUTEX)
+
+
+def no_leak(server: StorProcess, fds: int, before: dict[int, str]) -> bool:
+    """No fd more than a few passing sockets, no thread outside the pools that was not there
+    `before`, every pool within its bound and every pool thread waiting for work."""
+    now = threads(server)
+    counts = Counter(now.values())
+    others = Counter(name for name in now.values() if name not in POOLS)
+    pools_idle = FUTEX is None or all(idle(server, tid) for tid, name in now.items() if name in POOLS)
+    return (
+        open_fds(server) <= fds + 4
+        and not others - Counter(name for name in before.values() if name not in POOLS)
+        and all(counts[pool] <= bound for pool, bound in POOLS.items())
+        and pools_idle
+    )
 
 
 def traffic(server: StorProcess, ledger: Ledger, count: int = 6) -> None:
@@ -57,7 +101,8 @@ def test_dependencies_down_hung_or_lying(
         server = servers.start(config)
         traffic(server, ledger, 12)
         assert wait_for(lambda: all(s3.object(sha) is not None for sha in ledger.acked))
-        baseline = resources(server)
+        fds, before = open_fds(server), threads(server)
+        assert "stor-io" in before.values()  # the threads are named, or this test would see nothing
 
         steps: list[tuple[str, Callable[[], None]]] = [
             ("memcached hung", memcached.stop),
@@ -80,8 +125,7 @@ def test_dependencies_down_hung_or_lying(
         recent = list(ledger.acked)[-12:]
         assert all(s3.object(sha) == ledger.acked[sha] for sha in recent)
 
-        fds, threads = baseline
-        assert wait_for(lambda: resources(server)[0] <= fds + 4 and resources(server)[1] <= threads + 4)
+        assert wait_for(lambda: no_leak(server, fds, before)), (open_fds(server), fds, threads(server), before)
     finally:
         s3.kill()
 
