@@ -33,6 +33,7 @@ from bench.report import (
     UNCACHED_FILES,
     UNCACHED_ROW,
     Section,
+    kept_4k_blobs,
     write_report,
 )
 from bench.servers import Nginx, Stor, free_port, raise_fd_limit
@@ -73,7 +74,9 @@ def run_on(base: Path, *, images: bool, full: bool) -> Section:  # noqa: PLR0915
     members = Members(base, images=images)
     try:
         print(f"building the corpus on {members.kind}…", flush=True)
-        shas = build_corpus(members.paths)
+        corpus = build_corpus(members.paths)
+        # the rows of copies kept open ask for what each worker can keep open; UNCACHED_ROW asks for all
+        shas = {**corpus, "4k": corpus["4k"][: kept_4k_blobs()]}
         scripts = base / "lua"
         scripts.mkdir()
 
@@ -92,16 +95,20 @@ def run_on(base: Path, *, images: bool, full: bool) -> Section:  # noqa: PLR0915
         results: list[tuple[Result, Result | None]] = []
         extra: list[str] = []
 
-        def get_pair(label: str, name: str, server: Stor, ceiling: Nginx) -> tuple[Result, Result | None]:
-            script = lua_get(scripts / f"{name}.lua", shas[name])
-            upper = lua_get(scripts / f"{name}-up.lua", shas[name], upper=True)
+        def get_pair(
+            label: str, name: str, server: Stor, ceiling: Nginx, asked: list[str] | None = None
+        ) -> tuple[Result, Result | None]:
+            """`asked`: the shas the clients ask for (`shas[name]` when None)."""
+            blobs, stem = (shas[name], name) if asked is None else (asked, f"{name}-all")
+            script = lua_get(scripts / f"{stem}.lua", blobs)
+            upper = lua_get(scripts / f"{stem}-up.lua", blobs, upper=True)
 
             def ours() -> Result:
-                warm(members.paths, shas[name])
+                warm(members.paths, blobs)
                 return wrk(server.url, script, label, server.pids())
 
             def theirs() -> Result:
-                warm(members.paths, shas[name])
+                warm(members.paths, blobs)
                 return wrk(ceiling.url, upper, "nginx", ceiling.pids())
 
             return report(paired(ours, theirs))
@@ -169,7 +176,7 @@ def run_on(base: Path, *, images: bool, full: bool) -> Section:  # noqa: PLR0915
             small_cache = {**base_config, "open_file_cache_size": UNCACHED_FILES}
             uncached = Stor(base, small_cache)
             try:
-                results.append(get_pair(UNCACHED_ROW, "4k", uncached, nginx))
+                results.append(get_pair(UNCACHED_ROW, "4k", uncached, nginx, corpus["4k"]))
             finally:
                 uncached.stop()
         reader = base64.b64encode(b"reader:reader-pass").decode()
@@ -224,8 +231,8 @@ def run_on(base: Path, *, images: bool, full: bool) -> Section:  # noqa: PLR0915
                 posting = label.startswith("POST")
                 server = Stor(base, config, server=http_server)
                 try:
-                    corpus = shas["8m" if "8m" in label else "4k"]
-                    warm(members.paths, corpus)
+                    asked = shas["8m" if "8m" in label else "4k"]
+                    warm(members.paths, asked)
                     warm_posts = post_script("post-off-warm", 6000) if posting else None
                     ours = wrk(server.url, script, label, server.pids(), warm_posts)
                 finally:
