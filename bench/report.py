@@ -110,12 +110,20 @@ this machine:
 Measured for the rows above that miss issue 23's goals (one worker, `wrk -t1 -c64`, `py-spy record` at 500 Hz, the
 worker's CPU time from `/proc/<pid>/stat` per request, runs alternated):
 
-- **GET 4k at 0.5x nginx.** In a py-spy profile of a worker answering hot GETs, 47% of the samples sit in the
-  response's one `write` (on loopback the sender's call also does the receiver's TCP work) and 10% in `epoll`; the
-  Python left is spread thin: the head's parse (~10%), the lookup and answer (~8%), counting (~5%), no function
-  above 5% of its own. uvicorn's keep-alive timer, cancelled and set again for every answer (~2 µs), is now set
-  once per connection and moved on when it fires (~0.1 µs). What is left to take is a hot path in C (the head
-  parsed and the answer built in an extension), not another trim.
+- **GET 4k at 0.5x nginx** (met with copies kept open). Until this round the row asked for all 20,000 blobs while
+  each worker could keep 15,000 open (this sandbox's fd limit): a quarter of its GETs opened their copy and the row
+  read 0.47x. Asking for what fits (above), the same code gives 0.63x in a group run; 12,480 against 20,000 blobs in
+  one run: 31-34k against 22-24k req/s, nginx 46-50k on both. A uvloop server answering every head with a canned
+  4 KiB answer in one `write` does 1.6x nginx here (72k against 43-45k req/s, two workers each): the socket's write
+  is not what limits stor; its Python per request is (the head's parse, the lookup, the answer's headers,
+  counting: no function above 5% of its own). What is left to take is a hot path in C (the head parsed and the
+  answer built in an extension), not another trim.
+- **GET 4k with a working set larger than the open-file cache at 0.5x.** A GET that opens its copy costs about
+  twice the CPU of one kept open (CPU s/GiB 20.2 against 10.9 in the same group run; ~90-128 against ~52-66 µs
+  per GET in one worker, alternated): the `openat2` and `fstat` of the copy, the copy pushed out checked (`fstat`)
+  and closed, the cache's bookkeeping, each small. What would move it: keep the verified bytes of small blobs
+  rather than their fds (a tier bounded by memory beside the open-file cache: the fd limit stops binding and a
+  hit needs one check that the path is still there), the issue's own idea; not built yet.
 - **GET 4k with access lines at 0.45x.** A line costs ~2 µs of a hot GET's ~40-50 µs in-process (formatted in one
   `%` with a time stamp made once a millisecond, held and written 64 KiB at a time, `cli/accesslog.py`): within the
   goal's 10%, so the row follows GET 4k's.
