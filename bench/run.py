@@ -32,6 +32,7 @@ from bench.report import (
     READ_AUTH_ROW,
     UNCACHED_FILES,
     UNCACHED_ROW,
+    UNHELD_ROW,
     Section,
     kept_4k_blobs,
     write_report,
@@ -174,11 +175,15 @@ def run_on(base: Path, *, images: bool, full: bool) -> Section:  # noqa: PLR0915
             results.append(arrived_pair(base, base_config, members, nginx, scripts, shas["4k"]))
         if wanted("uncached") and full:
             small_cache = {**base_config, "open_file_cache_size": UNCACHED_FILES}
-            uncached = Stor(base, small_cache)
-            try:
-                results.append(get_pair(UNCACHED_ROW, "4k", uncached, nginx, corpus["4k"]))
-            finally:
-                uncached.stop()
+            for label, config in (
+                (UNCACHED_ROW, small_cache),
+                (UNHELD_ROW, {**small_cache, "small_blob_cache_bytes": 0}),
+            ):
+                uncached = Stor(base, config)
+                try:
+                    results.append(get_pair(label, "4k", uncached, nginx, corpus["4k"]))
+                finally:
+                    uncached.stop()
         reader = base64.b64encode(b"reader:reader-pass").decode()
         read_auth = {**base_config, "read_auth": f"reader:{hash_password('reader-pass', 'bcrypt')}"}
         variants: list[tuple[str, dict[str, object], str | None, Path]] = [

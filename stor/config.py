@@ -313,6 +313,7 @@ class Config:
     memcached_negative_ttl: int = _key(_natural, 0)
     location_cache_size: int = _key(_natural, 100_000)
     open_file_cache_size: int = _key(_natural, 32_768)
+    small_blob_cache_bytes: int = _key(_natural, 64 * 1024 * 1024)
     verify_on_read: bool = _key(_bool, True)
     verify_on_read_max: int = _key(_natural, 64 * 1024 * 1024)
     group_commit: bool = _key(_bool, True)

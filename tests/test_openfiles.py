@@ -111,7 +111,7 @@ def test_a_kept_copy_is_read_whole_from_the_page_cache(nowait_dir: Path) -> None
     copy, fd = kept(nowait_dir, "a")
     files.put(Sha("a" * 64), copy)
     entry = files.get(Sha("a" * 64))
-    assert entry is not None and entry.fileno() == fd
+    assert isinstance(entry, OpenCopy) and entry.fileno() == fd
     assert files.read(entry) == DATA
     files.close()
     assert not fd_is_open(fd)
@@ -338,7 +338,7 @@ async def test_a_copy_pushed_out_and_opened_again_needs_no_second_verification(
 
 @pytest.mark.anyio
 async def test_a_copy_pushed_out_and_damaged_since_is_never_served(nowait_storage: Storage) -> None:
-    client = app_client(nowait_storage.config(open_file_cache_size=1))
+    client = app_client(nowait_storage.config(open_file_cache_size=1, small_blob_cache_bytes=0))  # opened again
     other = os.urandom(300)
     async with client as http:
         for data in (DATA, other):

@@ -23,7 +23,8 @@ A copy pushed out of a full cache is remembered without its fd (`vouched`, a few
 as are kept open, ~100 bytes each): the fast checksum of the bytes verified and that its
 partner was checked. Opened again on the loop before its entry would have expired, it needs
 neither SHA-256 nor the partner's check again: a working set larger than the cache costs an
-open, not a verification.
+open, not a verification. A small one also leaves its verified bytes, within a budget of
+memory (`HeldCopies`): until they are pushed out too, its GET needs neither an open nor a read.
 
 Thread-safe; one instance per worker process. `capacity` is bounded by the process's open
 file limit (see `fd_budget`).
@@ -37,8 +38,9 @@ import time
 from collections import OrderedDict
 
 from stor.backends.disk import Disk
+from stor.backends.heldcopies import HeldCopies, HeldCopy
 from stor.backends.opencopy import OpenCopy
-from stor.checksum import FastSum
+from stor.checksum import FastSum, fast_sum
 from stor.digest import Sha
 
 READ_ON_LOOP_BYTES = 256 * 1024
@@ -50,11 +52,25 @@ VOUCHED_PER_KEPT = 8
 VOUCHED_MAX = 262_144
 """Copies remembered without their fd: `VOUCHED_PER_KEPT` per copy kept open, at most this many."""
 
+HELD_TTL = 300.0
+"""Seconds a small copy's bytes are held after it was opened (and verified, or vouched for): longer
+than a copy is kept open, as held bytes need no fd and are checked against their fast checksum at
+every answer; what expiry renews is the check of the partner (see `HotPath.partners_agree`). A
+working set held must not be verified again, with SHA-256, every 30 s (about a tenth of its GETs
+at the rates here)."""
+
+Kept = OpenCopy[Disk] | HeldCopy
+"""What the event loop may answer from: a copy kept open, or a small copy's bytes held."""
+
 
 class OpenFiles:
-    def __init__(self, capacity: int, ttl: float) -> None:
+    def __init__(self, capacity: int, ttl: float, held_bytes: int = 0, held_ttl: float = HELD_TTL) -> None:
+        """`held_bytes`: the memory for the bytes of small copies pushed out (`HeldCopies`),
+        held until `held_ttl` seconds after their copy was opened."""
         self.capacity = capacity
         self.ttl = ttl
+        self.held_ttl = held_ttl
+        self.held_copies = HeldCopies(held_bytes if capacity > 0 else 0)
         self._entries: OrderedDict[Sha, tuple[OpenCopy[Disk], float]] = OrderedDict()  # and when it expires
         self._dropped: list[OpenCopy[Disk]] = []
         self._vouched: OrderedDict[Sha, tuple[str, int, FastSum, float]] = OrderedDict()  # root, size, sum, expiry
@@ -65,13 +81,14 @@ class OpenFiles:
         """Whether copies on `disk` may be kept open: its filesystem takes RWF_NOWAIT."""
         return self.capacity > 0 and disk.takes_nowait
 
-    def get(self, sha: Sha) -> OpenCopy[Disk] | None:
-        """The open copy of `sha`, checked with one `fstat` (see `OpenCopy.current`): None when
-        there is none, it expired, or the file was removed, replaced or truncated since."""
+    def get(self, sha: Sha) -> Kept | None:
+        """The open copy of `sha`, checked with one `fstat` (see `OpenCopy.current`), else its
+        held bytes (see `HeldCopies.get`): None when there is neither, it expired, or the file
+        was removed, replaced or truncated since. Safe on the loop."""
         with self._lock:
             entry = self._entries.get(sha)
             if entry is None:
-                return None
+                return self.held_copies.get(sha) if self.held_copies.budget else None
             copy, expires = entry
             if expires < time.monotonic() or not copy.current():
                 del self._entries[sha]
@@ -112,7 +129,7 @@ class OpenFiles:
         self.close_dropped()
 
     def _keep(self, sha: Sha, copy: OpenCopy[Disk]) -> None:
-        evicted: list[OpenCopy[Disk]] = []
+        evicted: list[tuple[Sha, OpenCopy[Disk], float]] = []
         with self._lock:
             old = self._entries.pop(sha, None)
             if old is not None:
@@ -120,13 +137,25 @@ class OpenFiles:
             self._entries[sha] = (copy, time.monotonic() + self.ttl)
             while len(self._entries) > self.capacity:
                 old_sha, (old_copy, expires) = self._entries.popitem(last=False)
-                evicted.append(old_copy)
+                evicted.append((old_sha, old_copy, expires))
                 if old_copy.fast is not None and self._vouched_max:
                     self._vouched[old_sha] = (old_copy.disk.root, old_copy.stat.size, old_copy.fast, expires)
                     if len(self._vouched) > self._vouched_max:
                         self._vouched.popitem(last=False)
-        for old_copy in evicted:
+        for old_sha, old_copy, expires in evicted:
+            self._hold(old_sha, old_copy, expires)
             self._close_or_drop(old_copy)
+
+    def _hold(self, sha: Sha, copy: OpenCopy[Disk], expires: float) -> None:
+        """Keep the bytes of a small copy pushed out whose bytes were verified (`fast` is their
+        checksum), read from the page cache alone and checked again: a copy whose bytes are
+        not in memory, or no longer match, is simply not held."""
+        if copy.fast is None or not self.held_copies.takes(copy.stat.size):
+            return
+        data = copy.read_cached()
+        if data is not None and fast_sum(data) == copy.fast:
+            opened = expires - self.ttl
+            self.held_copies.put(sha, HeldCopy(copy.disk, copy.stat, data, copy.fast, opened + self.held_ttl))
 
     def _close_or_drop(self, copy: OpenCopy[Disk]) -> None:
         """Close a copy pushed out of the cache at once when that cannot do I/O: its file is
@@ -140,9 +169,12 @@ class OpenFiles:
             with self._lock:
                 self._dropped.append(copy)
 
-    def read(self, copy: OpenCopy[Disk]) -> bytes | None:
-        """The whole copy from the page cache, or None when it is too big to read on the loop,
-        that would mean waiting, or it fails (the thread path finds out what is wrong)."""
+    def read(self, copy: Kept) -> bytes | None:
+        """The whole copy from the page cache (or memory, when held), or None when it is too big
+        to read on the loop, that would mean waiting, or it fails (the thread path finds out
+        what is wrong)."""
+        if isinstance(copy, HeldCopy):
+            return copy.data
         if copy.stat.size > READ_ON_LOOP_BYTES:
             return None
         return copy.read_cached()
@@ -154,6 +186,7 @@ class OpenFiles:
             entry = self._entries.pop(sha, None)
             if entry is not None:
                 self._dropped.append(entry[0])
+        self.held_copies.forget(sha)
 
     def forget_disk(self, root: str) -> None:
         """Drop every entry on a disk that stopped answering (or went away)."""
@@ -165,6 +198,7 @@ class OpenFiles:
                 if copy.disk.root == root:
                     del self._entries[sha]
                     self._dropped.append(copy)
+        self.held_copies.forget_disk(root)
 
     @property
     def closing_due(self) -> bool:
@@ -182,6 +216,7 @@ class OpenFiles:
         with self._lock:
             self._dropped.extend(copy for copy, _ in self._entries.values())
             self._entries.clear()
+        self.held_copies.clear()
         self.close_dropped()
 
     @property

@@ -15,7 +15,9 @@ import asyncio
 from dataclasses import dataclass
 
 from stor.backends.disk import Disk
+from stor.backends.heldcopies import HeldCopy
 from stor.backends.opencopy import OpenCopy
+from stor.backends.openfiles import Kept
 from stor.checksum import fast_sum
 from stor.digest import Sha, sha_of
 from stor.errors import BlobNotFound
@@ -51,8 +53,9 @@ class HotPath:
         return found.value.stat
 
     def open_now(self, sha: Sha) -> OpenBlob | None:
-        """A small blob read on the event loop from a kept-open copy, when the page cache has
-        it (see `OpenFiles`), and verified; None: a thread must look."""
+        """A small blob read on the event loop from a kept-open copy when the page cache has
+        it, or from its bytes held in memory (see `OpenFiles`), and verified; None: a thread
+        must look."""
         found = self._find(sha)
         if found is None:
             return None
@@ -64,10 +67,11 @@ class HotPath:
             self.open_files.forget(sha)  # the thread path reads it again, and SHA-256 decides
             return None
         self._count(found)
-        self.metrics.disk_read(kept.disk.root, len(data), 0.0)
+        if not isinstance(kept, HeldCopy):
+            self.metrics.disk_read(kept.disk.root, len(data), 0.0)
         return InMemory(sha, kept.stat, data)
 
-    def _find(self, sha: Sha) -> Found[OpenCopy[Disk]] | None:
+    def _find(self, sha: Sha) -> Found[Kept] | None:
         """`Lookup.find` on the event loop: None where it would have waited. Raises
         `BlobNotFound` when the kernel's caches prove the blob is nowhere."""
         try:
@@ -78,7 +82,7 @@ class HotPath:
             self._tally("miss", len(self.pool.disks))
             raise
 
-    def _intact(self, kept: OpenCopy[Disk], sha: Sha, data: bytes) -> bool:
+    def _intact(self, kept: Kept, sha: Sha, data: bytes) -> bool:
         """`data` read from `kept` checked against the fast checksum of the bytes it held when
         they were verified. A copy opened on the loop has none yet: SHA-256 checks it once, and
         its fast checksum is kept for the reads that follow. (Its attribute on disk is left
@@ -91,7 +95,7 @@ class HotPath:
         kept.fast = fast_sum(data)
         return True
 
-    def _count(self, found: Found[OpenCopy[Disk]]) -> None:
+    def _count(self, found: Found[Kept]) -> None:
         self._tally(found.how, found.tried)
 
     def _tally(self, how: str, tried: int) -> None:
@@ -164,7 +168,7 @@ class LoopMode:
         if found is not None:
             raise gone(found)
 
-    def kept(self, sha: Sha) -> Found[OpenCopy[Disk]] | None:
+    def kept(self, sha: Sha) -> Found[Kept] | None:
         kept = self.hot.open_files.get(sha)
         if kept is None:
             return None
@@ -193,7 +197,7 @@ class LoopMode:
     def stale(self, sha: Sha) -> None:
         pass  # the near cache is corrected by the thread that finds the copy
 
-    def located(self, sha: Sha, found: Found[OpenCopy[Disk]], missed: set[str]) -> None:
+    def located(self, sha: Sha, found: Found[Kept], missed: set[str]) -> None:
         if found.how == "kept" or found.value.vouched:
             return  # its partner was checked when it was opened before (see `OpenFiles`)
         if not self.hot.partners_agree(found.disk, sha, found.value.stat.size):

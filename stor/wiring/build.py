@@ -79,7 +79,9 @@ def build_service(config: Config, metrics: Metrics | None = None) -> BlobService
     monitor = HealthMonitor(pool.disks, timeout=config.status_timeout)
     offload = Offload(IO_THREADS)
     near = NearCache(config.location_cache_size)
-    open_files = OpenFiles(fd_budget(config.open_file_cache_size), ttl=OPEN_FILE_TTL)
+    open_files = OpenFiles(
+        fd_budget(config.open_file_cache_size), ttl=OPEN_FILE_TTL, held_bytes=config.small_blob_cache_bytes
+    )
     locations = _locations(config)
     commits = GroupCommits()
     background = Background(offload)
