@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.runners
+import errno
 import io
 import json
 import os
@@ -94,6 +95,37 @@ def storage(tmp_path: Path) -> Storage:
             member.mkdir()
         pairs.append(members)
     return Storage(tmp_path, pairs)
+
+
+def takes_nowait(directory: Path) -> bool:
+    """Whether the filesystem of `directory` takes RWF_NOWAIT (else nothing is kept open there)."""
+    probe = directory / ".nowait-probe"
+    probe.write_bytes(b"x")
+    fd = os.open(probe, os.O_RDONLY)
+    try:
+        os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return False
+        raise
+    finally:
+        os.close(fd)
+        probe.unlink()
+    return True
+
+
+@pytest.fixture
+def nowait_dir(tmp_path: Path) -> Path:
+    if not takes_nowait(tmp_path):
+        pytest.skip(f"{tmp_path} is on a filesystem without RWF_NOWAIT: nothing is kept open there")
+    return tmp_path
+
+
+@pytest.fixture
+def nowait_storage(storage: Storage) -> Storage:
+    if not takes_nowait(storage.base):
+        pytest.skip(f"{storage.base} is on a filesystem without RWF_NOWAIT: nothing is kept open there")
+    return storage
 
 
 @pytest.fixture

@@ -18,26 +18,12 @@ from stor.digest import Sha
 from stor.model import BlobStat
 from tests.conftest import Storage, app_client
 from tests.helpers import AUTH, corrupt, sha256
-from tests.test_openfiles import count_thread_hops, kept, service_of, takes_nowait
+from tests.test_openfiles import count_thread_hops, kept, service_of
 from tests.test_takedown import ADMIN
 
 DATA = os.urandom(4096)
 SHA = sha256(DATA)
 OTHER = os.urandom(300)
-
-
-@pytest.fixture
-def nowait_dir(tmp_path: Path) -> Path:
-    if not takes_nowait(tmp_path):
-        pytest.skip(f"{tmp_path} is on a filesystem without RWF_NOWAIT: nothing is kept there")
-    return tmp_path
-
-
-@pytest.fixture
-def nowait_storage(storage: Storage) -> Storage:
-    if not takes_nowait(storage.base):
-        pytest.skip(f"{storage.base} is on a filesystem without RWF_NOWAIT: nothing is kept there")
-    return storage
 
 
 def held_copy(directory: Path, name: str, data: bytes, expires: float = float("inf")) -> HeldCopy:

@@ -27,7 +27,6 @@ from stor.errors import ConfigError
 from stor.http.protocol import GuardedHttpToolsProtocol, check_uvicorn
 from tests.conftest import Storage, StorProcess, app_client
 from tests.helpers import AUTH, layout_path, sha256, wait_for
-from tests.test_openfiles import nowait_storage  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.integration
 
@@ -67,7 +66,7 @@ class _Transport(asyncio.Transport):
 
 
 @pytest.mark.anyio
-async def test_a_hot_get_is_answered_inside_data_received(nowait_storage: Storage) -> None:  # noqa: F811
+async def test_a_hot_get_is_answered_inside_data_received(nowait_storage: Storage) -> None:
     stor = app_client(nowait_storage.config())
     async with stor as http:
         assert (await http.post(f"/{SHA}", content=DATA, auth=AUTH)).status_code == 201
@@ -99,7 +98,7 @@ async def test_a_hot_get_is_answered_inside_data_received(nowait_storage: Storag
 
 @pytest.mark.anyio
 async def test_a_connection_answered_at_once_is_kept_alive_while_busy_and_closed_once_idle(
-    nowait_storage: Storage,  # noqa: F811
+    nowait_storage: Storage,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     stor = app_client(nowait_storage.config())
@@ -130,7 +129,7 @@ async def test_a_connection_answered_at_once_is_kept_alive_while_busy_and_closed
 
 @pytest.fixture
 def uvicorn_server(
-    nowait_storage: Storage,  # noqa: F811
+    nowait_storage: Storage,
     start_stor: Callable[..., StorProcess],
 ) -> StorProcess:
     server = start_stor("--config", str(nowait_storage.write_config()), "--server", "uvicorn")
@@ -206,7 +205,7 @@ def test_a_blob_absent_a_moment_ago_is_found_once_stored(uvicorn_server: StorPro
 
 def test_a_404_answered_on_the_loop_hears_at_once_what_another_process_did(
     uvicorn_server: StorProcess,
-    nowait_storage: Storage,  # noqa: F811
+    nowait_storage: Storage,
 ) -> None:
     """The loop proves a 404 from the kernel's caches and the disks' clear marks: a takedown
     record, a quarantined copy or a bare mountpoint, from another process (this one), count

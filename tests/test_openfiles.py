@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import resource
 import subprocess
@@ -21,41 +20,11 @@ from stor.backends.openfiles import OpenFiles, fd_budget
 from stor.digest import Sha
 from stor.model import BlobStat
 from stor.service import BlobService
-from tests.conftest import Storage, app_client
+from tests.conftest import Storage, app_client, takes_nowait
 from tests.helpers import AUTH, corrupt, sha256, shorten
 
 DATA = os.urandom(5000)
 SHA = sha256(DATA)
-
-
-def takes_nowait(directory: Path) -> bool:
-    probe = directory / ".nowait-probe"
-    probe.write_bytes(b"x")
-    fd = os.open(probe, os.O_RDONLY)
-    try:
-        os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
-    except OSError as exc:
-        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-            return False
-        raise
-    finally:
-        os.close(fd)
-        probe.unlink()
-    return True
-
-
-@pytest.fixture
-def nowait_dir(tmp_path: Path) -> Path:
-    if not takes_nowait(tmp_path):
-        pytest.skip(f"{tmp_path} is on a filesystem without RWF_NOWAIT: nothing is kept open there")
-    return tmp_path
-
-
-@pytest.fixture
-def nowait_storage(storage: Storage) -> Storage:
-    if not takes_nowait(storage.base):
-        pytest.skip(f"{storage.base} is on a filesystem without RWF_NOWAIT: nothing is kept open there")
-    return storage
 
 
 async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -33,9 +33,8 @@ from stor.service import BlobService
 from stor.service.namedfiles import NamedFiles
 from stor.wiring.build import build_app, build_pair
 from stor.wiring.reload import Reloader
-from tests.conftest import Storage, StorProcess, app_client
+from tests.conftest import Storage, StorProcess, app_client, takes_nowait
 from tests.helpers import AUTH, PASSWORD, USER, sha256, wait_for
-from tests.test_openfiles import takes_nowait
 
 DATA = os.urandom(3000)
 SHA = sha256(DATA)
