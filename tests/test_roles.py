@@ -33,7 +33,7 @@ from stor.service import BlobService
 from stor.service.namedfiles import NamedFiles
 from stor.wiring.build import build_app, build_pair
 from stor.wiring.reload import Reloader
-from tests.conftest import Storage, StorProcess, app_client, takes_nowait
+from tests.conftest import Storage, StorProcess, app_client
 from tests.helpers import AUTH, PASSWORD, USER, sha256, wait_for
 
 DATA = os.urandom(3000)
@@ -165,13 +165,6 @@ def verified(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
-@pytest.fixture
-def hot_storage(storage: Storage) -> Storage:
-    if not takes_nowait(storage.base):
-        pytest.skip(f"{storage.base} is on a filesystem without RWF_NOWAIT: nothing is kept open there")
-    return storage
-
-
 # -- reads -----------------------------------------------------------------------------------
 
 
@@ -237,11 +230,11 @@ async def test_probes_stay_open_whatever_roles_are_set(storage: Storage) -> None
 
 
 @pytest.mark.anyio
-async def test_the_hot_path_refuses_what_the_ordinary_path_refuses(hot_storage: Storage) -> None:
+async def test_the_hot_path_refuses_what_the_ordinary_path_refuses(nowait_storage: Storage) -> None:
     """`answer_now` (what uvicorn's protocol asks before any ASGI cycle) never serves a hot
     blob, nor proves one absent, to a request the ordinary path would refuse."""
     hashed_reader = ("hashed", "hashed-pass")
-    raw = roles_config(hot_storage, read_auth=[entry(READER), f"{hashed_reader[0]}:{fast_bcrypt(hashed_reader[1])}"])
+    raw = roles_config(nowait_storage, read_auth=[entry(READER), f"{hashed_reader[0]}:{fast_bcrypt(hashed_reader[1])}"])
     client = app_client(raw)
     async with client as http:
         answer_now = stor_app(client).answer_now
@@ -648,10 +641,10 @@ def fresh(method: str, url: str, authorization: str | None, **more: str) -> http
 @pytest.mark.integration
 @pytest.mark.parametrize("kind", ["bcrypt", "plain"])
 def test_a_real_server_refuses_a_hot_blob_without_a_read_credential(
-    hot_storage: Storage, start_stor: Callable[..., StorProcess], kind: str
+    nowait_storage: Storage, start_stor: Callable[..., StorProcess], kind: str
 ) -> None:
     password = hash_password(READER[1], "bcrypt") if kind == "bcrypt" else READER[1]
-    config = hot_storage.write_config(
+    config = nowait_storage.write_config(
         read_auth=f"{READER[0]}:{password}", admin_auth=entry(ADMIN), metrics_auth=entry(METRICS)
     )
     server = start_stor("--config", str(config), "--server", "uvicorn", "--workers", "1")
@@ -693,10 +686,10 @@ def test_a_real_server_refuses_a_hot_blob_without_a_read_credential(
 
 @pytest.mark.integration
 def test_sighup_applies_new_read_credentials_and_forgets_the_old(
-    hot_storage: Storage, start_stor: Callable[..., StorProcess]
+    nowait_storage: Storage, start_stor: Callable[..., StorProcess]
 ) -> None:
     old, new = ("old", "old-pass"), ("new", "new-pass")
-    config = hot_storage.write_config(read_auth=f"{old[0]}:{fast_bcrypt(old[1])}")
+    config = nowait_storage.write_config(read_auth=f"{old[0]}:{fast_bcrypt(old[1])}")
     server = start_stor("--config", str(config), "--server", "uvicorn", "--workers", "1")
     assert wait_for(lambda: "Application startup complete" in server.log())
     blob = f"{server.url}/{SHA}"
