@@ -3,27 +3,20 @@
 Python 3.11 names a thread for itself only: `top -H`, `ps -L` and `/proc/<pid>/task/*/comm` show
 each one as `python`. Started here, a thread carries its name (cut to the kernel's 15 bytes) there
 as well, so an operator sees which pool grew or which thread spins, and a test can tell a pool
-growing to its bound from a leak.
+growing to its bound from a leak. (`prctl` is called here rather than through `backends.syscalls`,
+which every layer may not import.)
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-log = logging.getLogger(__name__)
-
 _PR_SET_NAME = 15  # linux/prctl.h
 _NAME_BYTES = 15  # TASK_COMM_LEN less its NUL
-
-try:
-    _prctl: Callable[..., int] | None = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux: threads keep the process's name
-    _prctl = None
+_prctl: Callable[..., int] | None = getattr(ctypes.CDLL(None), "prctl", None)  # None: not Linux
 
 
 def name_for_os() -> None:

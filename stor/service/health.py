@@ -25,6 +25,9 @@ from stor.backends.pairs import Pair
 from stor.model import DiskHealth
 from stor.threads import thread_pool
 
+PROBE_THREADS = 8
+"""Threads probing disks at least (one per disk with more disks), so a few hung disks hold none
+of the others' probes."""
 RECHECK_AFTER = 1.0
 """`pair_healthy_now` probes a disk again only when its last probe started this long ago."""
 
@@ -103,7 +106,7 @@ class HealthMonitor:
             if running is not None and not running.done():
                 return running
             if self._executor is None:
-                self._executor = thread_pool(max(8, len(self.disks)), "stor-health")
+                self._executor = thread_pool(max(PROBE_THREADS, len(self.disks)), "stor-health")
             future = self._executor.submit(disk.probe_health)
             self._inflight[disk.root] = future
             self._started[disk.root] = time.monotonic()

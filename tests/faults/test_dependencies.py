@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 
+from stor.service.health import PROBE_THREADS
 from stor.wiring.build import IO_THREADS
 from tests.conftest import Storage, StorProcess
 from tests.faults.conftest import Servers, fault_config, post, status
@@ -19,7 +20,7 @@ from tests.faults.invariants import Ledger
 from tests.helpers import wait_for
 from tests.services import Memcached, MotoS3
 
-POOLS = {"stor-io": IO_THREADS, "stor-health": 8}
+POOLS = {"stor-io": IO_THREADS, "stor-health": PROBE_THREADS}  # the test's pair has two disks
 """stor's thread pools and their bounds (stor/threads.py names every thread for the OS). A pool grows
 towards its bound while calls wait (on a hung memcached, say) and keeps those threads: not a leak."""
 
@@ -39,7 +40,8 @@ def threads(server: StorProcess) -> dict[int, str]:
             name = Path(f"/proc/{server.proc.pid}/task/{tid}/comm").read_text().strip()
         except FileNotFoundError:  # it ended meanwhile
             continue
-        named[int(tid)] = name.rsplit("_", 1)[0] if name.rsplit("_", 1)[0] in POOLS else name
+        pool = name.rsplit("_", 1)[0]
+        named[int(tid)] = pool if pool in POOLS else name
     return named
 
 
