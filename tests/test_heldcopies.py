@@ -27,11 +27,9 @@ OTHER = os.urandom(300)
 
 
 def held_copy(directory: Path, name: str, data: bytes, expires: float = float("inf")) -> HeldCopy:
-    path = directory / name
-    path.write_bytes(data)
-    copy, fd = kept(directory, name, data)
+    copy, fd = kept(directory, name, data)  # the file written, and opened
     os.close(fd)
-    return HeldCopy(copy.disk, BlobStat(str(path), len(data), 0), data, fast_sum(data), expires)
+    return HeldCopy(copy.disk, BlobStat(str(directory / name), len(data), 0), data, fast_sum(data), expires)
 
 
 # -- on their own ---------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import ClassVar
 
 from stor.backends import nowait
 from stor.backends.disk import Disk
@@ -50,7 +51,7 @@ class HeldCopy:
     fast: FastSum
     """The fast checksum of `data`, as verified."""
     expires: float
-    vouched: bool = True
+    vouched: ClassVar[bool] = True
     """Its partner was checked when the copy it came from was opened (see `OpenFiles`)."""
 
 

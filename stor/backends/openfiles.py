@@ -40,7 +40,7 @@ from collections import OrderedDict
 from stor.backends.disk import Disk
 from stor.backends.heldcopies import HeldCopies, HeldCopy
 from stor.backends.opencopy import OpenCopy
-from stor.checksum import FastSum, fast_sum
+from stor.checksum import FastSum
 from stor.digest import Sha
 
 READ_ON_LOOP_BYTES = 256 * 1024
@@ -87,15 +87,15 @@ class OpenFiles:
         was removed, replaced or truncated since. Safe on the loop."""
         with self._lock:
             entry = self._entries.get(sha)
-            if entry is None:
-                return self.held_copies.get(sha) if self.held_copies.budget else None
-            copy, expires = entry
-            if expires < time.monotonic() or not copy.current():
-                del self._entries[sha]
-                self._dropped.append(copy)
-                return None
-            self._entries.move_to_end(sha)
-            return copy
+            if entry is not None:
+                copy, expires = entry
+                if expires < time.monotonic() or not copy.current():
+                    del self._entries[sha]
+                    self._dropped.append(copy)
+                    return None
+                self._entries.move_to_end(sha)
+                return copy
+        return self.held_copies.get(sha)  # outside the lock: it asks the dentry cache
 
     def open(self, sha: Sha, disk: Disk) -> OpenCopy[Disk] | None:
         """Open the copy of `sha` on `disk` from the kernel's caches alone (`Disk.open_cached`)
@@ -148,12 +148,13 @@ class OpenFiles:
 
     def _hold(self, sha: Sha, copy: OpenCopy[Disk], expires: float) -> None:
         """Keep the bytes of a small copy pushed out whose bytes were verified (`fast` is their
-        checksum), read from the page cache alone and checked again: a copy whose bytes are
-        not in memory, or no longer match, is simply not held."""
+        checksum), read from the page cache alone: a copy whose bytes are not in memory is
+        simply not held. They are not hashed here: every answer from them checks them against
+        `fast` (`HotPath._intact`), as every read of a copy kept open is checked."""
         if copy.fast is None or not self.held_copies.takes(copy.stat.size):
             return
         data = copy.read_cached()
-        if data is not None and fast_sum(data) == copy.fast:
+        if data is not None:
             opened = expires - self.ttl
             self.held_copies.put(sha, HeldCopy(copy.disk, copy.stat, data, copy.fast, opened + self.held_ttl))
 
