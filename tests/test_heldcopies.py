@@ -26,10 +26,10 @@ SHA = sha256(DATA)
 OTHER = os.urandom(300)
 
 
-def held_copy(directory: Path, name: str, data: bytes, expires: float = float("inf")) -> HeldCopy:
+def held_copy(directory: Path, name: str, data: bytes, recheck_at: float = float("inf")) -> HeldCopy:
     copy, fd = kept(directory, name, data)  # the file written, and opened
     os.close(fd)
-    return HeldCopy(copy.disk, BlobStat(str(directory / name), len(data), 0), data, fast_sum(data), expires)
+    return HeldCopy(copy.disk, BlobStat(str(directory / name), len(data), 0), data, fast_sum(data), recheck_at)
 
 
 # -- on their own ---------------------------------------------------------------------------
@@ -49,20 +49,21 @@ def test_the_budget_bounds_the_bytes_held_least_recently_used_out_first(nowait_d
     assert not HeldCopies(0).takes(1)
 
 
-def test_a_held_copy_whose_file_is_gone_or_expired_is_dropped(nowait_dir: Path) -> None:
+def test_a_held_copy_whose_file_is_gone_is_dropped(nowait_dir: Path) -> None:
     held = HeldCopies(1 << 20)
-    a, b = held_copy(nowait_dir, "a", DATA), held_copy(nowait_dir, "b", OTHER, expires=0.0)
+    a, b = held_copy(nowait_dir, "a", DATA), held_copy(nowait_dir, "b", OTHER, recheck_at=0.0)
     held.put(Sha("a" * 64), a)
     held.put(Sha("b" * 64), b)
     assert held.get(Sha("a" * 64)) is a
-    assert held.get(Sha("b" * 64)) is None and held.held[0] == 1  # expired
+    assert held.get(Sha("b" * 64)) is b and held.held[0] == 2  # its partners due: still held
     Path(a.stat.path).unlink()
     assert nowait.file_cached(a.stat.path) is False  # the dentry cache knows: the check is real
-    assert held.get(Sha("a" * 64)) is None and held.held == (0, 0)
+    assert held.get(Sha("a" * 64)) is None and held.held[0] == 1
+    assert held.get(Sha("b" * 64)) is b
 
 
 def test_a_verified_copy_pushed_out_of_the_open_files_leaves_its_bytes(nowait_dir: Path) -> None:
-    files = OpenFiles(1, ttl=60, held_bytes=1 << 20)
+    files = OpenFiles(1, recheck=60, held_bytes=1 << 20)
     first, _ = kept(nowait_dir, "a", DATA)
     first.fast = fast_sum(DATA)  # its bytes were verified
     files.put(Sha("a" * 64), first)
@@ -78,7 +79,7 @@ def test_a_verified_copy_pushed_out_of_the_open_files_leaves_its_bytes(nowait_di
 
 
 def test_no_bytes_are_held_without_an_open_file_cache(nowait_dir: Path) -> None:
-    files = OpenFiles(0, ttl=60, held_bytes=1 << 20)
+    files = OpenFiles(0, recheck=60, held_bytes=1 << 20)
     assert files.held_copies.budget == 0  # open_file_cache_size 0 keeps nothing at all
 
 

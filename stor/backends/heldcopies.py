@@ -12,8 +12,9 @@ file is still there (`nowait.file_cached`), so a copy removed by hand, or by a t
 another process, stops being served at once. The bytes are the blob's own (checked with SHA-256
 when the copy was first read) and the caller checks them against their fast checksum at every
 answer; a copy damaged or replaced on disk since then changes nothing served (scrub finds it).
-An entry expires some minutes after its copy was opened (`openfiles.HELD_TTL`), and is dropped
-with its disk, when a copy of its blob is found corrupt, and when the blob is taken down.
+An entry is dropped when its file is gone, with its disk, when a copy of its blob is found
+corrupt, when the blob is taken down, and when it is pushed out; like a copy kept open, it has
+its partners checked again every so often (`OpenFiles.due`), but its bytes are never read again.
 
 Contract: `get` never waits (for the event loop): at most one `openat2` from the dentry cache,
 no fd. Thread-safe.
@@ -22,7 +23,6 @@ no fd. Thread-safe.
 from __future__ import annotations
 
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import ClassVar
@@ -50,7 +50,8 @@ class HeldCopy:
     data: bytes
     fast: FastSum
     """The fast checksum of `data`, as verified."""
-    expires: float
+    recheck_at: float
+    """When its partners are to be checked again (see `OpenFiles.due`)."""
     vouched: ClassVar[bool] = True
     """Its partner was checked when the copy it came from was opened (see `OpenFiles`)."""
 
@@ -79,14 +80,11 @@ class HeldCopies:
                 self._drop(next(iter(self._entries)))
 
     def get(self, sha: Sha) -> HeldCopy | None:
-        """The held copy of `sha` while its file is still there; None when there is none, it
-        expired, its file is gone, or the dentry cache cannot tell (then it stays held)."""
+        """The held copy of `sha` while its file is still there; None when there is none, its
+        file is gone, or the dentry cache cannot tell (then it stays held)."""
         with self._lock:
             held = self._entries.get(sha)
             if held is None:
-                return None
-            if held.expires < time.monotonic():
-                self._drop(sha)
                 return None
         there = nowait.file_cached(held.stat.path)
         with self._lock:

@@ -47,7 +47,7 @@ D = TypeVar("D", bound=DiskReads)
 class OpenCopy(Generic[D]):
     """An open copy on a disk of type `D` (in practice `OpenCopy[disk.Disk]`)."""
 
-    __slots__ = ("_fd", "disk", "fast", "stat", "vouched")
+    __slots__ = ("_fd", "disk", "fast", "recheck_at", "stat", "vouched")
 
     def __init__(self, disk: D, fd: int, stat: BlobStat) -> None:
         self.disk = disk
@@ -56,6 +56,8 @@ class OpenCopy(Generic[D]):
         self.vouched = False
         """Opened again soon after this process verified the copy and checked its partner
         (`fast` is then the checksum of the bytes verified: see `OpenFiles`)."""
+        self.recheck_at = 0.0
+        """When its partners are to be checked again (`time.monotonic()`; see `OpenFiles.due`)."""
         self._fd = fd
 
     def __repr__(self) -> str:

@@ -12,18 +12,20 @@ filesystem takes RWF_NOWAIT are used (`usable`, learned by the disk's health pro
 here ever waits on a disk.
 
 A blob's bytes never change, so an open fd holds the right ones (and reads are still verified
-by the caller). Each use checks that the file is still linked and whole, so a copy
-removed or replaced by hand stops being served at once; entries also expire after `ttl`
-seconds, and are dropped when a copy is found corrupt or its disk stops answering. A copy pushed
+by the caller, against the fast checksum of the bytes verified). Each use checks that the file
+is still linked and whole, so a copy removed or replaced by hand stops being served at once;
+entries are dropped when a copy is found corrupt or its disk stops answering. What time renews
+is the check of a copy's partners: every `recheck` seconds the caller asks them again (`due`), from
+the dentry cache, without reopening the copy or hashing it again. A copy pushed
 out of a full cache whose file is still linked is closed on the spot (that close frees nothing);
 other dropped copies are closed off the event loop (the last close of a file can do I/O): by the
 next `put`, or by `close_dropped` when `closing_due` says enough have piled up.
 
 A copy pushed out of a full cache is remembered without its fd (`vouched`, a few times as many
-as are kept open, ~100 bytes each): the fast checksum of the bytes verified and that its
-partner was checked. Opened again on the loop before its entry would have expired, it needs
-neither SHA-256 nor the partner's check again: a working set larger than the cache costs an
-open, not a verification. A small one also leaves its verified bytes, within a budget of
+as are kept open, ~100 bytes each): the fast checksum of the bytes verified and when its
+partners are due to be checked again. Opened again on the loop, it needs no SHA-256 (nor its
+partners' check, until that is due): a working set larger than the cache costs an open, not a
+verification. A small one also leaves its verified bytes, within a budget of
 memory (`HeldCopies`): until they are pushed out too, its GET needs neither an open nor a read.
 
 Thread-safe; one instance per worker process. `capacity` is bounded by the process's open
@@ -52,28 +54,20 @@ VOUCHED_PER_KEPT = 8
 VOUCHED_MAX = 262_144
 """Copies remembered without their fd: `VOUCHED_PER_KEPT` per copy kept open, at most this many."""
 
-HELD_TTL = 300.0
-"""Seconds a small copy's bytes are held after it was opened (and verified, or vouched for): longer
-than a copy is kept open, as held bytes need no fd and are checked against their fast checksum at
-every answer; what expiry renews is the check of the partner (see `HotPath.partners_agree`). A
-working set held must not be verified again, with SHA-256, every 30 s (about a tenth of its GETs
-at the rates here)."""
-
 Kept = OpenCopy[Disk] | HeldCopy
 """What the event loop may answer from: a copy kept open, or a small copy's bytes held."""
 
 
 class OpenFiles:
-    def __init__(self, capacity: int, ttl: float, held_bytes: int = 0, held_ttl: float = HELD_TTL) -> None:
-        """`held_bytes`: the memory for the bytes of small copies pushed out (`HeldCopies`),
-        held until `held_ttl` seconds after their copy was opened."""
+    def __init__(self, capacity: int, recheck: float, held_bytes: int = 0) -> None:
+        """`recheck`: seconds between two checks of a copy's partners; `held_bytes`: the memory for
+        the bytes of small copies pushed out (`HeldCopies`)."""
         self.capacity = capacity
-        self.ttl = ttl
-        self.held_ttl = held_ttl
+        self.recheck = recheck
         self.held_copies = HeldCopies(held_bytes if capacity > 0 else 0)
-        self._entries: OrderedDict[Sha, tuple[OpenCopy[Disk], float]] = OrderedDict()  # and when it expires
+        self._entries: OrderedDict[Sha, OpenCopy[Disk]] = OrderedDict()
         self._dropped: list[OpenCopy[Disk]] = []
-        self._vouched: OrderedDict[Sha, tuple[str, int, FastSum, float]] = OrderedDict()  # root, size, sum, expiry
+        self._vouched: OrderedDict[Sha, tuple[str, int, FastSum, float]] = OrderedDict()  # root, size, sum, recheck_at
         self._vouched_max = min(capacity * VOUCHED_PER_KEPT, VOUCHED_MAX)
         self._lock = threading.Lock()
 
@@ -83,19 +77,29 @@ class OpenFiles:
 
     def get(self, sha: Sha) -> Kept | None:
         """The open copy of `sha`, checked with one `fstat` (see `OpenCopy.current`), else its
-        held bytes (see `HeldCopies.get`): None when there is neither, it expired, or the file
-        was removed, replaced or truncated since. Safe on the loop."""
+        held bytes (see `HeldCopies.get`): None when there is neither, or the file was removed,
+        replaced or truncated since. Safe on the loop."""
         with self._lock:
-            entry = self._entries.get(sha)
-            if entry is not None:
-                copy, expires = entry
-                if expires < time.monotonic() or not copy.current():
+            copy = self._entries.get(sha)
+            if copy is not None:
+                if not copy.current():
                     del self._entries[sha]
                     self._dropped.append(copy)
                     return None
                 self._entries.move_to_end(sha)
                 return copy
         return self.held_copies.get(sha)  # outside the lock: it asks the dentry cache
+
+    def due(self, kept: Kept) -> bool:
+        """Whether the partners of `kept` (from `get`) are to be checked again, `recheck` seconds
+        after they last were: then it counts as done from now, and the caller checks them. (Its
+        bytes need no second verification: every read of them is checked against the fast
+        checksum of the bytes verified.) Safe on the loop."""
+        now = time.monotonic()
+        if kept.recheck_at >= now:
+            return False
+        kept.recheck_at = now + self.recheck
+        return True
 
     def open(self, sha: Sha, disk: Disk) -> OpenCopy[Disk] | None:
         """Open the copy of `sha` on `disk` from the kernel's caches alone (`Disk.open_cached`)
@@ -115,9 +119,11 @@ class OpenFiles:
             known = self._vouched.pop(sha, None)
         if known is None:
             return
-        root, size, fast, expires = known
-        if root == copy.disk.root and size == copy.stat.size and expires >= time.monotonic():
-            copy.fast, copy.vouched = fast, True
+        root, size, fast, recheck_at = known
+        if root == copy.disk.root and size == copy.stat.size:
+            copy.fast = fast
+            if recheck_at >= time.monotonic():  # else `_keep` makes it due now: the caller checks them
+                copy.recheck_at, copy.vouched = recheck_at, True
 
     def put(self, sha: Sha, copy: OpenCopy[Disk]) -> None:
         """Keep `copy`, opened by a worker thread (it is this cache's from now on, kept or
@@ -129,24 +135,33 @@ class OpenFiles:
         self.close_dropped()
 
     def _keep(self, sha: Sha, copy: OpenCopy[Disk]) -> None:
-        evicted: list[tuple[Sha, OpenCopy[Disk], float]] = []
+        """Keep `copy`, whose partners were just checked (or are vouched for, or the caller
+        checks them now)."""
+        evicted: list[tuple[Sha, OpenCopy[Disk]]] = []
+        if not copy.vouched:
+            copy.recheck_at = time.monotonic() + self.recheck
         with self._lock:
             old = self._entries.pop(sha, None)
             if old is not None:
-                self._dropped.append(old[0])
-            self._entries[sha] = (copy, time.monotonic() + self.ttl)
+                self._dropped.append(old)
+            self._entries[sha] = copy
             while len(self._entries) > self.capacity:
-                old_sha, (old_copy, expires) = self._entries.popitem(last=False)
-                evicted.append((old_sha, old_copy, expires))
+                old_sha, old_copy = self._entries.popitem(last=False)
+                evicted.append((old_sha, old_copy))
                 if old_copy.fast is not None and self._vouched_max:
-                    self._vouched[old_sha] = (old_copy.disk.root, old_copy.stat.size, old_copy.fast, expires)
+                    self._vouched[old_sha] = (
+                        old_copy.disk.root,
+                        old_copy.stat.size,
+                        old_copy.fast,
+                        old_copy.recheck_at,
+                    )
                     if len(self._vouched) > self._vouched_max:
                         self._vouched.popitem(last=False)
-        for old_sha, old_copy, expires in evicted:
-            self._hold(old_sha, old_copy, expires)
+        for old_sha, old_copy in evicted:
+            self._hold(old_sha, old_copy)
             self._close_or_drop(old_copy)
 
-    def _hold(self, sha: Sha, copy: OpenCopy[Disk], expires: float) -> None:
+    def _hold(self, sha: Sha, copy: OpenCopy[Disk]) -> None:
         """Keep the bytes of a small copy pushed out whose bytes were verified (`fast` is their
         checksum), read from the page cache alone: a copy whose bytes are not in memory is
         simply not held. They are not hashed here: every answer from them checks them against
@@ -155,8 +170,7 @@ class OpenFiles:
             return
         data = copy.read_cached()
         if data is not None:
-            opened = expires - self.ttl
-            self.held_copies.put(sha, HeldCopy(copy.disk, copy.stat, data, copy.fast, opened + self.held_ttl))
+            self.held_copies.put(sha, HeldCopy(copy.disk, copy.stat, data, copy.fast, copy.recheck_at))
 
     def _close_or_drop(self, copy: OpenCopy[Disk]) -> None:
         """Close a copy pushed out of the cache at once when that cannot do I/O: its file is
@@ -184,9 +198,9 @@ class OpenFiles:
         """Drop the entry of `sha`: a copy was found corrupt."""
         with self._lock:
             self._vouched.pop(sha, None)
-            entry = self._entries.pop(sha, None)
-            if entry is not None:
-                self._dropped.append(entry[0])
+            copy = self._entries.pop(sha, None)
+            if copy is not None:
+                self._dropped.append(copy)
         self.held_copies.forget(sha)
 
     def forget_disk(self, root: str) -> None:
@@ -195,7 +209,7 @@ class OpenFiles:
             for sha, known in list(self._vouched.items()):
                 if known[0] == root:
                     del self._vouched[sha]
-            for sha, (copy, _) in list(self._entries.items()):
+            for sha, copy in list(self._entries.items()):
                 if copy.disk.root == root:
                     del self._entries[sha]
                     self._dropped.append(copy)
@@ -215,7 +229,7 @@ class OpenFiles:
 
     def close(self) -> None:
         with self._lock:
-            self._dropped.extend(copy for copy, _ in self._entries.values())
+            self._dropped.extend(self._entries.values())
             self._entries.clear()
         self.held_copies.clear()
         self.close_dropped()

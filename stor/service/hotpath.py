@@ -174,6 +174,8 @@ class LoopMode:
             return None
         if not self.hot.monitor.responsive(kept.disk):
             raise WouldBlock
+        if self.hot.open_files.due(kept):  # renewed on the loop: no reopen, no second SHA-256
+            self._partners_agree(kept, sha)
         return Found(kept, kept.disk, "kept", 0)
 
     def hint(self, sha: Sha) -> str | None:
@@ -199,9 +201,14 @@ class LoopMode:
 
     def located(self, sha: Sha, found: Found[Kept], missed: set[str]) -> None:
         if found.how == "kept" or found.value.vouched:
-            return  # its partner was checked when it was opened before (see `OpenFiles`)
-        if not self.hot.partners_agree(found.disk, sha, found.value.stat.size):
-            self.hot.open_files.forget(sha)  # the thread path settles it (`Lookup.stat_checked`)
+            return  # its partners were checked when it was opened before (see `OpenFiles`)
+        self._partners_agree(found.value, sha)
+
+    def _partners_agree(self, kept: Kept, sha: Sha) -> None:
+        """`HotPath.partners_agree`, else `WouldBlock`: the thread path settles it
+        (`Lookup.stat_checked`)."""
+        if not self.hot.partners_agree(kept.disk, sha, kept.stat.size):
+            self.hot.open_files.forget(sha)
             raise WouldBlock
 
     def probed(self, tried: int, elapsed: float) -> None:

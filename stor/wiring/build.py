@@ -65,9 +65,9 @@ DISK_OPS_LIMIT = IO_THREADS // 2
 """Operations one disk may have in flight: a hung disk holds at most half the threads, and a
 busy healthy one (every upload fsyncing on the only pair) still gets as many as before."""
 
-OPEN_FILE_TTL = 30.0
-"""Seconds a kept-open copy serves reads before it is opened again: how long a copy removed
-by hand may still be served."""
+PARTNER_RECHECK = 30.0
+"""Seconds between two checks of the partners of a copy kept open (or held) by the event loop:
+how long a partner removed by hand may go unnoticed by the reads of a hot blob."""
 
 ENV_DATA_DIR = "STOR_DATA_DIR"
 """Where the embedded default keeps its pair; set by `stor serve` for its workers."""
@@ -80,7 +80,7 @@ def build_service(config: Config, metrics: Metrics | None = None) -> BlobService
     offload = Offload(IO_THREADS)
     near = NearCache(config.location_cache_size)
     open_files = OpenFiles(
-        fd_budget(config.open_file_cache_size), ttl=OPEN_FILE_TTL, held_bytes=config.small_blob_cache_bytes
+        fd_budget(config.open_file_cache_size), recheck=PARTNER_RECHECK, held_bytes=config.small_blob_cache_bytes
     )
     locations = _locations(config)
     commits = GroupCommits()
