@@ -128,7 +128,9 @@ worker's CPU time from `/proc/<pid>/stat` per request, runs alternated):
   in memory (64 MiB per worker by default): with 20,000 blobs and 5,000 fds, 25-34k against nginx's 45-49k req/s in
   one run (0.51-0.71x), RSS 140 MiB per worker. Their bytes were first held only as long as the copy they came from
   would have stayed open (30 s from its opening): every held blob was verified again with SHA-256 each 30 s and the
-  row barely moved (15-18k); they are held 5 minutes now. Larger than every cache (the row with
+  row barely moved (15-18k); now time renews only the check of their partners (from the dentry cache, every 30 s),
+  as it does for copies kept open, which were also reopened and hashed again each 30 s until issue 25 found those
+  waves costing a GET run up to a quarter of its rate. Larger than every cache (the row with
   `small_blob_cache_bytes` 0), a GET still opens its copy.
 - **GET 4k with access lines at 0.45x.** A line costs ~2 µs of a hot GET's ~40-50 µs in-process (formatted in one
   `%` with a time stamp made once a millisecond, held and written 64 KiB at a time, `cli/accesslog.py`): within the
