@@ -15,11 +15,11 @@ A blob's bytes never change, so an open fd holds the right ones (and reads are s
 by the caller, against the fast checksum of the bytes verified). Each use checks that the file
 is still linked and whole, so a copy removed or replaced by hand stops being served at once;
 entries are dropped when a copy is found corrupt or its disk stops answering. What time renews
-is the check of a copy's partners: every `recheck` seconds the caller asks them again (`due`), from
-the dentry cache, without reopening the copy or hashing it again. A copy pushed
-out of a full cache whose file is still linked is closed on the spot (that close frees nothing);
-other dropped copies are closed off the event loop (the last close of a file can do I/O): by the
-next `put`, or by `close_dropped` when `closing_due` says enough have piled up.
+is the check of a copy's partners: every `recheck` seconds the caller asks them again (`due`),
+from the dentry cache, without reopening the copy or hashing it again. A copy pushed out of a
+full cache whose file is still linked is closed on the spot (that close frees nothing); other
+dropped copies are closed off the event loop (the last close of a file can do I/O): by the next
+`put`, or by `close_dropped` when `closing_due` says enough have piled up.
 
 A copy pushed out of a full cache is remembered without its fd (`vouched`, a few times as many
 as are kept open, ~100 bytes each): the fast checksum of the bytes verified and when its
