@@ -229,7 +229,8 @@ async def test_a_hot_blob_has_its_partner_checked_again_not_its_bytes(
     """A kept copy's partners are asked again every `PARTNER_RECHECK` seconds, from the dentry
     cache: a partner removed by hand since is healed, and the copy is neither reopened nor hashed
     again (once a minute SHA-256 over the whole hot set cost a tenth of its GETs)."""
-    from stor.service import hotpath  # noqa: PLC0415 - patched below
+    from stor import digest  # noqa: PLC0415 - patched below
+    from stor.service import hotpath  # noqa: PLC0415
     from stor.wiring import build  # noqa: PLC0415
 
     monkeypatch.setattr(build, "PARTNER_RECHECK", recheck)
@@ -242,8 +243,12 @@ async def test_a_hot_blob_has_its_partner_checked_again_not_its_bytes(
         [partner] = [path for path in nowait_storage.copies(SHA) if str(path) != kept_copy.stat.path]
         partner.unlink()
         hashed: list[bytes] = []
-        real_sha_of = hotpath.sha_of
-        monkeypatch.setattr(hotpath, "sha_of", lambda data: hashed.append(data) or real_sha_of(data))
+
+        def sha_of(data: bytes) -> Sha:
+            hashed.append(data)
+            return digest.sha_of(data)
+
+        monkeypatch.setattr(hotpath, "sha_of", sha_of)
         hops = count_thread_hops(service_of(client))
         response = await http.get(f"/{SHA}")
         assert response.status_code == 200 and response.content == DATA
