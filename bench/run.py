@@ -162,8 +162,8 @@ def run_on(base: Path, *, images: bool, full: bool) -> Section:  # noqa: PLR0915
 
                 results.append(report(paired(post_round, bare_round)))
             if wanted("hostile") and full:
+                # more blobs than a POST run posts (up to 1,800/s here): past them its script posts its blobs again (200s)
                 hostile = neighbours(
-                    # more blobs than a run can post (1,800/s seen): past them the script posts its blobs again (200s)
                     stor,
                     scripts / "4k.lua",
                     lambda name, counted: post_script(name, 20_000, statuses=counted),

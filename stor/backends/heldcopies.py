@@ -25,7 +25,6 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import ClassVar
 
 from stor.backends import nowait
 from stor.backends.disk import Disk
@@ -52,8 +51,6 @@ class HeldCopy:
     """The fast checksum of `data`, as verified."""
     recheck_at: float
     """When its partners are to be checked again (see `OpenFiles.due`)."""
-    vouched: ClassVar[bool] = True
-    """Its partner was checked when the copy it came from was opened (see `OpenFiles`)."""
 
 
 class HeldCopies:

@@ -47,17 +47,16 @@ D = TypeVar("D", bound=DiskReads)
 class OpenCopy(Generic[D]):
     """An open copy on a disk of type `D` (in practice `OpenCopy[disk.Disk]`)."""
 
-    __slots__ = ("_fd", "disk", "fast", "recheck_at", "stat", "vouched")
+    __slots__ = ("_fd", "disk", "fast", "recheck_at", "stat")
 
     def __init__(self, disk: D, fd: int, stat: BlobStat) -> None:
         self.disk = disk
         self.stat = stat
         self.fast: FastSum | None = None
-        self.vouched = False
-        """Opened again soon after this process verified the copy and checked its partner
-        (`fast` is then the checksum of the bytes verified: see `OpenFiles`)."""
+        """The checksum of the bytes verified, once they were (see `OpenFiles`)."""
         self.recheck_at = 0.0
-        """When its partners are to be checked again (`time.monotonic()`; see `OpenFiles.due`)."""
+        """When its partners are to be checked again (`time.monotonic()`; see `OpenFiles.due`):
+        at once for a copy this process has not checked them for."""
         self._fd = fd
 
     def __repr__(self) -> str:

@@ -121,25 +121,21 @@ class OpenFiles:
             return
         root, size, fast, recheck_at = known
         if root == copy.disk.root and size == copy.stat.size:
-            copy.fast = fast
-            if recheck_at >= time.monotonic():  # else `_keep` makes it due now: the caller checks them
-                copy.recheck_at, copy.vouched = recheck_at, True
+            copy.fast, copy.recheck_at = fast, recheck_at  # its partners' check is `due` as before
 
     def put(self, sha: Sha, copy: OpenCopy[Disk]) -> None:
         """Keep `copy`, opened by a worker thread (it is this cache's from now on, kept or
-        closed). Call from a worker thread: it closes what was dropped."""
+        closed), its partners just checked. Call from a worker thread: it closes what was
+        dropped."""
         if self.usable(copy.disk):
+            copy.recheck_at = time.monotonic() + self.recheck
             self._keep(sha, copy)
         else:
             copy.close()
         self.close_dropped()
 
     def _keep(self, sha: Sha, copy: OpenCopy[Disk]) -> None:
-        """Keep `copy`, whose partners were just checked (or are vouched for, or the caller
-        checks them now)."""
         evicted: list[tuple[Sha, OpenCopy[Disk]]] = []
-        if not copy.vouched:
-            copy.recheck_at = time.monotonic() + self.recheck
         with self._lock:
             old = self._entries.pop(sha, None)
             if old is not None:

@@ -200,9 +200,8 @@ class LoopMode:
         pass  # the near cache is corrected by the thread that finds the copy
 
     def located(self, sha: Sha, found: Found[Kept], missed: set[str]) -> None:
-        if found.how == "kept" or found.value.vouched:
-            return  # its partners were checked when it was opened before (see `OpenFiles`)
-        self._partners_agree(found.value, sha)
+        if self.hot.open_files.due(found.value):  # not when opened again soon after a check
+            self._partners_agree(found.value, sha)
 
     def _partners_agree(self, kept: Kept, sha: Sha) -> None:
         """`HotPath.partners_agree`, else `WouldBlock`: the thread path settles it
