@@ -162,7 +162,7 @@ def run_on(base: Path, *, images: bool, full: bool) -> Section:  # noqa: PLR0915
 
                 results.append(report(paired(post_round, bare_round)))
             if wanted("hostile") and full:
-                # more blobs than a POST run posts (up to 1,800/s here): past them its script posts its blobs again (200s)
+                # more blobs than a POST run posts (up to 1,800/s here): past them its script re-posts them (200s)
                 hostile = neighbours(
                     stor,
                     scripts / "4k.lua",
